@@ -1,0 +1,1 @@
+"""Loading Hugging Face bases, the tiny-base pretraining recipe, checkpoint export."""

@@ -1,0 +1,148 @@
+"""The recipe that builds the embedded default base: a tiny Llama trained from scratch on a corpus.
+
+`upcycle pretrain` trains a byte-level BPE tokenizer and a small Llama-architecture causal LM on the training split,
+evaluates on the validation split as it goes, and saves a Hugging Face directory (config, safetensors, tokenizer)
+plus `pretrain.json` (the exact settings, seed, Python version, loss curve, held-out perplexity and the weights'
+content hash) and `loss_curve.png`. The run is resumable: rerun the same command after an interruption.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from upcycle.data import SplitConfig, load_documents, split_documents
+from upcycle.data.packing import pack, tokenize
+from upcycle.errors import UserError
+from upcycle.io import atomic_directory, ensure_writable_dir, sha256_file, write_json
+from upcycle.training.loop import TrainConfig, train
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TinyLlamaShape:
+    """Architecture of the tiny base (a LlamaConfig subset)."""
+
+    vocab_size: int = 4096
+    """BPE vocabulary size, special tokens included."""
+    hidden_size: int = 128
+    """Model width."""
+    intermediate_size: int = 384
+    """SwiGLU FFN width."""
+    num_hidden_layers: int = 4
+    """Decoder blocks."""
+    num_attention_heads: int = 4
+    """Attention heads (no grouped-query attention at this size)."""
+    max_position_embeddings: int = 1024
+    """Longest sequence the rotary embedding is configured for."""
+
+
+@dataclass
+class PretrainConfig:
+    """Everything `upcycle pretrain` needs; the defaults rebuild the shipped base."""
+
+    data: str = "stdlib"
+    """Corpus spec (see upcycle.data.corpus)."""
+    shape: TinyLlamaShape = field(default_factory=TinyLlamaShape)
+    """Model architecture."""
+    block_size: int = 256
+    """Tokens per training block."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(
+        steps=4000, batch_size=16, lr=3e-3, warmup_steps=100, weight_decay=0.1, eval_every=200, eval_blocks=256,
+        checkpoint_every=200, seed=0))
+    """Optimisation settings."""
+    splits: SplitConfig = field(default_factory=SplitConfig)
+    """Held-out fractions."""
+
+
+def build_model(shape: TinyLlamaShape, tokenizer, seed: int):
+    """A freshly initialised LlamaForCausalLM of the given shape."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**asdict(shape) | {"vocab_size": len(tokenizer)}, num_key_value_heads=shape.num_attention_heads,
+                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    return LlamaForCausalLM(config)
+
+
+def pretrain(config: PretrainConfig, out: str | Path) -> dict:
+    """Run the recipe and save the model to `out`. Returns the summary also written to `out/pretrain.json`."""
+    from transformers import AutoTokenizer
+
+    from upcycle.models.tokenizer import train_bpe_tokenizer
+
+    out = Path(out)
+    work = ensure_writable_dir(out.parent / f".{out.name}.work")
+    splits = split_documents(load_documents(config.data), config.splits)
+    if not splits["train"] or not splits["validation"]:
+        raise UserError(f"--data {config.data}: too few documents for a training and a validation split")
+
+    tokenizer_dir = work / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").exists():
+        tokenizer = train_bpe_tokenizer((d.text for d in splits["train"]), config.shape.vocab_size)
+        with atomic_directory(tokenizer_dir) as tmp:
+            tokenizer.save_pretrained(tmp)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+
+    train_blocks = pack(tokenize(tokenizer, [d.text for d in splits["train"]]), config.block_size,
+                        tokenizer.pad_token_id, keep_remainder=False)
+    val_blocks = pack(tokenize(tokenizer, [d.text for d in splits["validation"]]), config.block_size,
+                      tokenizer.pad_token_id)
+    val_blocks = tuple(t[torch.randperm(t.shape[0], generator=torch.Generator().manual_seed(0))] for t in val_blocks)
+    log.info("pretraining on %d blocks of %d tokens", train_blocks[0].shape[0], config.block_size)
+
+    model = build_model(config.shape, tokenizer, config.train.seed)
+    result = train(model, train_blocks, config.train, eval_blocks=val_blocks, checkpoint_dir=work,
+                   description="pretrain")
+    final = result.evals[-1]
+    summary = {
+        "command": " ".join(sys.argv),
+        "config": asdict(config),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_tokens": result.tokens,
+        "train_seconds": result.seconds,
+        "validation_loss": final["loss"],
+        "validation_perplexity": final["perplexity"],
+        "eval_curve": result.evals,
+        "train_curve": result.history[:: max(1, len(result.history) // 200)],
+    }
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        summary["weights_sha256"] = sha256_file(tmp / "model.safetensors")
+        write_json(tmp / "pretrain.json", summary)
+        plot_loss_curve(summary, tmp / "loss_curve.png")
+    log.info("saved %s: validation perplexity %.2f", out, final["perplexity"])
+    return summary
+
+
+def plot_loss_curve(summary: dict, path: Path) -> None:
+    """Training loss and held-out loss against tokens seen."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tokens_per_step = summary["train_tokens"] / max(1, summary["eval_curve"][-1]["step"])
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([r["step"] * tokens_per_step / 1e6 for r in summary["train_curve"]],
+            [r["loss"] for r in summary["train_curve"]], label="train (batch)", alpha=0.5)
+    ax.plot([r["step"] * tokens_per_step / 1e6 for r in summary["eval_curve"]],
+            [r["loss"] for r in summary["eval_curve"]], "o-", label="validation")
+    ax.set_xlabel("tokens (M)")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(f"tiny base: validation ppl {math.exp(summary['validation_loss']):.1f}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

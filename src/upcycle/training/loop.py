@@ -1,0 +1,231 @@
+"""The project's one training loop: random packed blocks, AdamW, warm-up + cosine schedule, resumable.
+
+Every method trains through `train`: pretraining the tiny base, LoRA experts, the MoE and the mask models. What
+differs between them is the `loss_fn` (auxiliary losses are returned from it, never stashed in globals) and, for
+the masks' Lagrangian, an optional `after_step` hook. The loop runs under `accelerate launch` / torchrun unchanged:
+the Accelerator wraps model and optimizer, and each process draws its own blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from upcycle.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings shared by every method."""
+
+    steps: int = 200
+    """Optimizer steps."""
+    batch_size: int = 16
+    """Blocks per step on each process."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW)."""
+    min_lr_ratio: float = 0.1
+    """Cosine decay ends at lr * min_lr_ratio."""
+    warmup_steps: int = 20
+    """Linear warm-up steps."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0 disables)."""
+    eval_every: int = 0
+    """Evaluate on the held-out blocks every this many steps (0: only at the end)."""
+    eval_blocks: int = 64
+    """Held-out blocks used for each evaluation."""
+    checkpoint_every: int = 0
+    """Save a resumable checkpoint every this many steps when a checkpoint dir is given (0: never)."""
+    seed: int = 0
+    """Seed for block sampling and any randomness in the model."""
+
+    def __post_init__(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise UserError("steps and batch_size must be >= 1")
+        if not self.lr > 0:
+            raise UserError(f"learning rate must be > 0, got {self.lr}")
+
+
+@dataclass
+class TrainResult:
+    """What a run did: per-step losses, evaluations and throughput."""
+
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    history: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "tokens_per_second": self.tokens_per_second}
+
+
+def causal_lm_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """Plain next-token cross-entropy through the Hugging Face `labels` argument."""
+    loss = model(input_ids=inputs, labels=labels).loss
+    return loss, {}
+
+
+def lr_at(step: int, config: TrainConfig) -> float:
+    """Learning rate after `step` optimizer steps: linear warm-up, then cosine to min_lr_ratio."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
+
+
+@torch.no_grad()
+def mean_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 16) -> float:
+    """Token-weighted mean next-token loss over the given blocks."""
+    from upcycle.eval.perplexity import token_nll
+
+    total, count = token_nll(model, inputs, labels, batch_size=batch_size)
+    return total / max(count, 1)
+
+
+def train(
+    model: nn.Module,
+    train_blocks: tuple[torch.Tensor, torch.Tensor],
+    config: TrainConfig,
+    *,
+    eval_blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
+    loss_fn: LossFn = causal_lm_loss,
+    parameters: list[nn.Parameter] | None = None,
+    after_step: Callable[[int, dict[str, float]], None] | None = None,
+    checkpoint_dir: str | Path | None = None,
+    description: str = "train",
+    progress=None,
+) -> TrainResult:
+    """Train `model` on random blocks of `train_blocks` = (inputs [N, L], labels [N, L]) for `config.steps` steps.
+
+    Only `parameters` (default: those with requires_grad) are optimised. With `checkpoint_dir`, the run saves
+    resumable state every `config.checkpoint_every` steps and resumes from it when started again. `progress` is a
+    rich Progress to add a task to (one is made when None and the output is a terminal).
+    """
+    from accelerate import Accelerator
+
+    inputs, labels = train_blocks
+    if inputs.shape[0] == 0:
+        raise UserError(f"{description}: no training blocks (the data is empty or shorter than one block)")
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(f"{description}: the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    result, start_step = TrainResult(), 0
+    state_path = Path(checkpoint_dir) / "train_state.pt" if checkpoint_dir else None
+    if state_path is not None and state_path.exists():
+        start_step, result = _load_state(state_path, accelerator.unwrap_model(model), optimizer)
+        log.info("%s: resuming at step %d", description, start_step)
+
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + accelerator.process_index)
+    for _ in range(start_step):  # replay the sampler so a resumed run sees the same blocks
+        torch.randint(0, inputs.shape[0], (config.batch_size,), generator=generator)
+
+    own_progress = progress is None
+    progress = progress if progress is not None else _make_progress(accelerator.is_main_process)
+    task = progress.add_task(description, total=config.steps, completed=start_step) if progress else None
+    if own_progress and progress:
+        progress.start()
+    model.train()
+    started = time.perf_counter() - result.seconds
+    try:
+        for step in range(start_step, config.steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, config)
+            index = torch.randint(0, inputs.shape[0], (config.batch_size,), generator=generator)
+            batch_inputs = inputs[index].to(accelerator.device)
+            batch_labels = labels[index].to(accelerator.device)
+            loss, metrics = loss_fn(model, batch_inputs, batch_labels)
+            accelerator.backward(loss)
+            if config.grad_clip:
+                accelerator.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            record = {"step": step + 1, "loss": float(loss.detach()), "lr": lr_at(step, config), **metrics}
+            result.history.append(record)
+            result.steps = step + 1
+            result.tokens += int((batch_labels != -100).sum()) * accelerator.num_processes
+            if after_step is not None:
+                after_step(step + 1, record)
+            if eval_blocks is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+                result.evals.append(_evaluate(model, eval_blocks, config, step + 1))
+                model.train()
+            if task is not None:
+                progress.update(task, advance=1, description=f"{description} loss {record['loss']:.3f}")
+            if state_path is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+                result.seconds = time.perf_counter() - started
+                if accelerator.is_main_process:
+                    _save_state(state_path, accelerator.unwrap_model(model), optimizer, step + 1, result)
+    finally:
+        if own_progress and progress:
+            progress.stop()
+    result.seconds = time.perf_counter() - started
+    if eval_blocks is not None and (not result.evals or result.evals[-1]["step"] != result.steps):
+        result.evals.append(_evaluate(model, eval_blocks, config, result.steps))
+    model.eval()
+    return result
+
+
+def _evaluate(model, eval_blocks, config: TrainConfig, step: int) -> dict[str, float]:
+    model.eval()
+    device = next(model.parameters()).device
+    inputs, labels = (t[: config.eval_blocks].to(device) for t in eval_blocks)
+    loss = mean_loss(model, inputs, labels)
+    return {"step": step, "loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+def _make_progress(enabled: bool):
+    if not enabled or os.environ.get("UPCYCLE_NO_PROGRESS"):
+        return None
+    from upcycle.progress import make_progress
+
+    return make_progress()
+
+
+def _trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in trainable or not trainable}
+
+
+def _save_state(path: Path, model: nn.Module, optimizer, step: int, result: TrainResult) -> None:
+    import io
+
+    from upcycle.io import atomic_write_bytes
+
+    buffer = io.BytesIO()
+    torch.save({"step": step, "model": _trainable_state(model), "optimizer": optimizer.state_dict(),
+                "result": asdict(result)}, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _load_state(path: Path, model: nn.Module, optimizer) -> tuple[int, TrainResult]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception:
+        raise UserError(f"{path} is corrupt; delete it to restart this training run from scratch") from None
+    model.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    return state["step"], TrainResult(**state["result"])
