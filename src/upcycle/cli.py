@@ -1,0 +1,47 @@
+"""The `upcycle` command: one table of sub-commands, each a plain function whose signature is its command line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from upcycle.errors import UserError
+
+
+def _commands() -> dict:
+    from upcycle.introvert import commands as introvert
+    from upcycle.models import commands as models
+
+    table: dict = {
+        "pretrain": models.pretrain,
+        "demo": introvert.demo,
+        "cluster": introvert.cluster,
+        "train-experts": introvert.train_experts,
+        "evaluate": introvert.evaluate,
+        "ablate": introvert.ablate,
+        "report": introvert.report,
+        "generate": introvert.generate,
+    }
+    return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: parse, run, and turn UserError / Ctrl-C into one line and a non-zero exit code."""
+    from jsonargparse import auto_cli
+
+    logging.basicConfig(level=os.environ.get("UPCYCLE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        auto_cli(_commands(), args=argv, as_positional=True)
+    except UserError as error:
+        print(f"upcycle: error: {error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("upcycle: interrupted; finished work is saved, rerun the same command to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,204 @@
+"""`upcycle evaluate`: held-out perplexity of routed experts against controls and matched baselines.
+
+Methods scored on the test split (every number comes from the same documents and token budget):
+- base: the frozen base alone.
+- routed: each document goes to the expert its *prompt* (first `route_chars` characters) is routed to, which is
+  what a server sees; no information from later in the document is used to pick the expert.
+- oracle: each document goes to its own cluster (from its full-text embedding, as the training documents were).
+- best: the expert with the lowest loss on that document (an upper bound for any sequence router; K <= 32 only).
+- random: a seeded uniformly random expert per document (control).
+- lora-all, lora-wide, full: the baselines of `upcycle.introvert.baselines`, trained on the experts' total tokens.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from upcycle.errors import UserError
+from upcycle.eval.perplexity import token_nll
+from upcycle.introvert.baselines import BASELINES, BaselineConfig, load_baseline, train_baselines
+from upcycle.introvert.data import load_run_data
+from upcycle.introvert.experts import ExpertConfig
+from upcycle.introvert.model import IntrovertExperts
+from upcycle.introvert.run import Run, expert_id
+from upcycle.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+RESULTS_SCHEMA = 1
+
+
+@dataclass
+class EvalConfig:
+    """What `upcycle evaluate` measures."""
+
+    split: str = "test"
+    """Split scored for the headline numbers ('validation' when choosing settings)."""
+    route_chars: int = 1000
+    """Characters of each document's beginning that the router sees (the 'prompt')."""
+    max_tokens_per_doc: int = 1024
+    """Tokens scored per document (its beginning), so long files do not dominate and evaluation stays fast."""
+    baselines: bool = True
+    """Train (if needed) and score the lora-all, lora-wide and full baselines."""
+    best_expert_max_k: int = 32
+    """Score every expert on every document (the 'best' upper bound) only up to this many clusters."""
+    bootstrap: int = 1000
+    """Bootstrap resamples of documents for the 95% confidence intervals."""
+    seed: int = 0
+    """Seed for random routing and the bootstrap."""
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    """Baseline settings."""
+
+
+def _ppl(nll: np.ndarray, count: np.ndarray) -> float:
+    return math.exp(nll.sum() / max(count.sum(), 1))
+
+
+def summarise(nll: np.ndarray, count: np.ndarray, clusters: np.ndarray, k: int, bootstrap: int,
+              seed: int) -> dict:
+    """Token-weighted perplexity overall and per cluster, with a bootstrap CI over documents."""
+    rng = np.random.default_rng(seed)
+    samples = [_ppl(nll[idx], count[idx]) for idx in (rng.integers(0, len(nll), len(nll)) for _ in range(bootstrap))]
+    return {"perplexity": _ppl(nll, count),
+            "ci95": [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))] if samples else None,
+            "per_cluster": {str(c): _ppl(nll[clusters == c], count[clusters == c]) if (clusters == c).any() else None
+                            for c in range(k)},
+            "tokens": int(count.sum())}
+
+
+def _score_model(model, ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    from upcycle.data.packing import pack
+
+    pairs = [token_nll(model, *pack([seq], 256, pad_id)) for seq in ids]
+    return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
+
+
+@torch.no_grad()
+def measure_cost(experts: IntrovertExperts, text: str, repeats: int = 5) -> dict:
+    """FLOPs per token and measured latency per token: base vs routed (routing + unmerged LoRA), batch 1."""
+    ids = experts.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :256]
+    ids = ids.to(experts.device)
+    chosen = experts.route([text])[0]
+
+    def timed(fn) -> float:
+        fn()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - start) / repeats
+
+    with experts.using(None) as model:
+        base_s = timed(lambda: model(input_ids=ids))
+    with experts.using(chosen) as model:
+        expert_s = timed(lambda: model(input_ids=ids))
+    route_s = timed(lambda: experts.route([text]))
+    base_params = sum(p.numel() for n, p in experts.base_model.named_parameters() if "lora_" not in n)
+    lora_params = sum(p.numel() for n, p in experts._peft.named_parameters() if f"{chosen}" in n and "lora_" in n)
+    n = ids.shape[1]
+    return {"tokens": n, "base_ms_per_token": 1e3 * base_s / n, "routed_ms_per_token": 1e3 * expert_s / n,
+            "routing_ms_per_request": 1e3 * route_s,
+            "base_flops_per_token": 2 * base_params, "routed_flops_per_token": 2 * (base_params + lora_params),
+            "adapter_parameters": lora_params, "base_parameters": base_params,
+            "note": "FLOPs = 2 x parameters touched per token (matmuls; attention scores excluded); latency is one "
+                    "forward of the block, batch 1, unmerged LoRA; routing embeds the prompt and looks up centroids"}
+
+
+def evaluate(run_path: str, config: EvalConfig = EvalConfig(), progress=None) -> dict:
+    """Score every method on the held-out split and write RUN/eval/results.json. Returns the results."""
+    run = Run.open(run_path)
+    meta = run.meta
+    expert_ids = run.expert_ids()
+    k = meta.get("clusters", {}).get("k", 0)
+    missing = [expert_id(c) for c in range(k) if expert_id(c) not in expert_ids]
+    if not k or missing:
+        raise UserError(f"{run.path}: experts missing ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''});"
+                        f" run `upcycle train-experts {run.path}` first")
+    data = load_run_data(run)
+    docs = data.docs(config.split)
+    if not docs:
+        raise UserError(f"the {config.split} split is empty; use a larger corpus")
+    experts = IntrovertExperts.from_run(run.path, max_loaded=max(k, 1) + 1)
+    tok = experts.tokenizer
+    ids = [seq[: config.max_tokens_per_doc] for seq in tok([d.text for d in docs], add_special_tokens=False)[
+        "input_ids"]]
+    own = np.array([data.own_cluster[config.split][d.id] for d in docs])
+    t0 = time.perf_counter()
+    routed = np.array([int(e.split("-")[1]) for e in experts.route([d.text[: config.route_chars] for d in docs])])
+    route_seconds = time.perf_counter() - t0
+    rng = random.Random(config.seed)
+    random_choice = np.array([rng.randrange(k) for _ in docs])
+
+    # Each document scored under each expert that any method assigns it to; 'best' needs all of them.
+    needed: dict[int, set[int]] = {c: set() for c in range(k)}
+    for i in range(len(docs)):
+        for c in ({int(own[i]), int(routed[i]), int(random_choice[i])} if k > config.best_expert_max_k
+                  else range(k)):
+            needed[c].add(i)
+    expert_nll = np.full((k, len(docs)), np.nan)
+    counts = np.zeros(len(docs))
+    for c in range(k):
+        with experts.using(expert_id(c)) as model:
+            for i in sorted(needed[c]):
+                expert_nll[c, i], counts[i] = token_nll(model, *_pack_one(ids[i], tok.pad_token_id))
+    pick = lambda choice: expert_nll[choice, np.arange(len(docs))]  # noqa: E731
+    nll = {"routed": pick(routed), "oracle": pick(own), "random": pick(random_choice)}
+    if k <= config.best_expert_max_k:
+        nll["best"] = np.nanmin(expert_nll / np.maximum(counts, 1), axis=0) * counts
+    with experts.using(None) as model:
+        nll["base"], _ = _score_model(model, ids, tok.pad_token_id)
+
+    baselines_meta = {}
+    if config.baselines:
+        expert_config = ExpertConfig(**_expert_config_dict(meta))
+        total_tokens = sum(read_json(run.expert_dir(e) / "train.json")["tokens"] for e in expert_ids)
+        baselines_meta = train_baselines(run, expert_config, total_tokens, config.baseline, experts.base_model, tok,
+                                         progress)
+        for name in BASELINES:
+            if name in baselines_meta:
+                nll[name], _ = _score_model(load_baseline(run, name, experts.base_model), ids, tok.pad_token_id)
+
+    methods = {name: summarise(values, counts, own, k, config.bootstrap, config.seed) for name, values in nll.items()}
+    expert_train = [read_json(run.expert_dir(e) / "train.json") for e in expert_ids]
+    results = {
+        "schema": RESULTS_SCHEMA,
+        "split": config.split,
+        "config": asdict(config),
+        "k": k,
+        "documents": len(docs),
+        "cluster_sizes": {"test": np.bincount(own, minlength=k).tolist()},
+        "methods": methods,
+        "routing": {"accuracy": float((routed == own).mean()), "documents": len(docs),
+                    "seconds_per_document": route_seconds / len(docs),
+                    "best_expert_accuracy": (float((np.nanargmin(expert_nll / np.maximum(counts, 1), axis=0)
+                                                    == routed).mean()) if "best" in nll else None)},
+        "training": {"experts": {"tokens": sum(t["tokens"] for t in expert_train),
+                                 "seconds": sum(t["seconds"] for t in expert_train),
+                                 "tokens_per_second": sum(t["tokens"] for t in expert_train)
+                                 / max(sum(t["seconds"] for t in expert_train), 1e-9)},
+                     **{name: {"tokens": m["tokens"], "seconds": m["seconds"],
+                               "tokens_per_second": m["tokens_per_second"]} for name, m in baselines_meta.items()}},
+        "cost": measure_cost(experts, docs[0].text[: config.route_chars]),
+    }
+    write_json(run.eval_dir / "results.json", results)
+    return results
+
+
+def _pack_one(seq: list[int], pad_id: int):
+    from upcycle.data.packing import pack
+
+    return pack([seq], 256, pad_id)
+
+
+def _expert_config_dict(meta: dict) -> dict:
+    from upcycle.training.lora import LoraSettings
+
+    raw = dict(meta.get("experts", {}).get("config", {}))
+    if "lora" in raw:
+        raw["lora"] = LoraSettings(**raw["lora"])
+    return raw

@@ -1,0 +1,174 @@
+"""`IntrovertExperts`: the routed model of a run, as a Python API.
+
+Each request (the whole sequence) is embedded, sent to its nearest cluster centroid, and run through the base with
+that cluster's LoRA adapter; adapters are loaded on demand and kept in a small LRU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from upcycle.errors import UserError
+from upcycle.introvert.run import Run, cluster_of
+
+log = logging.getLogger(__name__)
+AUTO, BASE = "auto", "base"
+
+
+@dataclass
+class Generation:
+    """A generated continuation and the expert that produced it (None: the base alone)."""
+
+    text: str
+    expert: str | None
+    prompt_tokens: int
+    completion_tokens: int
+
+
+def check_adapter(run: Run, expert: str) -> Path:
+    """The expert's directory after checking it is complete and trained on this run's base."""
+    from upcycle.io import read_json
+    from upcycle.models.base import base_fingerprint
+
+    path = run.expert_dir(expert)
+    if not path.is_dir():
+        raise UserError(f"{expert} is not trained in {run.path}; run `upcycle train-experts {run.path}`")
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        if not (path / name).is_file():
+            raise UserError(f"{path} is incomplete (no {name}); delete it and rerun `upcycle train-experts "
+                            f"{run.path}`")
+    meta_path = path / "train.json"
+    if meta_path.is_file():
+        trained_on = read_json(meta_path).get("base_fingerprint")
+        if trained_on and trained_on != base_fingerprint(run.base):
+            raise UserError(f"{expert} was trained on another base model than {run.base}; delete {path} and "
+                            "retrain it")
+    return path
+
+
+class IntrovertExperts:
+    """A frozen base, a sequence router over cluster centroids, and one LoRA adapter per cluster."""
+
+    def __init__(self, run: Run, base_model, tokenizer, router, max_loaded: int = 64):
+        self.run, self.tokenizer, self.router = run, tokenizer, router
+        self.base_model = base_model
+        self.max_loaded = max_loaded
+        self._peft = None  # PeftModel wrapping base_model once the first adapter is loaded
+        self._loaded: OrderedDict[str, None] = OrderedDict()
+
+    @classmethod
+    def from_run(cls, path: str | Path, device: str | None = None, max_loaded: int = 64) -> IntrovertExperts:
+        """Load a run directory made by `upcycle cluster` and `upcycle train-experts`."""
+        from upcycle.introvert.routing import load_sequence_router
+        from upcycle.models.base import load_base
+
+        run = Run.open(path)
+        model, tokenizer = load_base(run.base, device=device)
+        return cls(run, model, tokenizer, load_sequence_router(run), max_loaded=max_loaded)
+
+    @property
+    def experts(self) -> list[str]:
+        """Ids of the trained experts."""
+        return self.run.expert_ids()
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    # -- routing --------------------------------------------------------------------------------------------------
+    def route(self, texts: list[str]) -> list[str]:
+        """The expert id for each text (nearest centroid of its embedding)."""
+        return self.router.route(texts)
+
+    # -- adapters -------------------------------------------------------------------------------------------------
+    def _activate(self, expert: str) -> None:
+        from peft import PeftModel
+
+        if expert in self._loaded:
+            self._loaded.move_to_end(expert)
+        else:
+            path = check_adapter(self.run, expert)
+            try:
+                if self._peft is None:
+                    self._peft = PeftModel.from_pretrained(self.base_model, str(path), adapter_name=expert)
+                else:
+                    self._peft.load_adapter(str(path), adapter_name=expert)
+            except Exception as error:  # safetensors / shape errors: the file is not a usable adapter for this base
+                raise UserError(f"{expert}: cannot load {path} ({type(error).__name__}: "
+                                f"{str(error).splitlines()[0][:160]}); delete it and rerun `upcycle train-experts "
+                                f"{self.run.path}`") from None
+            self._loaded[expert] = None
+            while len(self._loaded) > self.max_loaded:
+                old, _ = self._loaded.popitem(last=False)
+                self._peft.delete_adapter(old)
+        self._peft.set_adapter(expert)
+
+    @contextlib.contextmanager
+    def using(self, expert: str | None):
+        """Run the block with `expert`'s adapter active (None or 'base': the base alone)."""
+        if expert in (None, BASE):
+            if self._peft is None:
+                yield self.base_model
+            else:
+                with self._peft.disable_adapter():
+                    yield self._peft
+            return
+        cluster_of(expert)  # validates the id
+        self._activate(expert)
+        yield self._peft
+
+    def _resolve(self, texts: list[str], expert: str | None) -> list[str | None]:
+        if expert == AUTO:
+            return self.route(texts)
+        return [expert] * len(texts)
+
+    # -- scoring and generation -----------------------------------------------------------------------------------
+    @torch.no_grad()
+    def token_nll(self, texts: list[str], experts: list[str | None], block_size: int = 256,
+                  max_tokens: int | None = None) -> list[tuple[float, int]]:
+        """(sum of next-token NLL, predicted tokens) per text, each text run with its own expert."""
+        from upcycle.data.packing import pack, tokenize
+        from upcycle.eval.perplexity import token_nll
+
+        ids = tokenize(self.tokenizer, texts)
+        if max_tokens is not None:
+            ids = [seq[:max_tokens] for seq in ids]
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(texts)
+        order = sorted(range(len(texts)), key=lambda i: str(experts[i]))  # group by expert: one swap per group
+        for i in order:
+            with self.using(experts[i]) as model:
+                blocks = pack([ids[i]], block_size, self.tokenizer.pad_token_id)
+                out[i] = token_nll(model, *blocks)
+        return out
+
+    def perplexity(self, texts: list[str], expert: str | None = AUTO, block_size: int = 256) -> list[float]:
+        """Per-text perplexity with routed experts ('auto'), a named expert, or the base (None / 'base')."""
+        scores = self.token_nll(texts, self._resolve(texts, expert), block_size)
+        return [math.exp(total / max(count, 1)) for total, count in scores]
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
+                 expert: str | None = AUTO, seed: int = 0) -> Generation:
+        """Route `prompt` (unless an expert is named), generate a continuation, and say which expert answered."""
+        if max_new_tokens < 1:
+            raise UserError("max_new_tokens must be >= 1")
+        chosen = self._resolve([prompt], expert)[0]
+        encoded = self.tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(self.device)
+        if encoded["input_ids"].shape[1] == 0:
+            raise UserError("the prompt is empty")
+        torch.manual_seed(seed)
+        with self.using(chosen) as model:
+            output = model.generate(**encoded, max_new_tokens=max_new_tokens, do_sample=temperature > 0,
+                                    temperature=temperature if temperature > 0 else None,
+                                    top_p=top_p if temperature > 0 else None,
+                                    pad_token_id=self.tokenizer.pad_token_id)
+        new = output[0, encoded["input_ids"].shape[1]:]
+        return Generation(text=self.tokenizer.decode(new, skip_special_tokens=True), expert=chosen,
+                          prompt_tokens=encoded["input_ids"].shape[1], completion_tokens=int(new.shape[0]))

@@ -1,0 +1,131 @@
+"""Write RUN/report.md and its plots from RUN/eval/results.json (and the ablation results, when present)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from upcycle.eval.report import markdown_table, pyplot, save_figure
+from upcycle.introvert.run import Run
+from upcycle.io import atomic_write_text, read_json
+
+METHOD_LABELS = {
+    "base": "base (no training)",
+    "routed": "routed experts (prompt -> nearest centroid)",
+    "oracle": "oracle routing (document's own cluster)",
+    "best": "best expert per document (upper bound)",
+    "random": "random routing (control)",
+    "lora-all": "one LoRA, all data, same tokens (compute-matched)",
+    "lora-wide": "one LoRA of rank K*r (parameter-matched)",
+    "full": "continued full training, same tokens",
+}
+
+
+def results_table(results: dict) -> tuple[list[str], list[list[object]]]:
+    """Header and rows of the main table: method, perplexity, 95% CI, and delta vs base."""
+    base = results["methods"]["base"]["perplexity"]
+    rows = []
+    for name, label in METHOD_LABELS.items():
+        m = results["methods"].get(name)
+        if m is None:
+            continue
+        ci = m.get("ci95")
+        rows.append([label, m["perplexity"], f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "",
+                     f"{100 * (m['perplexity'] / base - 1):+.1f}%"])
+    return ["method", f"{results['split']} perplexity", "95% CI (bootstrap over docs)", "vs base"], rows
+
+
+def write_report(run_path: str | Path) -> Path:
+    """Render report.md with tables and PNG plots next to it; returns the report path."""
+    run = Run.open(run_path)
+    results = read_json(run.eval_dir / "results.json")
+    meta = run.meta
+    k = results["k"]
+    lines = [f"# Introvert experts: {run.path.name}", "",
+             f"Base `{meta['base']}`, data `{meta['data']}`, K = {k} clusters "
+             f"({meta['clusters'].get('embedder', '?')} embeddings), {results['documents']} {results['split']} "
+             f"documents, first {results['config']['max_tokens_per_doc']} tokens of each scored.", "",
+             "## Held-out perplexity", "", markdown_table(*results_table(results)), ""]
+    routing = results["routing"]
+    lines += ["## Routing", "",
+              f"- routing accuracy (prompt of {results['config']['route_chars']} chars -> own cluster): "
+              f"{100 * routing['accuracy']:.1f}% of {routing['documents']} documents",
+              *([f"- routed expert is the best expert for {100 * routing['best_expert_accuracy']:.1f}% of documents"]
+                if routing.get("best_expert_accuracy") is not None else []), ""]
+    lines += _per_cluster_section(run, results)
+    lines += _cost_section(results)
+    ablation = run.eval_dir / "ablation.json"
+    if ablation.is_file():
+        lines += _ablation_section(run, read_json(ablation))
+    lines += ["## Reproduce", "", "```", *meta.get("commands", []), "```", ""]
+    path = run.path / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _per_cluster_section(run: Run, results: dict) -> list[str]:
+    plt = pyplot()
+    k = results["k"]
+    names = [n for n in ("base", "routed", "oracle", "lora-all", "full") if n in results["methods"]]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * k + 2), 3.5))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        values = [results["methods"][name]["per_cluster"].get(str(c)) or 0 for c in range(k)]
+        ax.bar([c + j * width for c in range(k)], values, width, label=name)
+    ax.set_xlabel("cluster")
+    ax.set_ylabel("perplexity")
+    ax.set_xticks([c + 0.4 - width / 2 for c in range(k)], [str(c) for c in range(k)])
+    ax.legend(fontsize=7)
+    save_figure(fig, run.path / "per_cluster.png")
+
+    sizes = run.meta["clusters"].get("sizes", [])
+    fig, ax = plt.subplots(figsize=(max(5, 0.5 * k + 2), 3))
+    ax.bar(range(len(sizes)), sizes)
+    ax.set_xlabel("cluster")
+    ax.set_ylabel("training documents")
+    save_figure(fig, run.path / "cluster_sizes.png")
+
+    summary_path = run.clusters_dir / "summary.json"
+    terms = {}
+    if summary_path.is_file():
+        for entry in read_json(summary_path).get("clusters", []):
+            terms[int(entry["cluster"])] = ", ".join(entry.get("top_terms", [])[:6])
+    rows = [[c, sizes[c] if c < len(sizes) else "", results["cluster_sizes"]["test"][c], terms.get(c, ""),
+             *[results["methods"][n]["per_cluster"].get(str(c)) for n in names]] for c in range(k)]
+    return ["## Per cluster", "", markdown_table(["cluster", "train docs", "test docs", "top terms", *names], rows),
+            "", "![per-cluster perplexity](per_cluster.png)", "", "![cluster sizes](cluster_sizes.png)", ""]
+
+
+def _cost_section(results: dict) -> list[str]:
+    cost = results["cost"]
+    train = results["training"]
+    rows = [["base", cost["base_flops_per_token"], f"{cost['base_ms_per_token']:.3f}", ""],
+            ["routed", cost["routed_flops_per_token"], f"{cost['routed_ms_per_token']:.3f}",
+             f"{cost['routing_ms_per_request']:.1f} ms routing per request"]]
+    train_rows = [[name, v["tokens"], f"{v['seconds']:.0f}", f"{v['tokens_per_second']:.0f}"]
+                  for name, v in train.items()]
+    return ["## Cost", "", markdown_table(["model", "FLOPs / token", "ms / token (batch 1)", ""], rows), "",
+            cost["note"], "", markdown_table(["training", "tokens", "seconds", "tokens/s"], train_rows), ""]
+
+
+def _ablation_section(run: Run, ablation: dict) -> list[str]:
+    plt = pyplot()
+    rows, ks = [], sorted(int(k) for k in ablation["by_k"])
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for method in ("routed", "oracle"):
+        means = [ablation["by_k"][str(k)][method]["mean"] for k in ks]
+        errs = [ablation["by_k"][str(k)][method]["ci95_halfwidth"] for k in ks]
+        ax.errorbar(ks, means, yerr=errs, marker="o", capsize=3, label=method)
+    ax.axhline(ablation["base_perplexity"], color="gray", linestyle="--", label="base")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("clusters K (same total training tokens)")
+    ax.set_ylabel(f"{ablation['split']} perplexity")
+    ax.legend()
+    save_figure(fig, run.path / "ablation_k.png")
+    for k in ks:
+        entry = ablation["by_k"][str(k)]
+        rows.append([k, entry["seeds"], f"{entry['routed']['mean']:.2f} ± {entry['routed']['ci95_halfwidth']:.2f}",
+                     f"{entry['oracle']['mean']:.2f} ± {entry['oracle']['ci95_halfwidth']:.2f}",
+                     f"{100 * entry['routing_accuracy']['mean']:.1f}%"])
+    return ["## Number of clusters", "",
+            markdown_table(["K", "seeds", "routed ppl (mean ± 95% CI)", "oracle ppl", "routing accuracy"], rows), "",
+            "![perplexity vs K](ablation_k.png)", ""]

@@ -1,0 +1,39 @@
+"""The sequence router of a run: embed a whole request, then nearest cluster centroid (or a c-BTM top-k mixture)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from upcycle.introvert.run import Run, expert_id
+
+
+class SequenceRouter:
+    """Routes whole texts to experts: `route(texts) -> expert ids`. Never per token; outputs are never mixed."""
+
+    def __init__(self, embedder, centroid_router):
+        self.embedder = embedder
+        self.centroid_router = centroid_router
+
+    def clusters(self, texts: list[str]) -> np.ndarray:
+        """Nearest-centroid cluster index of each text."""
+        ids, _ = self.centroid_router.route(self.embedder.encode(list(texts)))
+        return np.asarray(ids)
+
+    def route(self, texts: list[str]) -> list[str]:
+        """The expert id for each text."""
+        return [expert_id(int(c)) for c in self.clusters(texts)]
+
+    def mixture(self, texts: list[str], top_k: int = 2, temperature: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+        """c-BTM mixing: the top-k clusters of each text and weights softmax(-d^2 / T) over them."""
+        return self.centroid_router.mixture(self.embedder.encode(list(texts)), top_k, temperature)
+
+
+def load_sequence_router(run: Run) -> SequenceRouter:
+    """The run's embedder and centroids, ready to route."""
+    from upcycle.introvert.clustering import Clusters
+    from upcycle.introvert.embedding import load_embedder
+    from upcycle.introvert.router import CentroidRouter
+
+    clusters = Clusters.load(run.clusters_dir)
+    return SequenceRouter(load_embedder(run.clusters_dir / "embedder"),
+                          CentroidRouter(clusters.centroids, clusters.metric))
