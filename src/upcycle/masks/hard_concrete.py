@@ -25,8 +25,8 @@ GAMMA = -0.1
 ZETA = 1.1
 """Upper end of the stretch interval (must be > 1 so that z = 1 has mass)."""
 INIT_LOG_ALPHA = 3.0
-"""Default initial log α: the deterministic gate is exactly 1 (needs log α ≥ log(−ζ/γ... ) ≈ 2.40, see
-`open_log_alpha`) and the sampled gate is non-zero with probability ≈ 0.99, so training starts from the dense FFN."""
+"""Default initial log α: the deterministic gate is exactly 1 (that needs log α ≥ `open_log_alpha()` = log 11 ≈ 2.40)
+and a sampled gate is non-zero with probability ≈ 0.99, so training starts from the dense FFN."""
 
 # Uniform samples are kept inside (eps, 1 − eps) so that log u and log(1 − u) stay finite.
 _EPS = 1e-6
