@@ -1,0 +1,85 @@
+"""Plain functions that find a decoder's SwiGLU FFNs and swap them for mask-expert layers (and back to state)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from upcycle.errors import UserError
+from upcycle.masks.config import MaskConfig
+from upcycle.masks.layer import MaskedFFN
+
+log = logging.getLogger(__name__)
+
+_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+MASK_KEYS = ("router.", "gates.")
+"""State-dict key fragments that belong to the masks (everything else is the base model's)."""
+
+
+def is_swiglu_ffn(module: nn.Module) -> bool:
+    """True for a Llama/Mistral/Qwen2-style MLP: Linear gate_proj, up_proj, down_proj and an act_fn."""
+    return (all(isinstance(getattr(module, p, None), nn.Linear) for p in _PROJECTIONS)
+            and callable(getattr(module, "act_fn", None)) and not isinstance(module, MaskedFFN))
+
+
+def find_ffns(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module) of every SwiGLU FFN in `model`, in module order. Raises UserError if there is none."""
+    found = [(name, m) for name, m in model.named_modules() if is_swiglu_ffn(m)]
+    if not found:
+        raise UserError(f"{type(model).__name__} has no SwiGLU FFN (gate_proj, up_proj, down_proj, act_fn) to mask; "
+                        "use a Llama-, Mistral- or Qwen2-style decoder")
+    for name, m in found:
+        if any(getattr(m, p).bias is not None for p in _PROJECTIONS):
+            raise UserError(f"{name}: FFNs with biases are not supported by mask experts (mlp_bias must be false)")
+    return found
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted `name`."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def add_masks(model: nn.Module, config: MaskConfig, seed: int = 0) -> list[str]:
+    """Wrap every SwiGLU FFN of `model` in a MaskedFFN (in place). Returns the wrapped module names."""
+    if masked_ffns(model):
+        raise UserError("this model already has mask experts; load the base model again to start over")
+    torch.manual_seed(seed)
+    names = []
+    for name, mlp in find_ffns(model):
+        set_module(model, name, MaskedFFN.wrap(mlp, config))
+        names.append(name)
+    log.info("added %d mask experts to %d FFN layers", config.experts, len(names))
+    return names
+
+
+def masked_ffns(model: nn.Module) -> list[tuple[str, MaskedFFN]]:
+    """(name, layer) of every MaskedFFN in `model`."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, MaskedFFN)]
+
+
+def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable mask parameters: every router weight and gate log α."""
+    return [p for _, layer in masked_ffns(model) for m in (layer.router, layer.gates) for p in m.parameters()]
+
+
+def mask_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the masks' tensors (router and gates), keyed as in model.state_dict()."""
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if any(f in k for f in MASK_KEYS)}
+
+
+def load_mask_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "the masks") -> None:
+    """Load router and gate tensors saved by `mask_state_dict`, checking they fit this model's masked layers."""
+    own = mask_state_dict(model)
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        example = (missing or unexpected)[0]
+        raise UserError(f"{source} do not fit this model ({len(missing)} tensors missing, {len(unexpected)} "
+                        f"unexpected, e.g. {example}); use the base model the masks were trained on")
+    for key, value in state.items():
+        if own[key].shape != value.shape:
+            raise UserError(f"{source} do not fit this model: {key} is {tuple(value.shape)} there and "
+                            f"{tuple(own[key].shape)} here; use the base model the masks were trained on")
+    model.load_state_dict(state, strict=False)

@@ -1,0 +1,31 @@
+"""Tiny in-memory decoders for the mask tests (no tokenizer, no files)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def tiny_decoder(kind: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
+    """A random tiny causal LM of the given family: hidden 32, FFN 64, 2 layers, vocab 97."""
+    import transformers
+
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+    }[kind]
+    settings = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    return model_class(config_class(**(settings | overrides))).to(dtype).eval()
+
+
+def randomize_gates(model, seed: int = 0, low: float = -4.0, high: float = 4.0) -> None:
+    """Spread every gate's log α so that eval masks mix 0, fractional and 1 values."""
+    from upcycle.masks.surgery import masked_ffns
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in masked_ffns(model):
+            la = layer.gates.log_alpha
+            la.copy_((torch.rand(la.shape, generator=g) * (high - low) + low).to(la.dtype))
