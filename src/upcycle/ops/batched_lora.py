@@ -1,0 +1,248 @@
+"""Batched multi-adapter LoRA: every row of a batch may use a different adapter (Punica BGMV / S-LoRA style).
+
+The adapters of the rows being served sit in fixed-capacity stacked slot buffers, A as [S, R, I] and B as [S, O, R];
+a forward gathers each row's A and B by slot index and runs two batched matmuls. The plain loop these functions must
+equal is `upcycle.ops.reference_lora.reference_lora`.
+
+Legend used throughout: N rows, T tokens per row, I in features, O out features, S slots, R max rank.
+
+`attach_multi_lora` does the model surgery: it swaps the targeted `nn.Linear` layers of a Hugging Face model for
+`MultiLoRALinear` wrappers that share one `LoRABatch` (the per-step slot selection), so a forward of the unchanged
+HF model serves a mixed batch once the selection is set.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+def batched_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                 idx: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Add `scale[idx[n]] * (x[n] A[idx[n]]^T) B[idx[n]]^T` to `base_out[n]` in place (rows with idx -1 get nothing).
+
+    Shapes as in `reference_lora`: x [N, T, I] (prefill) or [N, I] (decode), base_out likewise with O, lora_a
+    [S, R, I], lora_b [S, O, R], idx [N], scale [S] or None. Returns `base_out`.
+    """
+    keep = idx >= 0
+    safe_idx = torch.where(keep, idx, torch.zeros_like(idx))
+    row_scale = keep.to(lora_a.dtype)  # [N]; 0 silences rows without an adapter
+    if scale is not None:
+        row_scale = row_scale * scale.to(lora_a.dtype).index_select(0, safe_idx)
+    return lora_bgmv(x, base_out, lora_a, lora_b, safe_idx, row_scale)
+
+
+def lora_bgmv(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+              slots: torch.Tensor, row_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """The hot path of `batched_lora`: every slot index is valid and scaling is folded into B or given per row.
+
+    x [N, T, I] or [N, I]; base_out [N, T, O] or [N, O], updated in place and returned; slots [N] (no -1);
+    row_scale [N] or None.
+    """
+    x3 = x.unsqueeze(1) if x.dim() == 2 else x  # [N, T, I]
+    out3 = base_out.unsqueeze(1) if base_out.dim() == 2 else base_out  # [N, T, O], a view of base_out
+    a = lora_a.index_select(0, slots)  # [N, R, I]  gathered per row, not per token: routing is per sequence
+    b = lora_b.index_select(0, slots)  # [N, O, R]
+    shrunk = torch.bmm(x3.to(a.dtype), a.transpose(1, 2))  # [N, T, R]
+    if row_scale is not None:
+        shrunk = shrunk * row_scale.to(shrunk.dtype)[:, None, None]
+    if out3.dtype == b.dtype:
+        out3.baddbmm_(shrunk, b.transpose(1, 2))  # [N, T, O] += [N, T, R] @ [N, R, O]
+    else:
+        out3.add_(torch.bmm(shrunk, b.transpose(1, 2)).to(out3.dtype))
+    return base_out
+
+
+def lora_single_slot(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+                     slot: int) -> torch.Tensor:
+    """`lora_bgmv` when every row uses the same slot: no gather, two plain matmuls. Updates `base_out` in place."""
+    x2 = x.reshape(-1, x.shape[-1])  # [N*T, I]
+    out2 = base_out.view(-1, base_out.shape[-1])  # [N*T, O]
+    shrunk = x2.to(lora_a.dtype) @ lora_a[slot].T  # [N*T, R]
+    if out2.dtype == lora_b.dtype:
+        out2.addmm_(shrunk, lora_b[slot].T)
+    else:
+        out2.add_((shrunk @ lora_b[slot].T).to(out2.dtype))
+    return base_out
+
+
+@dataclass
+class LoRABatch:
+    """Which slot each row of the next forward uses; shared by every `MultiLoRALinear` of one model.
+
+    The index buffer is allocated once (`max_rows` long) and filled in place each step, as vLLM's punica wrapper does.
+    """
+
+    max_rows: int
+    """Largest batch (rows) a forward may have."""
+    zero_slot: int
+    """Index of the all-zero slot that rows without an adapter point to (so the hot path needs no mask)."""
+    device: torch.device | str = "cpu"
+    """Where the slot buffers live."""
+    _buffer: torch.Tensor = field(init=False, repr=False)
+    slots: torch.Tensor | None = field(init=False, default=None)
+    """[N] view of the index buffer for the current forward, or None when no row uses an adapter."""
+    single_slot: int | None = field(init=False, default=None)
+    """The slot every row uses, when they all use the same one (enables the gather-free path)."""
+
+    def __post_init__(self) -> None:
+        self._buffer = torch.full((self.max_rows,), self.zero_slot, dtype=torch.long, device=self.device)
+
+    def set(self, idx: Sequence[int]) -> None:
+        """Select slot `idx[n]` for row n (-1: no adapter) for the forwards until the next `set` or `clear`."""
+        if len(idx) > self.max_rows:
+            raise ValueError(f"batch of {len(idx)} rows exceeds LoRABatch.max_rows={self.max_rows}")
+        used = {i for i in idx if i >= 0}
+        if not used:
+            self.clear()
+            return
+        mapped = [i if i >= 0 else self.zero_slot for i in idx]
+        self.single_slot = mapped[0] if len(set(mapped)) == 1 else None
+        view = self._buffer[: len(mapped)]
+        view.copy_(torch.tensor(mapped, dtype=torch.long), non_blocking=True)
+        self.slots = view
+
+    def clear(self) -> None:
+        """No adapters: wrapped layers return the base output untouched."""
+        self.slots, self.single_slot = None, None
+
+
+class MultiLoRALinear(nn.Module):
+    """An `nn.Linear` plus S stacked LoRA slots; each row of the input uses the slot its `LoRABatch` names.
+
+    The slot buffers are allocated once at full capacity and filled in place; slot S (the last) stays zero and
+    serves rows without an adapter. B is stored already multiplied by the adapter's scaling (alpha / r), so the hot
+    path skips one multiply.
+    """
+
+    def __init__(self, base_layer: nn.Linear, n_slots: int, max_rank: int, batch: LoRABatch) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.max_rank = max_rank
+        weight = base_layer.weight
+        # non-persistent: the model's state_dict stays the base model's
+        self.register_buffer("lora_a", weight.new_zeros(n_slots + 1, max_rank, base_layer.in_features),
+                             persistent=False)  # [S+1, R, I]
+        self.register_buffer("lora_b", weight.new_zeros(n_slots + 1, base_layer.out_features, max_rank),
+                             persistent=False)  # [S+1, O, R]
+        self._batch = batch  # a plain attribute, not a submodule: shared by every wrapped layer
+
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        batch = self._batch
+        if batch.slots is None:
+            return out
+        if batch.single_slot is not None:
+            return lora_single_slot(x, out, self.lora_a, self.lora_b, batch.single_slot)
+        return lora_bgmv(x, out, self.lora_a, self.lora_b, batch.slots)
+
+    @torch.no_grad()
+    def set_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
+        """Copy one adapter's A [r, I] and B [O, r] into `slot` (r <= max_rank; the rest of the slot is zeroed)."""
+        rank = lora_a.shape[0]
+        if rank > self.max_rank:
+            raise ValueError(f"adapter rank {rank} exceeds the slot capacity max_rank={self.max_rank}")
+        self.lora_a[slot, :rank].copy_(lora_a, non_blocking=True)
+        self.lora_b[slot, :, :rank].copy_(lora_b, non_blocking=True)
+        if scaling != 1.0:
+            self.lora_b[slot, :, :rank].mul_(scaling)
+        if rank < self.max_rank:
+            self.lora_a[slot, rank:].zero_()
+            self.lora_b[slot, :, rank:].zero_()
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        """Zero `slot`, so a row pointing at it gets the base output."""
+        self.lora_a[slot].zero_()
+        self.lora_b[slot].zero_()
+
+
+def matches_target(name: str, targets: str | Iterable[str]) -> bool:
+    """PEFT's rule: a regex string must match the full module name; a list entry must equal it or be its suffix."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+@dataclass
+class MultiLoRA:
+    """Handle on a model after `attach_multi_lora`: its wrapped layers, their shared `LoRABatch`, and slot filling."""
+
+    layers: dict[str, MultiLoRALinear]
+    """Wrapped layers by full module name (e.g. `model.layers.0.self_attn.q_proj`)."""
+    batch: LoRABatch
+    """The slot selection every wrapped layer reads."""
+    n_slots: int
+    """Adapter slots (the zero slot excluded)."""
+    max_rank: int
+    """Largest adapter rank a slot holds."""
+
+    @contextlib.contextmanager
+    def select(self, idx: Sequence[int]) -> Iterator[None]:
+        """Run the forwards inside the block with row n using slot `idx[n]` (-1: base model only)."""
+        self.batch.set(idx)
+        try:
+            yield
+        finally:
+            self.batch.clear()
+
+    def load_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """Fill `slot` from {module name: (A [r, I], B [O, r], scaling)}; wrapped layers not named are zeroed."""
+        self._check_slot(slot)
+        unknown = set(weights) - set(self.layers)
+        if unknown:
+            raise KeyError(f"adapter targets modules that are not wrapped: {sorted(unknown)[:3]}")
+        for name, layer in self.layers.items():
+            if name in weights:
+                layer.set_slot(slot, *weights[name])
+            else:
+                layer.clear_slot(slot)
+
+    def clear_slot(self, slot: int) -> None:
+        """Zero `slot` in every wrapped layer."""
+        self._check_slot(slot)
+        for layer in self.layers.values():
+            layer.clear_slot(slot)
+
+    def slot_nbytes(self) -> int:
+        """Bytes one slot takes across all wrapped layers."""
+        return sum((layer.lora_a[0].numel() + layer.lora_b[0].numel()) * layer.lora_a.element_size()
+                   for layer in self.layers.values())
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.n_slots:
+            raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
+
+
+def attach_multi_lora(model: nn.Module, targets: str | Iterable[str], n_slots: int, max_rank: int,
+                      max_rows: int = 256) -> MultiLoRA:
+    """Swap every `nn.Linear` of `model` whose name matches `targets` (PEFT's `target_modules` rule) for a
+    `MultiLoRALinear` with `n_slots` slots of rank `max_rank`, in place; returns the handle that fills the slots."""
+    targets = targets if isinstance(targets, str) else list(targets)
+    weight = next(model.parameters())
+    batch = LoRABatch(max_rows=max_rows, zero_slot=n_slots, device=weight.device)
+    chosen = [(name, module) for name, module in model.named_modules()
+              if isinstance(module, nn.Linear) and matches_target(name, targets)]
+    if not chosen:
+        raise ValueError(f"no nn.Linear in the model matches target modules {targets!r}")
+    layers: dict[str, MultiLoRALinear] = {}
+    for name, module in chosen:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        wrapped = MultiLoRALinear(module, n_slots, max_rank, batch)
+        setattr(parent, child, wrapped)
+        layers[name] = wrapped
+    return MultiLoRA(layers=layers, batch=batch, n_slots=n_slots, max_rank=max_rank)

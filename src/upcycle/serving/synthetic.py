@@ -1,0 +1,75 @@
+"""Synthetic experts for tests and benchmarks: a run directory of random LoRA adapters in PEFT's own format.
+
+The first adapter is made and saved by PEFT itself (`get_peft_model(...).save_pretrained`); the others copy its
+config and key layout with fresh random tensors, which is what PEFT would write and a thousand times faster.
+B is random and non-zero (a freshly initialised LoRA has B = 0 and would not change the base output).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from upcycle.introvert.run import Run, expert_id
+from upcycle.io import atomic_directory
+from upcycle.serving.adapters import CONFIG_NAME, WEIGHTS_NAME
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _randomise(tensors: dict[str, torch.Tensor], generator: torch.Generator, b_std: float) -> dict[str, torch.Tensor]:
+    """Fresh A ~ N(0, 1/I) and B ~ N(0, b_std^2) with the same keys, shapes and dtypes."""
+    out = {}
+    for key, tensor in tensors.items():
+        std = tensor.shape[1] ** -0.5 if ".lora_A." in key else b_std
+        out[key] = (torch.randn(tensor.shape, generator=generator) * std).to(tensor.dtype).contiguous()
+    return out
+
+
+def save_peft_adapter(base: str | Path | torch.nn.Module, out_dir: str | Path, seed: int = 0, b_std: float = 0.05,
+                      **lora_config) -> Path:
+    """Save a random LoRA adapter for `base` (a directory or a loaded model) with PEFT's own `save_pretrained`.
+
+    `lora_config` goes to `peft.LoraConfig` (r, lora_alpha, target_modules, use_rslora, rank_pattern, ...).
+    """
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(base) if isinstance(base, (str, Path)) else copy.deepcopy(base)
+    lora_config.setdefault("target_modules", list(DEFAULT_TARGETS))
+    peft_model = get_peft_model(model, LoraConfig(lora_dropout=0.0, task_type="CAUSAL_LM", **lora_config))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                param.copy_(_randomise({name: param.detach()}, generator, b_std)[name])
+    peft_model.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def write_synthetic_run(run_dir: str | Path, base_dir: str | Path, n_experts: int, rank: int = 8,
+                        lora_alpha: float = 16.0, targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0,
+                        b_std: float = 0.05, first_cluster: int = 0) -> Run:
+    """Create (or extend) a run at `run_dir` for the base at `base_dir` with `n_experts` random LoRA experts."""
+    from safetensors.torch import load_file, save_file
+
+    run_dir = Path(run_dir)
+    run = Run(run_dir) if (run_dir / "run.json").is_file() else Run.create(run_dir, base=str(base_dir))
+    generator = torch.Generator().manual_seed(seed)
+    template = run_dir / f".template-{seed}"
+    if template.exists():
+        shutil.rmtree(template)
+    save_peft_adapter(base_dir, template, seed=seed, b_std=b_std, r=rank, lora_alpha=lora_alpha,
+                      target_modules=list(targets))
+    layout = load_file(template / WEIGHTS_NAME)
+    for cluster in range(first_cluster, first_cluster + n_experts):
+        with atomic_directory(run.expert_dir(expert_id(cluster))) as tmp:
+            shutil.copy(template / CONFIG_NAME, tmp / CONFIG_NAME)
+            save_file(_randomise(layout, generator, b_std), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+    shutil.rmtree(template)
+    return run
