@@ -29,3 +29,14 @@ def randomize_gates(model, seed: int = 0, low: float = -4.0, high: float = 4.0) 
         for _, layer in masked_ffns(model):
             la = layer.gates.log_alpha
             la.copy_((torch.rand(la.shape, generator=g) * (high - low) + low).to(la.dtype))
+
+
+def shape_gates(model, shared: slice, dead: slice, seed: int = 0) -> None:
+    """Random gates, then neurons in `shared` fully open in every expert and neurons in `dead` closed in all."""
+    from upcycle.masks.surgery import masked_ffns
+
+    randomize_gates(model, seed)
+    with torch.no_grad():
+        for _, layer in masked_ffns(model):
+            layer.gates.log_alpha[:, shared] = 5.0
+            layer.gates.log_alpha[:, dead] = -5.0

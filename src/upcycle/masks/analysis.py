@@ -1,0 +1,154 @@
+"""What the learned mask experts turned into, measured with eval-mode gates over held-out tokens.
+
+Each expert falls into one of three kinds (the MoM paper's taxonomy):
+- shared: used by every token (a top-k router chose it for all of them) and keeps at least one neuron;
+- token-specific: used by some tokens only, and keeps at least one neuron;
+- inactive: never used, or its mask kept no neuron.
+The same split is reported for neurons: used by every token, by some, by none.
+
+Legend: T tokens, D model dim, I intermediate neurons, E experts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from upcycle.data.packing import IGNORE_INDEX
+from upcycle.errors import UserError
+from upcycle.masks.layer import MaskedFFN
+from upcycle.masks.surgery import masked_ffns
+
+KINDS = ("shared", "token-specific", "inactive")
+
+
+@dataclass
+class LayerReport:
+    """One masked FFN's experts and neurons over the analysed tokens."""
+
+    name: str
+    routing: str
+    expert_kinds: list[str]
+    """Kind of each expert (see module docstring)."""
+    expert_usage: list[float]
+    """Fraction of tokens that used each expert (top-k: chose it; soft: mean routing probability)."""
+    expert_neurons: list[int]
+    """Neurons with a non-zero eval gate in each expert's mask."""
+    neuron_kinds: dict[str, int]
+    """How many of the I neurons every token used ('shared'), some used ('token-specific'), none used ('inactive')."""
+    active_ratio: float
+    """Mean over tokens of the fraction of the I neurons used."""
+    intermediate: int
+
+
+@dataclass
+class MaskAnalysis:
+    """The whole model: one LayerReport per masked FFN."""
+
+    tokens: int
+    layers: list[LayerReport]
+
+    @property
+    def active_ratio(self) -> float:
+        """Width-weighted mean active ratio over layers."""
+        width = sum(r.intermediate for r in self.layers)
+        return sum(r.active_ratio * r.intermediate for r in self.layers) / width
+
+    def expert_counts(self) -> dict[str, int]:
+        """Experts of each kind, summed over layers."""
+        return {k: sum(r.expert_kinds.count(k) for r in self.layers) for k in KINDS}
+
+    def unused_experts(self) -> dict[str, list[int]]:
+        """Experts no analysed token used, per layer."""
+        return {r.name: [e for e, u in enumerate(r.expert_usage) if u == 0.0] for r in self.layers}
+
+    def always_used_experts(self) -> dict[str, list[int]]:
+        """Experts every analysed token used (top-k layers only), per layer."""
+        return {r.name: [e for e, u in enumerate(r.expert_usage) if u == 1.0 and r.routing == "topk"]
+                for r in self.layers}
+
+    def to_dict(self) -> dict:
+        return {"tokens": self.tokens, "active_ratio": self.active_ratio, "experts": self.expert_counts(),
+                "layers": [asdict(r) for r in self.layers]}
+
+
+class _LayerTally:
+    """Running counts for one layer."""
+
+    def __init__(self, layer: MaskedFFN) -> None:
+        self.layer = layer
+        self.expert_use = torch.zeros(layer.num_experts, dtype=torch.float64)
+        self.neuron_use = torch.zeros(layer.intermediate_size, dtype=torch.long)
+        self.active = 0.0
+        self.tokens = 0
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, keep: torch.Tensor) -> None:
+        """x [B, L, D] input of the layer; keep [B·L] bool: positions to count."""
+        flat = x.reshape(-1, x.shape[-1])[keep]  # [T, D]
+        routing = self.layer.router(flat)
+        mask = MaskedFFN.token_mask(routing, self.layer.eval_gates()) > 0  # [T, I]
+        if routing.expert_idx is None:
+            self.expert_use += routing.probs.sum(0).double()
+        else:
+            self.expert_use += torch.bincount(routing.expert_idx.reshape(-1), minlength=self.layer.num_experts)
+        self.neuron_use += mask.sum(0)
+        self.active += float(mask.double().mean(1).sum())
+        self.tokens += flat.shape[0]
+
+    def report(self, name: str) -> LayerReport:
+        tokens = max(self.tokens, 1)
+        usage = (self.expert_use / tokens).tolist()
+        if self.layer.router.routing == "topk":  # counts, so exact 0 and 1 mean never and always
+            usage = [float(c) / tokens for c in self.expert_use.round().long().tolist()]
+        sizes = (self.layer.eval_gates() > 0).sum(1).tolist()
+        kinds = []
+        for use, size in zip(usage, sizes, strict=True):
+            if use == 0.0 or size == 0:
+                kinds.append("inactive")
+            elif use == 1.0:
+                kinds.append("shared")
+            else:
+                kinds.append("token-specific")
+        neurons = {"shared": int((self.neuron_use == self.tokens).sum()),
+                   "token-specific": int(((self.neuron_use > 0) & (self.neuron_use < self.tokens)).sum()),
+                   "inactive": int((self.neuron_use == 0).sum())}
+        return LayerReport(name, self.layer.router.routing, kinds, usage, [int(s) for s in sizes], neurons,
+                           self.active / tokens, self.layer.intermediate_size)
+
+
+@torch.no_grad()
+def analyze_masks(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor | None = None,
+                  batch_size: int = 8) -> MaskAnalysis:
+    """Classify every masked FFN's experts and neurons over held-out blocks inputs [N, L] (eval-mode gates).
+
+    Positions whose label is IGNORE_INDEX (padding) are not counted.
+    """
+    layers = masked_ffns(model)
+    if not layers:
+        raise UserError("the model has no mask experts to analyse; load the masks first")
+    if inputs.numel() == 0:
+        raise UserError("no held-out tokens to analyse the masks on")
+    was_training = model.training
+    model.eval()
+    tallies = {name: _LayerTally(layer) for name, layer in layers}
+    keep = torch.ones(0, dtype=torch.bool)
+
+    def hook(name):
+        return lambda module, args, output: tallies[name].add(args[0], keep.to(args[0].device))
+
+    device = next(model.parameters()).device
+    with contextlib.ExitStack() as stack:
+        for name, layer in layers:
+            stack.callback(layer.register_forward_hook(hook(name)).remove)
+        for start in range(0, inputs.shape[0], batch_size):
+            batch = inputs[start:start + batch_size]
+            keep = (labels[start:start + batch_size] != IGNORE_INDEX).reshape(-1) if labels is not None \
+                else torch.ones(batch.numel(), dtype=torch.bool)
+            model(input_ids=batch.to(device))
+    model.train(was_training)
+    reports = [tallies[name].report(name) for name, _ in layers]
+    return MaskAnalysis(tokens=next(iter(tallies.values())).tokens, layers=reports)
