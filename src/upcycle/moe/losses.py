@@ -44,7 +44,7 @@ def load_balancing_loss(probs: torch.Tensor, choices: torch.Tensor, valid: torch
 
 def router_z_loss(logits: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
     """ST-MoE router z-loss mean(logsumexp(logits)^2) over real tokens, without the beta weight: logits [T, E]."""
-    z = torch.logsumexp(logits.float(), dim=-1).square()  # [T]
+    z = torch.logsumexp(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1).square()  # [T]
     if valid is None:
         return z.mean()
     weight = valid.to(z.dtype)
