@@ -6,9 +6,10 @@ cosine); "l2" is plain k-means.
 Balanced clusters (c-BTM trains on balanced k-means): every cluster holds at most ceil(N / K) documents. After
 FAISS's k-means, documents are assigned greedily by distance rank, i.e. every (document, cluster) pair is visited
 in ascending squared distance and the document takes that cluster if it has none yet and the cluster has room; then
-centroids move to the means of their documents, and the two steps alternate (at most `_BALANCE_ROUNDS` times, until
-the assignment stops changing). The greedy pass does not build the N x K distance table: each document walks its own
-nearest clusters through a heap, and only a document whose nearest `_CANDIDATES` clusters are all full looks further.
+centroids move to the means of their documents, and the two steps alternate (at most min(iterations,
+_BALANCE_ROUNDS) times, until the assignment stops changing), so returned centroids are their documents' means. The
+greedy pass does not build the N x K distance table: each document walks its own nearest clusters through a heap, and
+only a document whose nearest `_CANDIDATES` clusters are all full looks further.
 
 Saved layout (`Clusters.save`): centroids.npy [K, D] float32, distances.npy [N] float32, assignments.json
 {doc id: cluster} in document order, clusters.json (k, dim, metric, balanced, documents, sizes, embedder), the last
@@ -121,8 +122,12 @@ def read_assignments(directory: str | Path) -> dict[str, int]:
 
 
 def fit_kmeans(embeddings: np.ndarray, k: int, *, metric: str = "cosine", balanced: bool = False, seed: int = 0,
-               iterations: int = 25) -> Clusters:
-    """K-means (FAISS) of `embeddings` [N, D] into `k` clusters; balanced caps clusters at ceil(N / k) documents."""
+               iterations: int = 25, restarts: int = 1) -> Clusters:
+    """K-means (FAISS) of `embeddings` [N, D] into `k` clusters; balanced caps clusters at ceil(N / k) documents.
+
+    `restarts` > 1 runs k-means from that many random starts and keeps the tightest: FAISS starts from random points,
+    so one start can leave two centroids in one group of documents and merge two others.
+    """
     import faiss
 
     check_metric(metric)
@@ -132,16 +137,16 @@ def fit_kmeans(embeddings: np.ndarray, k: int, *, metric: str = "cosine", balanc
         raise UserError(f"--clusters must be a positive integer, got {k!r}")
     if n < k:
         raise UserError(f"k-means: {n} documents but --clusters {k}; use --clusters <= {n} or add data")
-    if iterations < 1:
-        raise UserError(f"k-means iterations must be >= 1, got {iterations}")
+    if iterations < 1 or restarts < 1:
+        raise UserError(f"k-means iterations and restarts must be >= 1, got {iterations} and {restarts}")
     # min_points_per_centroid=1: FAISS would only warn below 39 points per cluster, and few points per cluster is
     # the point of thousands of experts. FAISS subsamples to 256 points per cluster when N is larger (bounded cost).
-    kmeans = faiss.Kmeans(dim, int(k), niter=iterations, seed=seed, spherical=metric == "cosine",
+    kmeans = faiss.Kmeans(dim, int(k), niter=iterations, nredo=restarts, seed=seed, spherical=metric == "cosine",
                           min_points_per_centroid=1, verbose=False)
     kmeans.train(x)
     centroids = as_points(kmeans.centroids, metric)  # [K, D]
     if balanced:
-        centroids, assignments = _balanced_kmeans(x, centroids, metric)
+        centroids, assignments = _balanced_kmeans(x, centroids, metric, min(iterations, _BALANCE_ROUNDS))
     else:
         assignments, _ = _nearest(x, centroids)
     distances = ((x - centroids[assignments]) ** 2).sum(1)  # [N, D] -> [N]
@@ -152,11 +157,11 @@ def fit_kmeans(embeddings: np.ndarray, k: int, *, metric: str = "cosine", balanc
     return clusters
 
 
-def _balanced_kmeans(x: np.ndarray, centroids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Alternate capacity-capped greedy assignment and centroid means, starting from `centroids` [K, D]."""
+def _balanced_kmeans(x: np.ndarray, centroids: np.ndarray, metric: str, rounds: int) -> tuple[np.ndarray, np.ndarray]:
+    """Alternate capacity-capped greedy assignment and centroid means `rounds` times, from `centroids` [K, D]."""
     capacity = math.ceil(len(x) / len(centroids))
     previous = None
-    for _ in range(_BALANCE_ROUNDS):
+    for _ in range(rounds):
         assignments = _balanced_assign(x, centroids, capacity)  # [N]
         if previous is not None and np.array_equal(assignments, previous):
             break
@@ -171,8 +176,8 @@ def _balanced_assign(x: np.ndarray, centroids: np.ndarray, capacity: int, candid
 
     Each document keeps a list of its nearest clusters (FAISS search, then exact float64 distances); a heap holds
     every unassigned document's next candidate, so pairs come out in the global ascending order. A full cluster stays
-    full, so a rejected document just moves to its next candidate, and one whose list runs out gets a new list: all
-    clusters that still have room.
+    full, so a rejected document just moves to its next candidate, and one whose list runs out gets a new one: the
+    nearest few of the clusters that still have room.
 
     Shapes: N documents, K clusters, D width, M candidates per document.
     """
@@ -184,6 +189,7 @@ def _balanced_assign(x: np.ndarray, centroids: np.ndarray, capacity: int, candid
     lists = [(d.tolist(), c.tolist()) for d, c in zip(np.take_along_axis(exact, order, 1),
                                                        np.take_along_axis(nearest, order, 1), strict=True)]
     sizes = [0] * k
+    room = np.ones(k, dtype=bool)  # [K] clusters below capacity; a full cluster never reopens
     assignments = np.full(n, -1, dtype=np.int64)
     heap = [(lists[i][0][0], i, 0) for i in range(n)]  # (distance, document, rank in its list)
     heapq.heapify(heap)
@@ -194,16 +200,26 @@ def _balanced_assign(x: np.ndarray, centroids: np.ndarray, capacity: int, candid
         if sizes[cluster] < capacity:
             assignments[i] = cluster
             sizes[cluster] += 1
+            room[cluster] = sizes[cluster] < capacity
             continue
         rank += 1
-        if rank == len(clusters):  # every listed cluster is full: list the ones with room, nearest first
-            open_ = np.flatnonzero(np.array(sizes) < capacity)  # never empty: K * capacity >= N
-            d = _sq_distances(x[i:i + 1], centroids, open_[None])[0]  # [open]
-            step = np.lexsort((open_, d))
-            lists[i] = dists, clusters = d[step].tolist(), open_[step].tolist()
+        if rank == len(clusters):  # every listed cluster is full: list the nearest of those with room
+            lists[i] = dists, clusters = _nearest_with_room(x[i], centroids, room, 4 * m)
             rank = 0
         heapq.heappush(heap, (dists[rank], i, rank))
     return assignments
+
+
+def _nearest_with_room(point: np.ndarray, centroids: np.ndarray, room: np.ndarray, count: int
+                       ) -> tuple[list[float], list[int]]:
+    """The `count` nearest clusters with room for `point` [D], ascending (distance, id): (distances, ids)."""
+    open_ = np.flatnonzero(room)  # never empty while a document waits: K * capacity >= N
+    d = _sq_distances(point[None], centroids, open_[None])[0]  # [open]
+    if len(open_) > count:  # only the nearest few are likely needed; a document that runs out again asks again
+        keep = np.argpartition(d, count - 1)[:count]
+        open_, d = open_[keep], d[keep]
+    step = np.lexsort((open_, d))
+    return d[step].tolist(), open_[step].tolist()
 
 
 def _reference_balanced_assign(x: np.ndarray, centroids: np.ndarray, capacity: int) -> np.ndarray:
