@@ -9,6 +9,17 @@ import pytest
 N_EXPERTS = 4
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny models on 2 shared cores: a second intra-op thread only spins against other processes (100x slower)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fake_run_dir(tmp_path_factory, tiny_llama_dir) -> Path:
     """A run directory with `N_EXPERTS` random r=4 LoRA experts on all projections (expert-00000 ...)."""

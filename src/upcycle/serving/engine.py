@@ -1,0 +1,568 @@
+"""Continuous batching across requests for different experts: one forward per step serves every running row.
+
+Each step the scheduler (1) takes newly submitted requests, (2) drops cancelled, timed-out and removed-expert ones,
+(3) admits waiting requests into free rows (acquiring their adapter's slot; a request whose adapter is still coming
+from disk waits while others run, its prefetch started at submit), (4) runs one forward in which new rows prefill a
+chunk of their prompt and the others decode one token, each row through its own adapter (`MultiLoRA.select`), and
+(5) samples, streams text, and retires finished rows. Keys and values live in a fixed `SlotKVCache`.
+
+Requests talk back through a `sink` callable, called on the engine thread with `Delta`, `Finished` or `Failed`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from upcycle.ops.batched_lora import MultiLoRA, attach_multi_lora, matches_target
+from upcycle.serving.adapters import AdapterWeights, read_spec
+from upcycle.serving.cache import AdapterCache, CacheConfig
+from upcycle.serving.errors import (
+    AdapterError,
+    Cancelled,
+    ExpertRemoved,
+    InvalidRequest,
+    Overloaded,
+    PromptTooLong,
+    QueueFull,
+    RequestTimeout,
+    ServingError,
+    UnknownModel,
+)
+from upcycle.serving.kv_cache import SlotKVCache
+from upcycle.serving.sampling import SamplingParams, TextStream, sample_tokens
+from upcycle.serving.stats import Counters, LatencyStats
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Capacities and limits of the batching engine."""
+
+    max_batch: int = 16
+    """Rows (requests) generating together; also the KV cache's row count."""
+    max_waiting: int = 256
+    """Requests allowed to wait for a row; beyond it `submit` raises QueueFull (HTTP 429)."""
+    max_seq_len: int | None = None
+    """Prompt plus generated tokens per request; None: the model's max positions, at most 2048."""
+    prefill_chunk: int = 256
+    """Most prompt tokens a row feeds per step, so a long prompt cannot stall everyone's decoding."""
+    n_slots: int | None = None
+    """Active adapter slots in the model; None: 2 x max_batch. Must be >= max_batch so a free row always finds one."""
+    max_rank: int | None = None
+    """Largest adapter rank servable; None: the largest among the experts at startup (at least 8)."""
+    target_modules: list[str] | None = None
+    """Layers to wrap (PEFT rule); None: those targeted by any expert at startup, else every linear in the blocks."""
+    request_timeout_s: float | None = 300.0
+    """A request still unfinished after this many seconds fails with a timeout; None: no limit."""
+    default_max_tokens: int = 256
+    """max_tokens for requests that give none (clipped to the context left)."""
+    dtype: str = "float32"
+    """Model and adapter dtype (float32, bfloat16, float16)."""
+    device: str = "cpu"
+    """Torch device of the model and the active slots."""
+    torch_threads: int | None = None
+    """If set, `torch.set_num_threads` for the process (1 is best for small models on shared CPU cores)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """CPU/disk tiers of the adapter cache."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_waiting < 0 or self.prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1, max_waiting >= 0")
+        if self.n_slots is not None and self.n_slots < self.max_batch:
+            raise ValueError(f"n_slots ({self.n_slots}) must be >= max_batch ({self.max_batch})")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unsupported dtype {self.dtype!r}")
+
+
+# -- events sent to a request's sink --------------------------------------------------------------------------------
+@dataclass
+class Delta:
+    """New text (possibly empty when only held back) and the token ids that produced it."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass
+class Finished:
+    """The request is done; `reason` is 'stop' (eos or stop string) or 'length'."""
+
+    reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    """The request ended with an error; nothing more follows."""
+
+    error: ServingError
+
+
+Event = Delta | Finished | Failed
+Sink = Callable[[Event], None]
+
+
+@dataclass
+class Completion:
+    """What `Engine.generate` returns."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    expert: str | None
+
+
+class Request:
+    """One submitted generation. `cancel` may be called from any thread; the engine drops the request next step."""
+
+    _ids = itertools.count()
+
+    def __init__(self, prompt_ids: list[int], expert: str | None, params: SamplingParams, sink: Sink,
+                 stream: TextStream, deadline: float | None, wake: Callable[[], None]) -> None:
+        self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
+        self.order = next(self._ids)
+        self.prompt_ids, self.expert, self.params, self.sink = prompt_ids, expert, params, sink
+        self.stream, self.deadline, self._wake = stream, deadline, wake
+        self.created = time.monotonic()
+        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.cancelled = False
+        self.slot = -1  # adapter slot while running (-1: base model)
+        self.prefilled = 0  # prompt tokens already in the KV cache
+        self.generated: list[int] = []
+        self.first_token_at: float | None = None
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); frees the row at the next step."""
+        self.cancelled = True
+        self._wake()
+
+    def next_input(self, chunk: int) -> list[int]:
+        """Tokens this request feeds in the next forward: a prompt chunk while prefilling, else its last token."""
+        if self.prefilled < len(self.prompt_ids):
+            return self.prompt_ids[self.prefilled: self.prefilled + chunk]
+        return self.generated[-1:]
+
+
+@dataclass
+class EngineStats:
+    """Counters and latencies, read by /metrics and the benchmark."""
+
+    requests: Counters = field(default_factory=Counters)
+    """Finished requests by outcome: stop, length, error, cancelled, timeout."""
+    tokens: Counters = field(default_factory=Counters)
+    """'prompt' and 'generated' token totals."""
+    latency: dict[str, LatencyStats] = field(
+        default_factory=lambda: {name: LatencyStats() for name in ("request", "ttft", "step")})
+    """Seconds: whole request, time to first token, one scheduler step."""
+
+
+class Engine:
+    """Continuous-batching generator over a base model with many LoRA experts; see the module docstring."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, config: EngineConfig | None = None,
+                 lora: MultiLoRA | None = None, cache: AdapterCache | None = None) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = config or EngineConfig()
+        if self.config.torch_threads is not None:
+            torch.set_num_threads(self.config.torch_threads)
+        self.lora, self.cache = lora, cache
+        self.decoder = model.base_model  # the transformer without its head: we apply the head to one row each
+        self.lm_head = model.get_output_embeddings()
+        positions = getattr(model.config, "max_position_embeddings", None) or 2048
+        self.max_seq_len = self.config.max_seq_len or min(positions, 2048)
+        weight = next(model.parameters())
+        self.kv = SlotKVCache.for_model(model.config, self.config.max_batch, self.max_seq_len, weight.dtype,
+                                        weight.device)
+        self._cache_kwarg = "cache" if "cache" in inspect.signature(self.decoder.forward).parameters \
+            else "past_key_values"
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.eos_ids = self._eos_ids(model, tokenizer)
+        self.stats = EngineStats()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self._lock = threading.Lock()
+        self._inbox: deque[Request] = deque()
+        self._removed: deque[str] = deque()
+        self._queued = 0  # submitted and not yet running or finished (inbox + waiting)
+        self._wake_event = threading.Event()
+        self._accepting = True
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        if cache is not None:
+            cache.add_removal_hook(self._on_removed)
+
+    # -- construction from a run directory ----------------------------------------------------------------------------
+    @classmethod
+    def from_run(cls, run_path: str | Path, config: EngineConfig | None = None) -> Engine:
+        """Load the run's base model, wrap the layers its experts target, and register every expert."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from upcycle.introvert.run import Run
+
+        run = Run.open(run_path)
+        config = config or EngineConfig()
+        dtype = getattr(torch, config.dtype)
+        tokenizer = AutoTokenizer.from_pretrained(run.base)
+        model = AutoModelForCausalLM.from_pretrained(run.base, dtype=dtype).to(config.device).eval()
+        experts = {e: run.expert_dir(e) for e in run.expert_ids()}
+        return cls.from_model(model, tokenizer, experts, config)
+
+    @classmethod
+    def from_model(cls, model: torch.nn.Module, tokenizer, experts: dict[str, Path],
+                   config: EngineConfig | None = None) -> Engine:
+        """Wrap `model` for multi-LoRA serving sized for `experts` ({id: PEFT dir}) and register them."""
+        config = config or EngineConfig()
+        linears = [name for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not model.get_output_embeddings()]
+        specs = {}
+        for expert, path in experts.items():
+            try:
+                specs[expert] = read_spec(path)
+            except AdapterError as error:  # still registered: its own requests will get the error
+                log.warning("expert %s: %s", expert, error)
+        if config.target_modules is not None:
+            wrapped = [n for n in linears if matches_target(n, config.target_modules)]
+        elif specs:
+            target_sets = {s.target_modules for s in specs.values()}
+            wrapped = [n for n in linears if any(matches_target(n, t) for t in target_sets)]
+        else:
+            wrapped = [n for n in linears if ".layers." in n or ".h." in n]
+        max_rank = config.max_rank or max([8, *(s.rank for s in specs.values())])
+        n_slots = config.n_slots or 2 * config.max_batch
+        lora = attach_multi_lora(model, wrapped, n_slots=n_slots, max_rank=max_rank, max_rows=config.max_batch)
+        dtype = next(model.parameters()).dtype
+        pin = config.cache.pin_memory or str(config.device).startswith("cuda")
+        cache_config = CacheConfig(**{**config.cache.__dict__, "pin_memory": pin})
+        cache = AdapterCache(lora, cache_config, dtype=dtype, check=_compatibility_check(lora))
+        for expert, path in experts.items():
+            cache.register(expert, path)
+        log.info("serving %d experts: %d wrapped layers, %d slots of rank %d", len(experts), len(wrapped), n_slots,
+                 max_rank)
+        return cls(model, tokenizer, config, lora, cache)
+
+    @staticmethod
+    def _eos_ids(model, tokenizer) -> set[int]:
+        ids = set()
+        for source in (getattr(model, "generation_config", None), model.config, tokenizer):
+            value = getattr(source, "eos_token_id", None)
+            ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+        return ids
+
+    # -- submitting ---------------------------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        """Token ids of a prompt (with the tokenizer's special tokens, e.g. BOS)."""
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def submit(self, prompt_ids: list[int], expert: str | None = None, params: SamplingParams | None = None,
+               sink: Sink | None = None) -> Request:
+        """Queue a generation for `expert` (None: the base model). Raises a ServingError if it cannot be taken."""
+        if not self._accepting:
+            raise Overloaded("the server is shutting down")
+        if expert is not None and (self.cache is None or not self.cache.is_registered(expert)):
+            raise UnknownModel(f"the model '{expert}' does not exist", param="model")
+        if not prompt_ids:
+            if self.tokenizer.bos_token_id is None:
+                raise InvalidRequest("the prompt is empty", param="prompt")
+            prompt_ids = [self.tokenizer.bos_token_id]
+        params = params or SamplingParams(max_tokens=self.config.default_max_tokens)
+        room = self.max_seq_len - len(prompt_ids)
+        if room < 1 or params.max_tokens > room:
+            raise PromptTooLong(
+                f"this server's maximum context length is {self.max_seq_len} tokens; the request has "
+                f"{len(prompt_ids)} prompt tokens and asks for {params.max_tokens} more", param="max_tokens")
+        deadline = None if self.config.request_timeout_s is None else time.monotonic() + self.config.request_timeout_s
+        request = Request(list(prompt_ids), expert, params, sink or (lambda event: None),
+                          TextStream(self.tokenizer, params.stop), deadline, self._wake)
+        with self._lock:
+            if self._queued >= self.config.max_waiting:
+                raise QueueFull(f"{self._queued} requests are already waiting; retry later")
+            self._queued += 1
+            self._inbox.append(request)
+        if expert is not None:
+            self.cache.prefetch(expert)  # disk -> CPU while it queues
+        self._wake()
+        return request
+
+    def room_for(self, prompt_tokens: int) -> int:
+        """Tokens a request with this prompt may still generate."""
+        return self.max_seq_len - prompt_tokens
+
+    @property
+    def queue_depth(self) -> int:
+        with self._lock:
+            return self._queued
+
+    # -- the scheduler step -----------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Run one scheduler step; False when there was nothing to run."""
+        self._take_inbox()
+        self._drop_dead()
+        self._admit()
+        if not self.running:
+            return False
+        start = time.perf_counter()
+        try:
+            self._forward_and_sample()
+        except Exception as error:  # a bug or out-of-memory: fail this batch, keep serving
+            log.exception("forward failed; failing %d running requests", len(self.running))
+            for row in reversed(range(len(self.running))):
+                self._retire(row, failure=ServingError(f"internal error during generation: {error}"))
+        self.stats.latency["step"].observe(time.perf_counter() - start)
+        return True
+
+    def _forward_and_sample(self) -> None:
+        # Legend: n running rows, T tokens this step (longest prefill chunk, 1 when all decode), V vocab, D hidden.
+        rows = self.running
+        inputs = [r.next_input(self.config.prefill_chunk) for r in rows]
+        counts = [len(x) for x in inputs]
+        ids = torch.full((len(rows), max(counts)), self.pad_id, dtype=torch.long)  # [n, T], right-padded
+        for row, tokens in enumerate(inputs):
+            ids[row, : len(tokens)] = torch.tensor(tokens)
+        device = self.kv.keys[0].device
+        position_ids, mask = self.kv.plan(counts)
+        with torch.inference_mode(), self._select([r.slot for r in rows]):
+            hidden = self.decoder(input_ids=ids.to(device), attention_mask=mask, position_ids=position_ids,
+                                  use_cache=True, **{self._cache_kwarg: self.kv}).last_hidden_state  # [n, T, D]
+            last = hidden[torch.arange(len(rows), device=device), torch.tensor(counts, device=device) - 1]  # [n, D]
+            logits = self.lm_head(last).float()  # [n, V]: the head runs on one position per row only
+        self.kv.commit()
+        for request, count in zip(rows, counts, strict=True):
+            if request.prefilled < len(request.prompt_ids):
+                request.prefilled += count
+        ready = [row for row, r in enumerate(rows) if r.prefilled >= len(r.prompt_ids)]  # rows that sample now
+        if not ready:
+            return
+        tokens = sample_tokens(logits[ready], [rows[row].params for row in ready],
+                               [rows[row].generator for row in ready])
+        finished: list[tuple[int, str]] = []
+        for row, token in zip(ready, tokens, strict=True):
+            reason = self._accept_token(rows[row], token)
+            if reason is not None:
+                finished.append((row, reason))
+        for row, reason in sorted(finished, reverse=True):  # from the back, so row moves stay valid
+            self._retire(row, reason=reason)
+
+    def _accept_token(self, request: Request, token: int) -> str | None:
+        """Record one sampled token and stream its text; returns a finish reason or None."""
+        now = time.monotonic()
+        if request.first_token_at is None:
+            request.first_token_at = now
+            self.stats.latency["ttft"].observe(now - request.created)
+        request.generated.append(token)
+        self.stats.tokens.add("generated")
+        if token in self.eos_ids and not request.params.ignore_eos:
+            return "stop"
+        text = request.stream.add(token)
+        if text:
+            self._emit(request, Delta(text, [token]))
+        if request.stream.stopped:
+            return "stop"
+        if len(request.generated) >= request.params.max_tokens:
+            return "length"
+        return None
+
+    @contextlib.contextmanager
+    def _select(self, slots: list[int]) -> Iterator[None]:
+        if self.lora is None:
+            yield
+            return
+        with self.lora.select(slots):
+            yield
+
+    # -- admission and retirement -----------------------------------------------------------------------------------
+    def _take_inbox(self) -> None:
+        with self._lock:
+            while self._inbox:
+                self.waiting.append(self._inbox.popleft())
+            removed = set(self._removed)
+            self._removed.clear()
+        if removed:
+            for request in [r for r in self.waiting if r.expert in removed]:
+                self._fail_waiting(request, ExpertRemoved(
+                    f"expert '{request.expert}' was removed from this server while the request waited"))
+
+    def _drop_dead(self) -> None:
+        now = time.monotonic()
+        for request in list(self.waiting):
+            if request.cancelled:
+                self._fail_waiting(request, Cancelled("the client cancelled the request"))
+            elif request.deadline is not None and now > request.deadline:
+                self._fail_waiting(request, RequestTimeout("the request timed out while waiting for capacity"))
+        for row in reversed(range(len(self.running))):
+            request = self.running[row]
+            if request.cancelled:
+                self._retire(row, failure=Cancelled("the client cancelled the request"))
+            elif request.deadline is not None and now > request.deadline:
+                self._retire(row, failure=RequestTimeout(
+                    f"the request did not finish within {self.config.request_timeout_s:g} s"))
+
+    def _admit(self) -> None:
+        for request in list(self.waiting):
+            if len(self.running) >= self.config.max_batch:
+                return
+            if request.expert is not None:
+                if not self.cache.is_resident(request.expert) and self.running:
+                    # Its adapter is still coming from disk: let the running rows decode meanwhile.
+                    future = self.cache.prefetch(request.expert)
+                    if future is not None and not future.done():
+                        continue
+                try:
+                    request.slot = self.cache.acquire(request.expert)
+                except ServingError as error:
+                    self._fail_waiting(request, error)
+                    continue
+            self.waiting.remove(request)
+            with self._lock:
+                self._queued -= 1
+            self.kv.reset_row(len(self.running))
+            self.running.append(request)
+            self.stats.tokens.add("prompt", len(request.prompt_ids))
+
+    def _fail_waiting(self, request: Request, error: ServingError) -> None:
+        self.waiting.remove(request)
+        with self._lock:
+            self._queued -= 1
+        self._finish(request, failure=error)
+
+    def _retire(self, row: int, reason: str | None = None, failure: ServingError | None = None) -> None:
+        """Take running row `row` out (the last row moves into its place) and tell its client."""
+        request = self.running[row]
+        last = len(self.running) - 1
+        if row != last:
+            self.kv.move_row(last, row)
+            self.running[row] = self.running[last]
+        self.running.pop()
+        if request.slot >= 0:
+            self.cache.release(request.slot)
+            request.slot = -1
+        if failure is None:
+            tail = request.stream.finish()
+            if tail:
+                self._emit(request, Delta(tail, []))
+        self._finish(request, reason=reason, failure=failure)
+
+    def _finish(self, request: Request, reason: str | None = None, failure: ServingError | None = None) -> None:
+        if failure is not None:
+            outcome = {Cancelled: "cancelled", RequestTimeout: "timeout"}.get(type(failure), "error")
+            self.stats.requests.add(outcome)
+            self._emit(request, Failed(failure))
+            return
+        self.stats.requests.add(reason)
+        self.stats.latency["request"].observe(time.monotonic() - request.created)
+        self._emit(request, Finished(reason, len(request.prompt_ids), len(request.generated)))
+
+    def _emit(self, request: Request, event: Event) -> None:
+        try:
+            request.sink(event)
+        except Exception:  # a broken consumer only loses its own request
+            log.exception("sink of %s failed; cancelling it", request.id)
+            request.cancelled = True
+
+    def _on_removed(self, expert: str) -> None:
+        with self._lock:
+            self._removed.append(expert)
+        self._wake()
+
+    def _wake(self) -> None:
+        self._wake_event.set()
+
+    # -- running ----------------------------------------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Run the scheduler on a background thread."""
+        if self._thread is None:
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="upcycle-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop:
+            if not self.step():
+                self._wake_event.wait(0.05)
+                self._wake_event.clear()
+
+    def run_until_idle(self, max_steps: int = 100_000) -> int:
+        """Step on the calling thread until nothing waits or runs (tests and benchmarks); returns the step count."""
+        for steps in range(max_steps):
+            if not self.step() and not self._inbox and not self.waiting:
+                return steps
+        raise RuntimeError("engine did not become idle")
+
+    @property
+    def idle(self) -> bool:
+        return not self.running and self.queue_depth == 0
+
+    def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
+        """Stop accepting requests, let queued and running ones finish (up to `timeout` s), then stop the thread."""
+        self._accepting = False
+        deadline = time.monotonic() + timeout
+        while drain and self._thread is not None and not self.idle and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._stop = True
+        self._wake()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+        self._take_inbox()
+        for request in list(self.waiting):
+            self._fail_waiting(request, Overloaded("the server shut down before the request ran"))
+        for row in reversed(range(len(self.running))):
+            self._retire(row, failure=Overloaded("the server shut down during generation"))
+
+    def close(self) -> None:
+        """Stop (without draining) and release the cache's threads."""
+        self.stop(drain=False)
+        if self.cache is not None:
+            self.cache.close()
+
+    # -- convenience ------------------------------------------------------------------------------------------------
+    def generate(self, prompt: str | list[int], expert: str | None = None, params: SamplingParams | None = None,
+                 timeout: float | None = 120.0) -> Completion:
+        """Blocking single generation (the engine thread must be running). Raises the request's ServingError."""
+        events: queue.Queue[Event] = queue.Queue()
+        ids = self.encode(prompt) if isinstance(prompt, str) else prompt
+        request = self.submit(ids, expert, params, events.put)
+        text = []
+        while True:
+            event = events.get(timeout=timeout)
+            if isinstance(event, Delta):
+                text.append(event.text)
+            elif isinstance(event, Failed):
+                raise event.error
+            else:
+                return Completion("".join(text), request.generated, event.reason, event.prompt_tokens, expert)
+
+
+def _compatibility_check(lora: MultiLoRA) -> Callable[[str, AdapterWeights], None]:
+    """A cache check refusing adapters the wrapped model cannot hold (unwrapped layer, rank, shapes)."""
+
+    def check(expert: str, weights: AdapterWeights) -> None:
+        for name, (a, b, _) in weights.modules.items():
+            layer = lora.layers.get(name)
+            if layer is None:
+                raise AdapterError(f"it targets {name}, which this server did not wrap (restart with a "
+                                   f"target_modules that includes it)")
+            if a.shape[0] > lora.max_rank:
+                raise AdapterError(f"its rank {a.shape[0]} exceeds the server's max_rank {lora.max_rank}")
+            if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
+                raise AdapterError(f"{name}: shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a "
+                                   f"{layer.in_features}->{layer.out_features} layer (another base model?)")
+
+    return check
