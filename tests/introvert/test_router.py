@@ -39,7 +39,7 @@ def _assert_same_choice(ids: np.ndarray, expected: np.ndarray, table: np.ndarray
 
 
 @GRID
-@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 20), k=st.integers(1, 40), dim=st.integers(1, 12),
+@given(seed=st.integers(0, 2**32 - 1), n=st.integers(1, 40), k=st.integers(1, 40), dim=st.integers(1, 12),
        metric=st.sampled_from(["cosine", "l2"]))
 def test_route_matches_the_loop_reference(seed, n, k, dim, metric):
     queries, centroids = _data(seed, n, k, dim)
@@ -74,6 +74,19 @@ def test_mixture_matches_the_loop_reference(seed, n, k, dim, metric, data):
     assert np.all(np.diff(weights, axis=1) <= 1e-6), "nearest first means weights never increase"
     if np.array_equal(ids, expected_ids):
         np.testing.assert_allclose(weights, expected_weights, atol=2e-4)
+
+
+def test_small_batches_search_single_threaded_and_leave_the_thread_count_alone():
+    import faiss
+
+    queries, centroids = _data(6, 45, 300, 16)
+    router = CentroidRouter(centroids, "cosine")
+    before = faiss.omp_get_max_threads()
+    batched = router.route(queries)[0]  # BLAS path, default threads
+    assert faiss.omp_get_max_threads() == before
+    one_by_one = np.concatenate([router.route(q[None])[0] for q in queries])  # single-threaded path
+    assert faiss.omp_get_max_threads() == before
+    assert np.array_equal(batched, one_by_one)
 
 
 def test_single_expert_takes_everything():

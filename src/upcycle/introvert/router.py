@@ -11,12 +11,19 @@ Shapes: N queries, K centroids (experts), D embedding width, k experts chosen pe
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from upcycle.errors import UserError
 from upcycle.introvert.clustering import Clusters, as_points, check_metric
+
+# Below this many queries FAISS searches without BLAS, one query per OpenMP thread: extra threads get no work but
+# still join the barrier, and when the cores are busy (training next door) waiting for them costs milliseconds.
+# Measured here at K=10,000, D=384, batch 1: 31 ms p50 with 2 threads, 0.23 ms with 1.
+_SINGLE_THREAD_BELOW = 20
 
 
 class CentroidRouter:
@@ -68,9 +75,27 @@ class CentroidRouter:
         if queries.shape[1] != self.dim:
             raise UserError(f"embeddings are {queries.shape[1]} wide but the router's centroids are {self.dim} wide; "
                             "embed with the embedder the clusters were fitted with")
-        scores, ids = self.index.search(queries, k)  # [N, k]: inner products (cosine) or squared distances (l2)
+        with _faiss_threads(1 if len(queries) < _SINGLE_THREAD_BELOW else None):
+            scores, ids = self.index.search(queries, k)  # [N, k]: inner products (cosine) or squared distances (l2)
         distances = np.maximum(2.0 - 2.0 * scores, 0.0) if self.metric == "cosine" else scores
         return ids.astype(np.int64), distances.astype(np.float32)
+
+
+@contextlib.contextmanager
+def _faiss_threads(threads: int | None) -> Iterator[None]:
+    """Run FAISS with `threads` OpenMP threads inside the block (None: unchanged). OpenMP's thread count is a
+    per-calling-thread setting, so other Python threads searching or clustering at the same time are unaffected."""
+    if threads is None:
+        yield
+        return
+    import faiss
+
+    previous = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(previous)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
