@@ -45,6 +45,40 @@ class KeywordRouter:
         return out
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def stub_router() -> KeywordRouter:
     return KeywordRouter()
+
+
+class LiveServer:
+    """A uvicorn server for `app` on 127.0.0.1 at a free port, running in a thread."""
+
+    def __init__(self, app, drain_timeout_s: float = 10.0) -> None:
+        import socket
+        import threading
+        import time
+
+        from upcycle.serving.server import make_server
+
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.server = make_server(app, "127.0.0.1", port, drain_timeout_s=drain_timeout_s, log_level="warning")
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("test server did not start")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        self.server.begin_shutdown()
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def live_server() -> type[LiveServer]:
+    """The LiveServer class (a fixture, so test modules need not import conftest)."""
+    return LiveServer

@@ -72,3 +72,15 @@ class Cancelled(ServingError):
     """The client went away; nobody reads this error, it only ends the request."""
 
     status, type, code = 499, "cancelled", "client_disconnected"
+
+
+class Unauthorized(ServingError):
+    """Missing or wrong API key."""
+
+    status, type, code = 401, "invalid_request_error", "invalid_api_key"
+
+
+class NotFound(ServingError):
+    """No such route or resource."""
+
+    status, type, code = 404, "invalid_request_error", "not_found"

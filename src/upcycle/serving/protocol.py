@@ -1,0 +1,119 @@
+"""The OpenAI wire format: request bodies (validated with pydantic) and the JSON the server answers.
+
+Unknown fields are accepted and ignored, as most OpenAI-compatible servers do; fields we cannot honour (n > 1,
+logprobs, echo, best_of, suffix, tools) are refused with a 400 rather than silently ignored.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from upcycle.serving.errors import InvalidRequest, ServingError
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    seed: int | None = None
+    n: int = 1
+    user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks, load tests)
+
+    def stop_list(self) -> list[str]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > 4 or any(not s for s in stops):
+            raise InvalidRequest("stop takes up to 4 non-empty strings", param="stop")
+        return stops
+
+    def refuse_unsupported(self, *names: str) -> None:
+        """400 for n > 1 and for any of `names` (extra fields) set to something we would have to ignore."""
+        if self.n != 1:
+            raise InvalidRequest("only n=1 is supported", param="n")
+        extra = self.model_extra or {}
+        for name in names:
+            value = extra.get(name)
+            if value in (None, False, 0, "", [], {}) or (name == "best_of" and value == 1):
+                continue
+            raise InvalidRequest(f"'{name}' is not supported by this server", param=name)
+
+
+class CompletionRequest(_Sampling):
+    """POST /v1/completions."""
+
+    prompt: str | list[str] | list[int] | list[list[int]]
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts as a list of texts or token-id lists."""
+        p = self.prompt
+        if isinstance(p, str):
+            return [p]
+        if p and all(isinstance(x, int) for x in p):
+            return [list(p)]  # one prompt given as token ids
+        if not p:
+            raise InvalidRequest("prompt must not be empty", param="prompt")
+        return list(p)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "user", "assistant", "developer", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+    def text(self) -> str:
+        """The message's text (text parts of a multi-part content joined)."""
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text":
+                raise InvalidRequest(f"content parts of type {part.get('type')!r} are not supported",
+                                     param="messages")
+            parts.append(str(part.get("text", "")))
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Sampling):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+# -- answers --------------------------------------------------------------------------------------------------------
+def error_body(error: ServingError) -> dict[str, Any]:
+    """OpenAI's error object."""
+    return {"error": {"message": error.message, "type": error.type, "param": error.param, "code": error.code}}
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def model_card(model_id: str, kind: str) -> dict[str, Any]:
+    """An entry of GET /v1/models; `kind` (base, auto, expert) is our extra field."""
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "upcycle", "kind": kind}
+
+
+def now() -> int:
+    return int(time.time())

@@ -1,0 +1,483 @@
+"""OpenAI-compatible HTTP server over the batching engine (FastAPI + uvicorn).
+
+Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (SSE when `stream`), GET /health, /ready,
+/metrics (Prometheus), and /admin/experts (list, add, remove at runtime).
+
+`model` picks the adapter: "base" uses none, "auto" asks the `SequenceRouter` (whole request text, one expert),
+an expert id forces that expert. Every answer names the expert that produced it: header `x-upcycle-expert` and the
+body field `expert` ("base" when none).
+
+Chat prompts use the tokenizer's chat template when it has one; otherwise this documented fallback:
+    "{role}: {content}\n" per message, then "assistant:", and generation also stops at "\nuser:".
+
+Errors are OpenAI error objects with the status of `upcycle.serving.errors` (400 malformed / too long, 401 key,
+404 unknown model, 410 expert removed, 429 queue full, 500 corrupt adapter, 503 shutting down, 504 timeout).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from upcycle.serving.adapters import read_spec
+from upcycle.serving.engine import Delta, Engine, Event, Failed, Finished
+from upcycle.serving.errors import (
+    AdapterError,
+    Cancelled,
+    InvalidRequest,
+    NotFound,
+    Overloaded,
+    PromptTooLong,
+    RequestTimeout,
+    ServingError,
+    Unauthorized,
+    UnknownModel,
+)
+from upcycle.serving.metrics import make_registry
+from upcycle.serving.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    error_body,
+    model_card,
+    now,
+    usage,
+)
+from upcycle.serving.router import SequenceRouter
+from upcycle.serving.sampling import SamplingParams
+from upcycle.serving.watch import ExpertDirectoryWatcher
+
+log = logging.getLogger(__name__)
+
+BASE, AUTO = "base", "auto"
+EXPERT_HEADER = "x-upcycle-expert"
+FALLBACK_CHAT_STOP = "\nuser:"
+_ADMIN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+@dataclass
+class ServerConfig:
+    """HTTP-side limits and switches (the engine has its own: batch, queue, context)."""
+
+    api_key: str | None = None
+    """Bearer key required on /v1 and /admin routes; None disables auth (allowed only on localhost)."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt accepted (tokens); None: the engine's context minus one."""
+    max_tokens_limit: int = 4096
+    """Largest max_tokens a request may ask for."""
+    request_timeout_s: float = 300.0
+    """A request unfinished after this long is cancelled and answered 504."""
+    enable_admin: bool = True
+    """Serve /admin/experts (add / remove experts at runtime)."""
+    watch_dir: str | None = None
+    """Directory of expert dirs to keep in sync with (new ones registered, removed ones unregistered)."""
+    watch_interval_s: float = 2.0
+    """How often `watch_dir` is scanned."""
+    drain_timeout_s: float = 30.0
+    """On shutdown, how long running requests may take to finish."""
+
+
+class AddExpert(BaseModel):
+    id: str
+    path: str
+
+
+class _Client:
+    """The asyncio side of one engine request: the sink pushes events into a queue from the engine thread."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[Event] = asyncio.Queue()
+        self.request = None
+        self.done = False
+
+    def sink(self, event: Event) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+    async def next(self, http: Request, deadline: float) -> Event:
+        """The next event; raises RequestTimeout past `deadline` and Cancelled if the client disconnected."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RequestTimeout("the request did not finish in time")
+            try:
+                event = await asyncio.wait_for(self.queue.get(), timeout=min(1.0, remaining))
+            except asyncio.TimeoutError:
+                if await http.is_disconnected():
+                    raise Cancelled("client disconnected") from None
+                continue
+            if isinstance(event, Failed | Finished):
+                self.done = True
+            return event
+
+    def cancel(self) -> None:
+        if self.request is not None and not self.done:
+            self.request.cancel()
+
+
+class _HttpMetrics:
+    """Pure ASGI middleware counting responses by route and status (works for streaming responses too)."""
+
+    ROUTES = ("/v1/completions", "/v1/chat/completions", "/v1/models", "/admin/experts", "/health", "/ready",
+              "/metrics")
+
+    def __init__(self, app, counter) -> None:
+        self.app, self.counter = app, counter
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = next((r for r in self.ROUTES if scope["path"].startswith(r)), "other")
+
+        async def counting_send(message) -> None:
+            if message["type"] == "http.response.start":
+                self.counter.labels(route, str(message["status"])).inc()
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
+def _error_response(error: ServingError) -> JSONResponse:
+    headers = {"Retry-After": "1"} if error.status == 429 else None
+    return JSONResponse(error_body(error), status_code=error.status, headers=headers)
+
+
+def create_app(engine: Engine, config: ServerConfig | None = None, router: SequenceRouter | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`; its lifespan starts and drains the engine (and the directory watcher)."""
+    config = config or ServerConfig()
+    registry, http_counter = make_registry(engine)
+    watcher = ExpertDirectoryWatcher(config.watch_dir, engine.cache, config.watch_interval_s) \
+        if config.watch_dir and engine.cache is not None else None
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.draining = False
+        engine.start()
+        if watcher is not None:
+            watcher.start()
+        yield
+        app.state.draining = True
+        if watcher is not None:
+            watcher.stop()
+        await asyncio.to_thread(engine.stop, True, config.drain_timeout_s)
+
+    app = FastAPI(title="upcycle introvert experts", lifespan=lifespan)
+    app.state.draining = False
+    app.state.engine = engine
+    app.add_middleware(_HttpMetrics, counter=http_counter)
+
+    # -- errors -----------------------------------------------------------------------------------------------------
+    @app.exception_handler(ServingError)
+    async def _serving_error(_: Request, error: ServingError) -> JSONResponse:
+        return _error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error_response(InvalidRequest(f"the body is not valid JSON: {first.get('ctx', {}).get('error')}"))
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return _error_response(InvalidRequest(f"{where or 'body'}: {first.get('msg', 'invalid')}",
+                                              param=where or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            return _error_response(NotFound("no such route"))
+        body = ServingError(str(error.detail))
+        body.status, body.type = error.status_code, "invalid_request_error"
+        return _error_response(body)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error_response(ServingError(f"internal error: {type(error).__name__}"))
+
+    # -- auth -------------------------------------------------------------------------------------------------------
+    def require_key(http: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, token = http.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            raise Unauthorized("missing or incorrect API key (send 'Authorization: Bearer <key>')")
+
+    # -- health -----------------------------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if app.state.draining or not engine.is_running:
+            return JSONResponse({"status": "draining" if app.state.draining else "starting"}, status_code=503)
+        return JSONResponse({"status": "ready", "queue_depth": engine.queue_depth, "running": len(engine.running)})
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- models -----------------------------------------------------------------------------------------------------
+    def experts() -> list[str]:
+        return engine.cache.experts() if engine.cache is not None else []
+
+    @app.get("/v1/models", dependencies=[Depends(require_key)])
+    async def list_models() -> dict[str, Any]:
+        cards = [model_card(BASE, "base")] + ([model_card(AUTO, "auto")] if router is not None else [])
+        return {"object": "list", "data": cards + [model_card(e, "expert") for e in experts()]}
+
+    @app.get("/v1/models/{model_id}", dependencies=[Depends(require_key)])
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id == BASE or (model_id == AUTO and router is not None):
+            return model_card(model_id, model_id)
+        if engine.cache is not None and engine.cache.is_registered(model_id):
+            return model_card(model_id, "expert")
+        raise UnknownModel(f"the model '{model_id}' does not exist", param="model")
+
+    async def resolve(model: str, text: str) -> str | None:
+        """The expert answering `model` for this text (None: base)."""
+        if model == BASE:
+            return None
+        if model == AUTO:
+            if router is None:
+                raise UnknownModel("model 'auto' needs a router and this server was started without one",
+                                   param="model")
+            [expert] = await asyncio.to_thread(router.route, [text])
+            if engine.cache is None or not engine.cache.is_registered(expert):
+                raise ServingError(f"the router chose '{expert}', which this server does not serve")
+            return expert
+        if engine.cache is not None and engine.cache.is_registered(model):
+            return model
+        raise UnknownModel(f"the model '{model}' does not exist", param="model")
+
+    # -- generation -------------------------------------------------------------------------------------------------
+    def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, prompt_len: int,
+                 extra_stop: list[str]) -> SamplingParams:
+        limit = config.max_prompt_tokens or engine.max_seq_len - 1
+        if prompt_len > limit:
+            raise PromptTooLong(f"the prompt has {prompt_len} tokens; this server accepts at most {limit}",
+                                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt")
+        if max_tokens is not None and max_tokens > config.max_tokens_limit:
+            raise InvalidRequest(f"max_tokens may be at most {config.max_tokens_limit}", param="max_tokens")
+        if max_tokens is None:
+            max_tokens = max(1, min(engine.config.default_max_tokens, engine.room_for(prompt_len)))
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
+                              stop=body.stop_list() + extra_stop, seed=body.seed, ignore_eos=body.ignore_eos)
+
+    async def run(http: Request, body, prompts: list[list[int]], route_text: str, extra_stop: list[str],
+                  chat: bool):
+        if app.state.draining:
+            raise Overloaded("the server is shutting down")
+        expert = await resolve(body.model, route_text)
+        max_tokens = body.token_limit() if chat else body.max_tokens
+        params = [sampling(body, max_tokens, len(p), extra_stop) for p in prompts]
+        loop = asyncio.get_running_loop()
+        deadline = time.monotonic() + config.request_timeout_s
+        clients = []
+        try:
+            for ids, p in zip(prompts, params, strict=True):
+                client = _Client(loop)
+                client.request = engine.submit(ids, expert, p, client.sink)
+                clients.append(client)
+            headers = {EXPERT_HEADER: expert or BASE}
+            meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": now(),
+                    "model": body.model, "expert": expert or BASE}
+            if body.stream:
+                first = await clients[0].next(http, deadline)  # errors before any byte still get a status code
+                if isinstance(first, Failed):
+                    raise first.error
+                include_usage = bool(body.stream_options and body.stream_options.include_usage)
+                stream = _sse(http, clients[0], first, deadline, meta, chat, include_usage)
+                clients = []  # the stream owns the request now
+                return _EventStream(stream, media_type="text/event-stream",
+                                         headers={**headers, "Cache-Control": "no-cache"})
+            results = [await _collect(http, c, deadline) for c in clients]
+            return JSONResponse(_full_response(meta, results, chat), headers=headers)
+        finally:
+            for client in clients:
+                client.cancel()
+
+    @app.post("/v1/completions", dependencies=[Depends(require_key)])
+    async def completions(http: Request, body: CompletionRequest):
+        body.refuse_unsupported("logprobs", "echo", "best_of", "suffix", "logit_bias")
+        prompts = body.prompts()
+        if body.stream and len(prompts) != 1:
+            raise InvalidRequest("streaming takes a single prompt", param="prompt")
+        ids = [engine.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
+        return await run(http, body, ids, "\n".join(texts), [], chat=False)
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
+    async def chat_completions(http: Request, body: ChatCompletionRequest):
+        body.refuse_unsupported("logprobs", "top_logprobs", "tools", "tool_choice", "logit_bias", "functions")
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        prompt, extra_stop, templated = _render_chat(engine.tokenizer, messages)
+        # a chat template writes its own BOS and role markers; the fallback text gets the usual special tokens
+        ids = engine.tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+        route_text = "\n".join(m["content"] for m in messages)  # the words, not the template's scaffolding
+        return await run(http, body, [ids], route_text, extra_stop, chat=True)
+
+    # -- admin ------------------------------------------------------------------------------------------------------
+    if config.enable_admin:
+        @app.get("/admin/experts", dependencies=[Depends(require_key)])
+        async def admin_list() -> dict[str, Any]:
+            cache = engine.cache
+            if cache is None:
+                return {"experts": [], "cache": {}}
+            return {"experts": [{"id": e, "tier": cache.tier_of(e)} for e in cache.experts()],
+                    "cache": cache.snapshot()}
+
+        @app.post("/admin/experts", status_code=201, dependencies=[Depends(require_key)])
+        async def admin_add(body: AddExpert) -> dict[str, Any]:
+            if engine.cache is None:
+                raise InvalidRequest("this server has no adapter cache")
+            if not _ADMIN_ID.match(body.id) or body.id in (BASE, AUTO):
+                raise InvalidRequest(f"'{body.id}' is not a valid expert id", param="id")
+            try:
+                read_spec(body.path)
+            except AdapterError as error:
+                raise InvalidRequest(error.message, param="path") from None
+            changed = engine.cache.register(body.id, body.path)
+            return {"id": body.id, "path": body.path, "changed": changed}
+
+        @app.delete("/admin/experts/{expert}", dependencies=[Depends(require_key)])
+        async def admin_remove(expert: str) -> dict[str, Any]:
+            if engine.cache is None or not engine.cache.unregister(expert):
+                raise UnknownModel(f"the model '{expert}' does not exist", param="model")
+            return {"id": expert, "removed": True}
+
+    return app
+
+
+def _render_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[str], bool]:
+    """(prompt text, extra stop strings, templated): the tokenizer's chat template, or the documented fallback."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), [], True
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return text, [FALLBACK_CHAT_STOP], False
+
+
+async def _collect(http: Request, client: _Client, deadline: float) -> tuple[str, str, int, int]:
+    """(text, finish reason, prompt tokens, completion tokens) of a non-streaming request."""
+    parts = []
+    while True:
+        event = await client.next(http, deadline)
+        if isinstance(event, Delta):
+            parts.append(event.text)
+        elif isinstance(event, Failed):
+            raise event.error
+        else:
+            return "".join(parts), event.reason, event.prompt_tokens, event.completion_tokens
+
+
+def _full_response(meta: dict[str, Any], results: list[tuple[str, str, int, int]], chat: bool) -> dict[str, Any]:
+    prompt_tokens = sum(r[2] for r in results)
+    completion_tokens = sum(r[3] for r in results)
+    if chat:
+        text, reason = results[0][0], results[0][1]
+        choices = [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                    "logprobs": None}]
+        return {**meta, "object": "chat.completion", "choices": choices,
+                "usage": usage(prompt_tokens, completion_tokens)}
+    choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+               for i, (text, reason, _, _) in enumerate(results)]
+    return {**meta, "object": "text_completion", "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def _chunk(meta: dict[str, Any], chat: bool, text: str | None, reason: str | None, first: bool = False) -> str:
+    if chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+        if text:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+        body = {**meta, "object": "chat.completion.chunk", "choices": [choice]}
+    else:
+        body = {**meta, "object": "text_completion",
+                "choices": [{"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}]}
+    return f"data: {json.dumps(body)}\n\n"
+
+
+async def _sse(http: Request, client: _Client, first: Event, deadline: float, meta: dict[str, Any], chat: bool,
+               include_usage: bool) -> AsyncIterator[str]:
+    """Server-sent events; a disconnecting client cancels the generator, and `finally` frees its batch row."""
+    try:
+        if chat:
+            yield _chunk(meta, chat, None, None, first=True)
+        event = first
+        while True:
+            if isinstance(event, Delta):
+                if event.text:
+                    yield _chunk(meta, chat, event.text, None)
+            elif isinstance(event, Failed):
+                yield f"data: {json.dumps(error_body(event.error))}\n\n"
+                return
+            else:
+                yield _chunk(meta, chat, None, event.reason)
+                if include_usage:
+                    body = {**meta, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
+                            "usage": usage(event.prompt_tokens, event.completion_tokens)}
+                    yield f"data: {json.dumps(body)}\n\n"
+                yield "data: [DONE]\n\n"
+                return
+            try:
+                event = await client.next(http, deadline)
+            except ServingError as error:
+                yield f"data: {json.dumps(error_body(error))}\n\n"
+                return
+    finally:
+        client.cancel()
+
+
+class _EventStream(StreamingResponse):
+    """A StreamingResponse that always closes its generator, so a vanished client's request is cancelled now.
+
+    (With ASGI spec >= 2.4 Starlette just lets the failed send propagate and leaves the generator to the GC.)
+    """
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.body_iterator.aclose()
+
+
+class UpcycleServer(uvicorn.Server):
+    """uvicorn.Server that turns /ready to 503 as soon as shutdown begins (before connections drain)."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self._app = app
+
+    def handle_exit(self, sig, frame) -> None:
+        self._app.state.draining = True
+        super().handle_exit(sig, frame)
+
+    def begin_shutdown(self) -> None:
+        """What SIGTERM does, callable from another thread (tests, embedding)."""
+        self._app.state.draining = True
+        self.should_exit = True
+
+
+def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, drain_timeout_s: float = 30.0,
+                log_level: str = "info") -> UpcycleServer:
+    """A uvicorn server for `app` that drains in-flight requests for up to `drain_timeout_s` on shutdown."""
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=int(drain_timeout_s), lifespan="on")
+    return UpcycleServer(config, app)
