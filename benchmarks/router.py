@@ -88,7 +88,7 @@ def embedding_throughput(docs: int) -> dict:
 
     minilm = make_embedder("minilm")
     start = time.perf_counter()
-    _ = minilm.dim  # loads the model
+    _ = minilm.width  # loads the model
     load = time.perf_counter() - start
     start = time.perf_counter()
     minilm.encode(texts)
@@ -107,7 +107,7 @@ def embedding_throughput(docs: int) -> dict:
     tfidf.encode(texts)
     encode = time.perf_counter() - start
     result["tfidf"] = {"fit_s": round(fit, 2), "encode_s": round(encode, 3),
-                       "docs_per_s": round(len(texts) / encode, 1), "dim": tfidf.dim}
+                       "docs_per_s": round(len(texts) / encode, 1), "dim": tfidf.width}
     return result
 
 

@@ -34,8 +34,8 @@ def _assert_unit_rows(x: np.ndarray, n: int, dim: int) -> None:
 def test_factory_rejects_unknown_kinds_options_and_values():
     with pytest.raises(UserError, match="unknown embedder 'bert'; choose one of: minilm, tfidf, hidden"):
         make_embedder("bert")
-    with pytest.raises(UserError, match="embedder 'tfidf' has no option width; its options: dim, max_features, seed"):
-        make_embedder("tfidf", width=3)
+    with pytest.raises(UserError, match="embedder 'tfidf' has no option size; its options: dim, max_features, seed"):
+        make_embedder("tfidf", size=3)
     with pytest.raises(UserError, match="max_seq_length must be a positive integer"):
         make_embedder("minilm", max_seq_length=0)
     assert isinstance(make_embedder(), MiniLMEmbedder)
@@ -68,10 +68,17 @@ def test_tfidf_groups_same_topic_files_and_round_trips(tmp_path):
 def test_tfidf_bad_input():
     with pytest.raises(RuntimeError, match="not fitted"):
         make_embedder("tfidf").encode(["text"])
-    with pytest.raises(UserError, match="3 distinct terms, too few for dim=128"):
-        make_embedder("tfidf").fit(["alpha beta", "gamma alpha"])
     with pytest.raises(UserError, match="no words"):
         make_embedder("tfidf", dim=2).fit(["", "!"])
+
+
+def test_tfidf_width_is_capped_by_texts_and_terms(caplog):
+    """An SVD of N texts has at most N components: the embedder says so and reports the real width."""
+    texts = ["alpha beta gamma", "gamma delta", "alpha epsilon zeta eta"]
+    embedder = make_embedder("tfidf").fit(texts)
+    assert "give 3 dimensions, not dim=128" in caplog.text
+    assert embedder.width == 3 and embedder.encode(texts).shape == (3, 3) and embedder.encode([]).shape == (0, 3)
+    assert make_embedder("tfidf", dim=2).fit(texts).encode(texts).shape == (3, 2)
 
 
 def test_load_embedder_needs_the_saved_files(tmp_path):

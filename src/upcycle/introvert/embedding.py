@@ -58,7 +58,7 @@ class Embedder(ABC):
 
     @property
     @abstractmethod
-    def dim(self) -> int:
+    def width(self) -> int:
         """Embedding width D."""
 
     def options(self) -> dict[str, Any]:
@@ -104,7 +104,7 @@ class MiniLMEmbedder(Embedder):
         return _sentence_transformer(self.device)
 
     @property
-    def dim(self) -> int:
+    def width(self) -> int:
         model = self.model
         # sentence-transformers 6 renamed get_sentence_embedding_dimension; keep working with the older name too
         width = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
@@ -119,7 +119,7 @@ class MiniLMEmbedder(Embedder):
             return model.encode(batch, batch_size=len(batch), normalize_embeddings=True, convert_to_numpy=True,
                                 show_progress_bar=False)
 
-        return _encode_sorted(heads, embed, self.dim, self.batch_size, progress, "embedding (minilm)")
+        return _encode_sorted(heads, embed, self.width, self.batch_size, progress, "embedding (minilm)")
 
 
 @lru_cache(maxsize=2)
@@ -141,8 +141,8 @@ class TfidfEmbedder(Embedder):
 
     kind: ClassVar[str] = "tfidf"
 
-    dim: int = 128  # type: ignore[assignment]  # the option is the width, so it also serves as the `dim` property
-    """Width of the SVD projection."""
+    dim: int = 128
+    """Width of the SVD projection; fewer when the training texts or their terms are fewer (a warning says so)."""
     max_features: int = 100_000
     """Vocabulary size: the most frequent terms are kept."""
     seed: int = 0
@@ -163,21 +163,26 @@ class TfidfEmbedder(Embedder):
             counts = vectorizer.fit_transform(texts)  # [N, V] sparse
         except ValueError:  # sklearn's "empty vocabulary"
             raise UserError("tfidf embedder: the training texts contain no words; check --data") from None
-        vocabulary = counts.shape[1]
-        if vocabulary <= self.dim:
-            raise UserError(f"tfidf embedder: the training texts have {vocabulary} distinct terms, too few for "
-                            f"dim={self.dim}; use a dim < {vocabulary} or add data")
-        svd = TruncatedSVD(n_components=self.dim, algorithm="randomized", random_state=self.seed)
+        # An SVD of N texts x V terms has at most min(N, V) components; sklearn would silently return fewer anyway.
+        width = min(self.dim, *counts.shape)
+        if width < self.dim:
+            log.warning("tfidf embedder: %d training texts with %d distinct terms give %d dimensions, not dim=%d",
+                        counts.shape[0], counts.shape[1], width, self.dim)
+        svd = TruncatedSVD(n_components=width, algorithm="randomized", random_state=self.seed)
         svd.fit(counts)
         self._vectorizer, self._svd = vectorizer, svd
         return self
+
+    @property
+    def width(self) -> int:
+        return self.dim if self._svd is None else self._svd.components_.shape[0]
 
     def encode(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
         if self._svd is None:
             raise RuntimeError("tfidf embedder is not fitted: call fit(training texts) or load_embedder(dir) first")
         if len(texts) == 0:
-            return np.zeros((0, self.dim), np.float32)
-        projected = self._svd.transform(self._vectorizer.transform(texts))  # [N, V] sparse -> [N, dim]
+            return np.zeros((0, self.width), np.float32)
+        projected = self._svd.transform(self._vectorizer.transform(texts))  # [N, V] sparse -> [N, width]
         return _normalize_rows(projected)
 
     def _save_state(self, directory: Path) -> None:
@@ -224,7 +229,7 @@ class HiddenStateEmbedder(Embedder):
         return self._loaded
 
     @property
-    def dim(self) -> int:
+    def width(self) -> int:
         return self._model_and_tokenizer()[0].config.hidden_size
 
     def encode(self, texts: Sequence[str], *, progress: bool = False) -> np.ndarray:
@@ -244,7 +249,8 @@ class HiddenStateEmbedder(Embedder):
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)  # [B, L, H] -> [B, H]; empty text -> 0
             return pooled.float().cpu().numpy()
 
-        return _normalize_rows(_encode_sorted(heads, embed, self.dim, self.batch_size, progress, "embedding (hidden)"))
+        return _normalize_rows(_encode_sorted(heads, embed, self.width, self.batch_size, progress,
+                                              "embedding (hidden)"))
 
 
 EMBEDDERS: dict[str, type[Embedder]] = {cls.kind: cls for cls in (MiniLMEmbedder, TfidfEmbedder, HiddenStateEmbedder)}
@@ -300,10 +306,10 @@ def _normalize_rows(matrix: np.ndarray) -> np.ndarray:
     return matrix / np.maximum(norms, np.finfo(np.float32).tiny)
 
 
-def _encode_sorted(texts: list[str], embed: Callable[[list[str]], np.ndarray], dim: int, batch_size: int,
+def _encode_sorted(texts: list[str], embed: Callable[[list[str]], np.ndarray], width: int, batch_size: int,
                    progress: bool, description: str) -> np.ndarray:
-    """`embed` over batches of similar length (less padding), rows returned in the input order: [N, dim] float32."""
-    out = np.zeros((len(texts), dim), np.float32)
+    """`embed` over batches of similar length (less padding), rows returned in the input order: [N, width] float32."""
+    out = np.zeros((len(texts), width), np.float32)
     order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # longest first: memory peaks at the start
     with _progress(len(texts), description, progress) as advance:
         for start in range(0, len(order), batch_size):
