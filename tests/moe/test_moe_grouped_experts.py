@@ -54,3 +54,13 @@ def test_grouped_mm_is_used_where_it_can_be_and_falls_back_where_not():
     assert resolve_backend("grouped_mm", x.double(), w_in.double(), w_out.double()) == "loop"
     assert resolve_backend("grouped_mm", torch.zeros(5, 3), torch.zeros(2, 3, 8), torch.zeros(2, 4, 3)) == "loop"
     assert resolve_backend("auto", x, w_in, w_out) == "padded_bmm"
+
+
+@pytest.mark.parametrize("activation", [torch.nn.functional.silu, torch.nn.functional.gelu])
+def test_gated_activation_gradient_matches_autograd(activation):
+    from upcycle.ops.grouped_experts import gated
+
+    hidden = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda h: gated(h, activation), (hidden,))
+    gate, up = hidden.detach().chunk(2, dim=-1)
+    torch.testing.assert_close(gated(hidden, activation), activation(gate) * up)

@@ -46,8 +46,8 @@ class RoutingCollector:
         if not self.records:
             return {}
         out: dict[str, float] = {
-            "moe/balance_loss": float(torch.stack([r.aux.balance for r in self.records]).mean()),
-            "moe/z_loss": float(torch.stack([r.aux.z for r in self.records]).mean()),
+            "moe/balance_loss": float(torch.stack([r.aux.balance.detach() for r in self.records]).mean()),
+            "moe/z_loss": float(torch.stack([r.aux.z.detach() for r in self.records]).mean()),
         }
         stats = [r.stats.to_dict() for r in self.records if r.stats is not None]
         for key in ("dropped_fraction", "unrouted_fraction", "entropy", "utilisation_max", "utilisation_min"):

@@ -25,6 +25,8 @@ class Dispatched:
     """[T, D] combined expert outputs."""
     kept: torch.Tensor
     """[N] bool: which routing assignments were processed (False: dropped for lack of capacity)."""
+    sent: torch.Tensor
+    """[E] long: assignments each expert processed."""
     capacity: int | None
     """Slots per expert (None for dropless)."""
 
@@ -58,6 +60,7 @@ class CapacityDispatcher(nn.Module):
 
         # Position of each assignment in its expert's queue, counted in priority order.
         one_hot = F.one_hot(routing.expert, num_experts)  # [N, E]
+        sent = one_hot.sum(dim=0).clamp(max=capacity)  # [E] the first C of each queue are kept
         position = (one_hot.cumsum(dim=0) * one_hot).sum(dim=-1) - 1  # [N]
         kept = position < capacity  # [N]
         slot = routing.expert[kept] * capacity + position[kept]  # [M] row in the flat buffer
@@ -67,7 +70,7 @@ class CapacityDispatcher(nn.Module):
         y = experts.forward_buffer(buffer.view(num_experts, capacity, -1)).view(num_experts * capacity, -1)  # [E*C, D]
         gate = routing.gate[kept].to(y.dtype)[:, None]  # [M, 1]
         out = x.new_zeros(x.shape).index_add(0, token, y[slot] * gate)  # [T, D]
-        return Dispatched(out=out, kept=kept, capacity=capacity)
+        return Dispatched(out=out, kept=kept, sent=sent, capacity=capacity)
 
 
 class DroplessDispatcher(nn.Module):
@@ -85,4 +88,4 @@ class DroplessDispatcher(nn.Module):
         gate = routing.gate[order].to(y.dtype)[:, None]  # [S, 1]
         out = x.new_zeros(x.shape).index_add(0, token, y * gate)  # [T, D]
         kept = torch.ones_like(routing.expert, dtype=torch.bool)
-        return Dispatched(out=out, kept=kept, capacity=None)
+        return Dispatched(out=out, kept=kept, sent=counts, capacity=None)

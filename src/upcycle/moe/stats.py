@@ -67,24 +67,25 @@ class RoutingStats:
 
 @torch.no_grad()
 def routing_stats(routing: Routing, dispatched: Dispatched) -> RoutingStats:
-    """Statistics of one layer's routing and dispatch.
+    """Statistics of one layer's routing and dispatch, from counts (bincount) rather than masked indexing so the
+    cost stays a few small kernels.
 
     Legend: T tokens, E experts, K experts per token, N assignments.
     """
     num_tokens, num_experts = routing.probs.shape
-    valid = routing.valid if routing.valid is not None else routing.probs.new_ones(num_tokens, dtype=torch.bool)
-    tokens = valid.sum()
-    sent = torch.bincount(routing.expert[dispatched.kept], minlength=num_experts)  # [E]
-    dropped = (~dispatched.kept).sum()
+    valid = routing.valid
+    tokens = routing.probs.new_tensor(num_tokens, dtype=torch.long) if valid is None else valid.sum()
+    sent = dispatched.sent
+    dropped = routing.expert.numel() - sent.sum()
     if routing.choices is not None:
-        routed = torch.bincount(routing.choices[valid].reshape(-1), minlength=num_experts)  # [E]
+        choice_weight = None if valid is None else valid[:, None].expand_as(routing.choices).reshape(-1).float()
+        routed = torch.bincount(routing.choices.reshape(-1), choice_weight, minlength=num_experts).long()  # [E]
         skipped = tokens * routing.per_token - routing.expert.numel()  # choices the routing left out for real tokens
     else:
         routed, skipped = torch.bincount(routing.expert, minlength=num_experts), tokens.new_zeros(())
-    reached = torch.zeros(num_tokens, dtype=torch.bool, device=valid.device)
-    reached[routing.token[dispatched.kept]] = True  # [T]
-    unrouted = (valid & ~reached).sum()
-    plogp = torch.special.xlogy(routing.probs, routing.probs).sum(dim=-1)  # [T]
-    entropy = -(plogp * valid).sum() / tokens.clamp_min(1)
+    reached = torch.bincount(routing.token, dispatched.kept.float(), minlength=num_tokens)  # [T] experts per token
+    unrouted = (reached == 0).sum() if valid is None else ((reached == 0) & valid).sum()
+    entropy_per_token = -torch.special.xlogy(routing.probs, routing.probs).sum(dim=-1)  # [T]
+    entropy = entropy_per_token.mean() if valid is None else (entropy_per_token * valid).sum() / tokens.clamp_min(1)
     return RoutingStats(tokens=tokens, per_token=routing.per_token, routed=routed, sent=sent, dropped=dropped,
                         skipped=skipped, unrouted=unrouted, capacity=dispatched.capacity, entropy=entropy)

@@ -76,16 +76,25 @@ def grouped_swiglu(
 
 def batched_swiglu(buffer: torch.Tensor, w_in: torch.Tensor, w_out: torch.Tensor, activation: Activation = F.silu):
     """SwiGLU of expert e on buffer[e]: buffer [E, C, D] -> [E, C, D] (the fixed-capacity layout)."""
-    hidden = torch.bmm(buffer, w_in)  # [E, C, 2F]
-    gate, up = hidden.chunk(2, dim=-1)  # [E, C, F] each
-    return torch.bmm(activation(gate) * up, w_out)  # [E, C, D]
+    return torch.bmm(gated(torch.bmm(buffer, w_in), activation), w_out)  # [E, C, 2F] -> [E, C, F] -> [E, C, D]
+
+
+def gated(hidden: torch.Tensor, activation: Activation = F.silu) -> torch.Tensor:
+    """act(gate) * up of hidden [..., 2F] = [gate | up] -> [..., F].
+
+    For SiLU a fused autograd function writes both halves of the gradient into one [..., 2F] tensor, which saves
+    the concatenation that `chunk`'s backward would do (a full pass over the largest activation).
+    """
+    if activation is F.silu:
+        return _SiluGate.apply(hidden)
+    gate, up = hidden.chunk(2, dim=-1)
+    return activation(gate) * up
 
 
 def _swiglu_grouped_mm(x, w_in, w_out, counts, activation):
     offsets = counts.cumsum(0).to(torch.int32)  # [E] end row of each expert's segment
     hidden = _ContiguousGrad.apply(torch._grouped_mm(x, w_in, offs=offsets))  # [S, 2F]
-    gate, up = hidden.chunk(2, dim=-1)  # [S, F] each
-    return _ContiguousGrad.apply(torch._grouped_mm(activation(gate) * up, w_out, offs=offsets))  # [S, D]
+    return _ContiguousGrad.apply(torch._grouped_mm(gated(hidden, activation), w_out, offs=offsets))  # [S, D]
 
 
 def _swiglu_loop(x, w_in, w_out, counts, activation):
@@ -94,8 +103,7 @@ def _swiglu_loop(x, w_in, w_out, counts, activation):
     for expert, rows in enumerate(torch.split(x, sizes)):  # rows [counts[e], D]
         if rows.shape[0] == 0:
             continue
-        gate, up = (rows @ w_in[expert]).chunk(2, dim=-1)  # [counts[e], F] each
-        outputs.append((activation(gate) * up) @ w_out[expert])  # [counts[e], D]
+        outputs.append(gated(rows @ w_in[expert], activation) @ w_out[expert])  # [counts[e], 2F] -> [counts[e], D]
     return torch.cat(outputs)
 
 
@@ -124,3 +132,24 @@ class _ContiguousGrad(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
         return grad.contiguous()
+
+
+class _SiluGate(torch.autograd.Function):
+    """silu(a) * b for hidden = [a | b], with the backward written straight into one [..., 2F] gradient."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor) -> torch.Tensor:
+        gate, up = hidden.chunk(2, dim=-1)
+        activated = F.silu(gate)
+        ctx.save_for_backward(hidden, activated)
+        return activated * up
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        hidden, activated = ctx.saved_tensors
+        gate, up = hidden.chunk(2, dim=-1)
+        grad_hidden = torch.empty_like(hidden)
+        grad_gate, grad_up = grad_hidden.chunk(2, dim=-1)
+        torch.mul(grad, activated, out=grad_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        return grad_hidden
