@@ -105,3 +105,13 @@ def test_router_logits_are_float32_for_bfloat16_models():
     layer = make_layer("gshard", "dropless", dtype=torch.bfloat16)
     output = layer.forward_with_aux(torch.randn(5, 8, dtype=torch.bfloat16))
     assert output.routing.logits.dtype == torch.float32 and output.hidden.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("router", ["switch", "gshard", "expert_choice"])
+@pytest.mark.parametrize("dispatch", ["capacity", "dropless"])
+def test_an_all_padding_batch_routes_nothing(router, dispatch):
+    layer = make_layer(router, dispatch).train()
+    x = torch.randn(2, 3, 8, dtype=torch.float64, requires_grad=True)
+    output = layer.forward_with_aux(x, torch.zeros(2, 3))
+    assert torch.equal(output.hidden, torch.zeros_like(x)) and int(output.stats.tokens) == 0
+    (output.hidden.sum() + output.aux.balance + output.aux.z).backward()

@@ -66,8 +66,9 @@ class CapacityDispatcher(nn.Module):
         slot = routing.expert[kept] * capacity + position[kept]  # [M] row in the flat buffer
         token = routing.token[kept]  # [M]
 
-        buffer = x.new_zeros(num_experts * capacity, x.shape[-1]).index_copy(0, slot, x[token])  # [E*C, D]
-        y = experts.forward_buffer(buffer.view(num_experts, capacity, -1)).view(num_experts * capacity, -1)  # [E*C, D]
+        dim = x.shape[-1]
+        buffer = x.new_zeros(num_experts * capacity, dim).index_copy(0, slot, x[token])  # [E*C, D]
+        y = experts.forward_buffer(buffer.view(num_experts, capacity, dim)).view(num_experts * capacity, dim)
         gate = routing.gate[kept].to(y.dtype)[:, None]  # [M, 1]
         out = x.new_zeros(x.shape).index_add(0, token, y[slot] * gate)  # [T, D]
         return Dispatched(out=out, kept=kept, sent=sent, capacity=capacity)

@@ -114,8 +114,8 @@ def _swiglu_padded_bmm(x, w_in, w_out, counts, activation):
     expert_of_row = torch.repeat_interleave(torch.arange(num_experts, device=x.device), counts)  # [S]
     slot = expert_of_row * capacity + torch.arange(rows, device=x.device) - starts[expert_of_row]  # [S]
     buffer = x.new_zeros(num_experts * capacity, x.shape[1]).index_copy(0, slot, x)  # [E*C, D]
-    out = batched_swiglu(buffer.view(num_experts, capacity, -1), w_in, w_out, activation)  # [E, C, D]
-    return out.reshape(num_experts * capacity, -1)[slot]  # [S, D]
+    out = batched_swiglu(buffer.view(num_experts, capacity, x.shape[1]), w_in, w_out, activation)  # [E, C, D]
+    return out.reshape(num_experts * capacity, out.shape[-1])[slot]  # [S, D]
 
 
 class _ContiguousGrad(torch.autograd.Function):

@@ -1,0 +1,168 @@
+"""CLI commands of the sparse-MoE (Flan-MoE) method. Each signature is its command line (jsonargparse)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+from upcycle.data.splits import SplitConfig
+from upcycle.moe.config import MoEConfig, UpcycleConfig
+from upcycle.training.loop import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def moe_upcycle(base: str | None = None, out: str = "runs/moe", experts: int = 8, router: str = "top2",
+                every: int = 1, top_k: int | None = None, noise: float = 0.0, dispatch: str = "dropless",
+                capacity_factor: float = 1.25, eval_capacity_factor: float = 2.0, jitter_noise: float = 0.0,
+                balance_loss_coef: float = 0.01, z_loss_coef: float | None = None, seed: int = 0,
+                dtype: str = "float32") -> Path:
+    """Sparse-upcycle a dense causal LM: every N-th MLP becomes E copies of itself plus a new router.
+
+    Args:
+        base: Dense Llama / Mistral / Qwen2 base: a Hugging Face directory or hub id (default: the shipped tiny Llama).
+        out: Directory for the upcycled checkpoint (our format; see `moe-export-mixtral` for a Mixtral one).
+        experts: Experts per MoE layer (E).
+        router: switch (top1), gshard (top2), st_moe (top-2 + router z-loss) or expert_choice.
+        every: Upcycle every N-th MLP (1: all; 2: layers 1, 3, 5, ...).
+        top_k: Experts per token for token-choice routers (default 1 for switch, 2 otherwise).
+        noise: Relative Gaussian noise added to each expert copy (0 keeps the dense model's logits at step 0).
+        dispatch: capacity (token dropping) or dropless.
+        capacity_factor: Training capacity factor cf, C = ceil(cf * k * T / E).
+        eval_capacity_factor: Evaluation capacity factor.
+        jitter_noise: Multiplicative router-input jitter while training (Switch).
+        balance_loss_coef: Weight alpha of the load-balancing loss.
+        z_loss_coef: Weight beta of the router z-loss (default 1e-3 for st_moe, else 0).
+        seed: Seed of the router initialisation and the copy noise.
+        dtype: Weights dtype: float32 or bfloat16.
+    """
+    import torch
+
+    from upcycle.models.base import load_base
+    from upcycle.moe.checkpoint import save_moe_model
+    from upcycle.moe.upcycling import upcycle_model
+
+    moe = MoEConfig(num_experts=experts, router=router, top_k=top_k, dispatch=dispatch,
+                    capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
+                    jitter_noise=jitter_noise, balance_loss_coef=balance_loss_coef, z_loss_coef=z_loss_coef)
+    upcycle = UpcycleConfig(every=every, noise=noise, seed=seed)
+    model, tokenizer = load_base(base, dtype=dtype)
+    probe = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
+    probe = probe.to(next(model.parameters()).device)
+    with torch.no_grad():
+        dense_logits = model(input_ids=probe).logits
+        indices = upcycle_model(model, moe, upcycle)
+        drift = float((model(input_ids=probe).logits - dense_logits).abs().max())
+    path = save_moe_model(model, out, moe, indices, upcycle, tokenizer=tokenizer)
+    print(f"{path}: {len(indices)} MoE layers {indices} of {experts} experts, router {moe.router} (k={moe.top_k}); "
+          f"max |logit - dense logit| at step 0 = {drift:.2e}")
+    return path
+
+
+def moe_train(checkpoint: str, out: str, data: str = "stdlib", block_size: int = 256,
+              train: TrainConfig = TrainConfig(steps=200, batch_size=8, lr=3e-4, warmup_steps=20),  # noqa: B008
+              per_layer_stats: bool = False, text_field: str = "text",
+              splits: SplitConfig = SplitConfig()) -> Path:  # noqa: B008
+    """Train an upcycled checkpoint on a corpus with the shared loop; aux losses and routing stats every step.
+
+    Args:
+        checkpoint: Checkpoint made by `moe-upcycle` (or a previous `moe-train`).
+        out: Directory for the trained checkpoint, with train.json (per-step loss, aux losses, routing statistics).
+        data: Corpus: a folder of text files, a .txt/.jsonl/.parquet file, 'hf:NAME[:CONFIG][@SPLIT]', or 'stdlib'.
+        block_size: Tokens per training block.
+        train: Optimisation settings of the shared loop.
+        per_layer_stats: Also log every MoE layer's statistics, not only their mean.
+        text_field: Column holding the text in .jsonl/.parquet/hub data.
+        splits: Held-out fractions (the split is by a hash of each document's text).
+    """
+    from transformers import AutoTokenizer
+
+    from upcycle.data import load_documents, split_documents
+    from upcycle.data.packing import pack, tokenize
+    from upcycle.errors import UserError
+    from upcycle.io import ensure_writable_dir, write_json
+    from upcycle.moe.checkpoint import load_moe_model, read_moe_meta, save_moe_model
+    from upcycle.moe.train import train_moe
+
+    model, moe, indices = load_moe_model(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    parts = split_documents(load_documents(data, text_field=text_field), splits)
+    if not parts["train"]:
+        raise UserError(f"--data {data}: no training documents")
+    train_blocks = pack(tokenize(tokenizer, [d.text for d in parts["train"]]), block_size, tokenizer.pad_token_id,
+                        keep_remainder=False)
+    eval_blocks = None
+    if parts["validation"]:
+        eval_blocks = pack(tokenize(tokenizer, [d.text for d in parts["validation"]]), block_size,
+                           tokenizer.pad_token_id)
+    work = ensure_writable_dir(Path(out).parent / f".{Path(out).name}.work")
+    result = train_moe(model, moe, train_blocks, train, eval_blocks=eval_blocks, per_layer_stats=per_layer_stats,
+                       checkpoint_dir=work)
+    upcycle = read_moe_meta(checkpoint).get("upcycle")
+    path = save_moe_model(model, out, moe, indices, UpcycleConfig(**upcycle) if upcycle else None, tokenizer)
+    write_json(path / "train.json", {"command": "upcycle " + " ".join(sys.argv[1:]), "checkpoint": checkpoint,
+                                     "data": data, "block_size": block_size, "train": asdict(train),
+                                     "moe": moe.to_dict(), "result": result.to_dict()})
+    final = result.evals[-1] if result.evals else {}
+    print(f"{path}: {result.steps} steps, {result.tokens_per_second:.0f} tokens/s, "
+          f"validation loss {final.get('loss', float('nan')):.3f}")
+    return path
+
+
+def moe_export_mixtral(checkpoint: str, out: str) -> Path:
+    """Export a top-2, every-layer checkpoint as a Mixtral that transformers loads with no custom code.
+
+    Args:
+        checkpoint: Checkpoint made by `moe-upcycle` or `moe-train`.
+        out: Directory for the Mixtral checkpoint (config.json, safetensors, tokenizer).
+    """
+    from transformers import AutoTokenizer
+
+    from upcycle.moe.checkpoint import load_moe_model
+    from upcycle.moe.mixtral import export_mixtral
+
+    model, moe, indices = load_moe_model(checkpoint)
+    path = export_mixtral(model, moe, indices, out, tokenizer=AutoTokenizer.from_pretrained(checkpoint))
+    print(f"{path}: Mixtral with {moe.num_experts} experts in each of {len(indices)} layers")
+    return path
+
+
+def moe_inspect(checkpoint: str, data: str = "stdlib", blocks: int = 16, block_size: int = 256,
+                split: str = "validation", text_field: str = "text") -> dict:
+    """Routing statistics of a checkpoint on held-out blocks: tokens per expert, utilisation, drops, entropy.
+
+    Args:
+        checkpoint: Checkpoint made by `moe-upcycle` or `moe-train`.
+        data: Corpus spec, as for `moe-train`.
+        blocks: Held-out blocks to route (one batch).
+        block_size: Tokens per block.
+        split: train, validation or test.
+        text_field: Column holding the text in .jsonl/.parquet/hub data.
+    """
+    import json
+
+    import torch
+    from transformers import AutoTokenizer
+
+    from upcycle.data import load_documents, split_documents
+    from upcycle.data.packing import pack, tokenize
+    from upcycle.errors import UserError
+    from upcycle.moe.checkpoint import load_moe_model
+    from upcycle.moe.collector import collect_routing
+    from upcycle.moe.train import real_token_mask
+
+    model, _, _ = load_moe_model(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    documents = split_documents(load_documents(data, text_field=text_field)).get(split)
+    if not documents:
+        raise UserError(f"--data {data}: no documents in split {split!r}")
+    inputs, labels = pack(tokenize(tokenizer, [d.text for d in documents]), block_size, tokenizer.pad_token_id)
+    inputs, labels = inputs[:blocks], labels[:blocks]
+    mask = real_token_mask(labels)
+    with torch.no_grad(), collect_routing(model, padding_mask=mask) as collector:
+        model(input_ids=inputs, attention_mask=mask)
+    report = {record.name: record.stats.to_dict() for record in collector.records if record.stats is not None}
+    print(json.dumps(report, indent=2))
+    return report
