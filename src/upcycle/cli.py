@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=os.environ.get("UPCYCLE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Our own rich bars show progress of long work; per-file "Loading weights" bars from HF are noise here.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     try:
         auto_cli(_commands(), args=argv, as_positional=True)
     except UserError as error:

@@ -68,21 +68,22 @@ def cluster_corpus(out: str | Path, data: str, base: str, config: ClusterConfig,
     run = Run.create(out, data=data, text_field=text_field, base=base, splits=asdict(splits))
     embedder = make_embedder(config.embedder, **({"base": base} if config.embedder == "hidden" else {}))
     embedder.fit([d.text for d in docs["train"]])
-    embeddings = {name: embedder.encode([d.text for d in split]) if split else np.zeros((0, 1), np.float32)
+    embeddings = {name: embedder.encode([d.text for d in split], progress=_show_progress())
                   for name, split in docs.items()}
     with atomic_directory(run.clusters_dir) as tmp:
         embedder.save(tmp / "embedder")
         (tmp / EMBEDDINGS).mkdir()
         for name, matrix in embeddings.items():
             np.save(tmp / EMBEDDINGS / f"{name}.npy", matrix)
-        sizes = fit_and_label(tmp, docs, embeddings, config)
+        sizes = fit_and_label(tmp, docs, embeddings, config, config.embedder)
     run.update_meta(clusters={"k": config.clusters, "embedder": config.embedder, "metric": config.metric,
                               "sizes": sizes, "config": asdict(config)},
                     commands=[command] if command else [])
     return run
 
 
-def fit_and_label(directory: Path, docs: dict, embeddings: dict[str, np.ndarray], config: ClusterConfig) -> list[int]:
+def fit_and_label(directory: Path, docs: dict, embeddings: dict[str, np.ndarray], config: ClusterConfig,
+                  embedder: str) -> list[int]:
     """Fit k-means on the training embeddings and write centroids, labels and summary into `directory`."""
     from upcycle.introvert.cluster_summary import write_summary
     from upcycle.introvert.clustering import fit_kmeans
@@ -90,7 +91,7 @@ def fit_and_label(directory: Path, docs: dict, embeddings: dict[str, np.ndarray]
 
     fitted = fit_kmeans(embeddings["train"], config.clusters, metric=config.metric, balanced=config.balanced,
                         seed=config.seed)
-    fitted.save(directory, [d.id for d in docs["train"]])
+    fitted.save(directory, [d.id for d in docs["train"]], embedder=embedder)
     router = CentroidRouter(fitted.centroids, config.metric)
     labels = {"train": {d.id: int(c) for d, c in zip(docs["train"], fitted.assignments)}}
     for name in ("validation", "test"):
@@ -99,6 +100,12 @@ def fit_and_label(directory: Path, docs: dict, embeddings: dict[str, np.ndarray]
     write_json(directory / DOCUMENT_CLUSTERS, labels)
     write_summary(directory, [d.text for d in docs["train"]], [d.id for d in docs["train"]], fitted)
     return np.bincount(fitted.assignments, minlength=config.clusters).tolist()
+
+
+def _show_progress() -> bool:
+    import os
+
+    return not os.environ.get("UPCYCLE_NO_PROGRESS")
 
 
 def refit_clusters(parent: Run, out: Path, config: ClusterConfig) -> Run:
@@ -111,7 +118,7 @@ def refit_clusters(parent: Run, out: Path, config: ClusterConfig) -> Run:
                      splits=meta["splits"], parent=str(parent.path))
     with atomic_directory(run.clusters_dir) as tmp:
         shutil.copytree(parent.clusters_dir / "embedder", tmp / "embedder")
-        sizes = fit_and_label(tmp, docs, embeddings, config)
+        sizes = fit_and_label(tmp, docs, embeddings, config, meta["clusters"]["embedder"])
     run.update_meta(clusters={"k": config.clusters, "embedder": meta["clusters"]["embedder"],
                               "metric": config.metric, "sizes": sizes, "config": asdict(config)})
     return run

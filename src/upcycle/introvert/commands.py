@@ -63,7 +63,7 @@ def train_experts(run: str, expert: ExpertConfig = ExpertConfig(), executor: str
 
     start = time.perf_counter()
     results = train(run, expert, executor=executor, workers=workers, address=address)
-    Run(run).update_meta(commands=Run(run).meta.get("commands", []) + [_command_line()])
+    Run(run).record_command(_command_line())
     trained = [r for r in results if not r.get("skipped")]
     tokens = sum(r["tokens"] for r in trained)
     print(f"{len(trained)} experts trained, {len(results) - len(trained)} already done; {tokens} tokens in "
@@ -82,7 +82,7 @@ def evaluate(run: str, eval: EvalConfig = EvalConfig()) -> None:  # noqa: A002 -
     from upcycle.introvert.run import Run
 
     results = run_evaluation(run, eval)
-    Run(run).update_meta(commands=Run(run).meta.get("commands", []) + [_command_line()])
+    Run(run).record_command(_command_line())
     print_results(results)
     print(f"report: {write_report(run)}")
 

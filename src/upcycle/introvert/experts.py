@@ -76,6 +76,7 @@ def train_expert(run_path: str, cluster: int, config: ExpertConfig, progress=Non
     if blocks[0].shape[0] == 0:
         raise UserError(f"{name}: cluster {cluster} has no training text; use fewer clusters")
     cluster_tokens = int((blocks[1] != -100).sum())
+    log.info("training %s on %d blocks of cluster %d", name, blocks[0].shape[0], cluster)
     result = train_lora_adapter(model, blocks, AdapterJob(config.lora, config.train_config(cluster)), out,
                                 extra_meta={"expert": name, "cluster": cluster, "cluster_tokens": cluster_tokens,
                                             "base": run.base, "base_fingerprint": base_fingerprint(run.base)},

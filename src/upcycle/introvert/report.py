@@ -87,7 +87,7 @@ def _per_cluster_section(run: Run, results: dict) -> list[str]:
     summary_path = run.clusters_dir / "summary.json"
     terms = {}
     if summary_path.is_file():
-        for entry in read_json(summary_path).get("clusters", []):
+        for entry in read_json(summary_path):
             terms[int(entry["cluster"])] = ", ".join(entry.get("top_terms", [])[:6])
     rows = [[c, sizes[c] if c < len(sizes) else "", results["cluster_sizes"]["test"][c], terms.get(c, ""),
              *[results["methods"][n]["per_cluster"].get(str(c)) for n in names]] for c in range(k)]

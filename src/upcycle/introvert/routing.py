@@ -30,10 +30,7 @@ class SequenceRouter:
 
 def load_sequence_router(run: Run) -> SequenceRouter:
     """The run's embedder and centroids, ready to route."""
-    from upcycle.introvert.clustering import Clusters
     from upcycle.introvert.embedding import load_embedder
     from upcycle.introvert.router import CentroidRouter
 
-    clusters = Clusters.load(run.clusters_dir)
-    return SequenceRouter(load_embedder(run.clusters_dir / "embedder"),
-                          CentroidRouter(clusters.centroids, clusters.metric))
+    return SequenceRouter(load_embedder(run.clusters_dir / "embedder"), CentroidRouter.load(run.clusters_dir))

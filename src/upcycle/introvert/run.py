@@ -61,6 +61,9 @@ class Run:
 
     path: Path
 
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+
     @classmethod
     def open(cls, path: str | Path) -> Run:
         """Open an existing run directory, or raise a UserError saying which step makes one."""
@@ -80,6 +83,10 @@ class Run:
         meta = self.meta if (self.path / "run.json").exists() else {}
         meta.update(fields)
         write_json(self.path / "run.json", meta)
+
+    def record_command(self, command: str) -> None:
+        """Append a command line to run.json's `commands`, so the report can say how to reproduce the run."""
+        self.update_meta(commands=self.meta.get("commands", []) + [command])
 
     @staticmethod
     def create(path: str | Path, **fields: Any) -> Run:

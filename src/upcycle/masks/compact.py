@@ -42,10 +42,9 @@ class CompactFFN(nn.Module):
         flat = x.reshape(-1, x.shape[-1])  # [T, D]
         if self.router is None:
             return self.ffn(flat).view(x.shape)
-        routing = self.router(flat)
-        if routing.expert_idx is None:
-            return self.ffn.forward_mixture(flat, routing.weights.to(flat.dtype)).view(x.shape)
-        return self.ffn(flat, routing.expert_idx).view(x.shape)
+        if self.router.routing == "soft":
+            return self.ffn.forward_mixture(flat, self.router(flat).weights.to(flat.dtype)).view(x.shape)
+        return self.ffn(flat, self.router.choose(flat)).view(x.shape)
 
     def layout(self) -> dict:
         """What a loader needs to rebuild an empty copy of this layer (stored in the compact model's config)."""

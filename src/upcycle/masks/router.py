@@ -50,5 +50,12 @@ class TokenRouter(nn.Module):
         weights = 1.0 + (chosen - chosen.detach())
         return Routing(probs, expert_idx, weights)
 
+    @torch.no_grad()
+    def choose(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference shortcut: the chosen experts [T, K] only (top-k routing), as `forward(x).expert_idx`."""
+        logits = self.proj(x)
+        probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)  # [T, E]
+        return probs.topk(self.top_k, dim=-1).indices
+
     def extra_repr(self) -> str:
         return f"routing={self.routing}, top_k={self.top_k}"

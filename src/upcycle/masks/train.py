@@ -1,0 +1,111 @@
+"""Mask training: learn the experts' hard-concrete gates and the token routers on a frozen base, through the shared
+training loop, with the Lagrangian steering the expected active ratio to the target.
+
+The loss is the LM loss plus the Lagrangian penalty (both returned as metrics every step); the multipliers ascend
+in the loop's `after_step` hook. Only router weights and gate log α train; the FFN and everything else stay frozen.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from upcycle.errors import UserError
+from upcycle.io import read_json, write_json
+from upcycle.masks.active import collect_expected_active
+from upcycle.masks.config import MaskConfig
+from upcycle.masks.lagrangian import Lagrangian, LagrangianConfig
+from upcycle.masks.surgery import add_masks, mask_parameters, masked_ffns
+from upcycle.training.loop import TrainConfig, TrainResult, train
+
+log = logging.getLogger(__name__)
+
+LAGRANGIAN_STATE = "lagrangian.json"
+
+
+def _default_train() -> TrainConfig:
+    # Masks move log α by ~lr per step under Adam: 0.05 lets a gate cross from open (3) to closed (< −2.4) in
+    # ~100 steps. A constant rate after warm-up keeps the Lagrangian's response the same late in training.
+    return TrainConfig(steps=300, batch_size=8, lr=0.05, warmup_steps=10, min_lr_ratio=1.0, eval_blocks=32)
+
+
+@dataclass
+class MaskTrainConfig:
+    """Everything mask training needs besides the base model and the data."""
+
+    target: float = 0.5
+    """Target active ratio: the fraction of FFN neurons a token uses, in (0, 1]."""
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    """Experts per layer, routing and gate initialisation."""
+    warmup_fraction: float = 0.5
+    """Fraction of the steps over which the target ramps linearly from 1 (all open) to `target`."""
+    lambda_lr: float = 0.05
+    """Step size of the Lagrange multipliers' gradient ascent."""
+    initial_lambda2: float = 100.0
+    """λ2 at step 0: the quadratic penalty that damps the approach to the target (see upcycle.masks.lagrangian)."""
+    block_size: int = 128
+    """Tokens per training block."""
+    train: TrainConfig = field(default_factory=_default_train)
+    """Optimisation settings of the shared loop; `train.lr` is the masks' and routers' learning rate."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            raise UserError(f"--warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+        if self.block_size < 2:
+            raise UserError(f"--block_size must be >= 2 tokens, got {self.block_size}")
+        self.lagrangian()  # validates target, lambda_lr and initial_lambda2
+
+    def lagrangian(self) -> LagrangianConfig:
+        """The controller's settings, with the warm-up in steps."""
+        return LagrangianConfig(target=self.target, warmup_steps=round(self.warmup_fraction * self.train.steps),
+                                lr=self.lambda_lr, initial_lambda2=self.initial_lambda2)
+
+
+def prepare_masked_model(model: nn.Module, config: MaskTrainConfig) -> list[nn.Parameter]:
+    """Add mask experts to `model` (unless it has them), freeze everything else. Returns the trainable parameters."""
+    if not masked_ffns(model):
+        add_masks(model, config.masks, seed=config.train.seed)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    params = mask_parameters(model)
+    for param in params:
+        param.requires_grad_(True)
+    return params
+
+
+def train_masks(model: nn.Module, train_blocks: tuple[torch.Tensor, torch.Tensor], config: MaskTrainConfig,
+                eval_blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
+                checkpoint_dir: str | Path | None = None, progress=None) -> tuple[TrainResult, Lagrangian]:
+    """Train masks and routers on `model` (masked here if it is not yet) with the LM loss + Lagrangian penalty.
+
+    Resumable: with `checkpoint_dir`, the loop's checkpoint and the multipliers (`lagrangian.json`) are saved every
+    `train.checkpoint_every` steps and picked up again by the same call.
+    """
+    params = prepare_masked_model(model, config)
+    lagrangian = Lagrangian(config.lagrangian())
+    state_path = Path(checkpoint_dir) / LAGRANGIAN_STATE if checkpoint_dir else None
+    if state_path is not None and state_path.exists():
+        lagrangian.load_state_dict(read_json(state_path))
+
+    def loss_fn(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        with collect_expected_active(model) as collected:
+            lm_loss = model(input_ids=inputs, labels=labels).loss
+        penalty, metrics = lagrangian.penalty(collected.ratio())
+        return lm_loss + penalty, {"lm_loss": float(lm_loss.detach()), **metrics}
+
+    def after_step(step: int, record: dict[str, float]) -> None:
+        lagrangian.ascend(record["expected_active"])
+        every = config.train.checkpoint_every
+        if state_path is not None and every and step % every == 0:
+            write_json(state_path, lagrangian.state_dict())
+
+    result = train(model, train_blocks, config.train, eval_blocks=eval_blocks, loss_fn=loss_fn, parameters=params,
+                   after_step=after_step, checkpoint_dir=checkpoint_dir, description="masks", progress=progress)
+    last = result.history[-1]
+    log.info("masks: expected active %.3f (target %.3f), LM loss %.3f", last["expected_active"], config.target,
+             last["lm_loss"])
+    return result, lagrangian

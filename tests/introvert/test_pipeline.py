@@ -1,0 +1,213 @@
+"""The MoIN pipeline end to end on a tiny random Llama and a small multi-topic corpus, plus every bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from upcycle.cli import main
+from upcycle.data.corpus import stdlib_root
+
+TOPICS = {"json": ["decoder.py", "encoder.py", "scanner.py"], "email": ["message.py", "utils.py", "header.py"],
+          "asyncio": ["queues.py", "locks.py", "events.py"]}
+TINY_EXPERT = ["--expert.tokens_per_expert", "512", "--expert.batch_size", "2", "--expert.block_size", "64"]
+
+
+def make_corpus(root: Path) -> Path:
+    """~60 documents: chunks of stdlib modules from three packages."""
+    root.mkdir(parents=True, exist_ok=True)
+    for package, files in TOPICS.items():
+        for name in files:
+            lines = (stdlib_root() / package / name).read_text().splitlines()
+            for i in range(0, min(len(lines), 560), 80):
+                (root / f"{package}_{name[:-3]}_{i}.py").write_text("\n".join(lines[i:i + 80]))
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, corpus, tiny_llama_dir) -> Path:
+    run = tmp_path_factory.mktemp("runs") / "run"
+    assert main(["cluster", "--data", str(corpus), "--base", str(tiny_llama_dir), "--clusters", "3",
+                 "--embedder", "tfidf", "--out", str(run), "--splits.validation", "0.1",
+                 "--splits.test", "0.2"]) == 0
+    assert main(["train-experts", str(run), *TINY_EXPERT]) == 0
+    return run
+
+
+def test_cluster_step_writes_the_documented_files(trained_run):
+    meta = json.loads((trained_run / "run.json").read_text())
+    assert meta["clusters"]["k"] == 3 and sum(meta["clusters"]["sizes"]) > 20
+    labels = json.loads((trained_run / "clusters" / "documents.json").read_text())
+    assert set(labels) == {"train", "validation", "test"} and labels["test"]
+    assert (trained_run / "clusters" / "summary.md").is_file()
+    assert "torch" in meta["versions"] and meta["commands"]
+
+
+def test_experts_are_plain_peft_adapters(trained_run, tiny_llama_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    experts = sorted(p.name for p in (trained_run / "experts").iterdir())
+    assert experts == ["expert-00000", "expert-00001", "expert-00002"]
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    model = PeftModel.from_pretrained(base, str(trained_run / "experts" / experts[1]))
+    lora_b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert lora_b and any(p.abs().sum() > 0 for p in lora_b)  # trained, not the zero init
+
+
+def test_rerun_skips_finished_experts(trained_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in (trained_run / "experts").rglob("adapter_model.safetensors")}
+    assert main(["train-experts", str(trained_run), *TINY_EXPERT]) == 0
+    assert "0 experts trained, 3 already done" in capsys.readouterr().out
+    assert before == {p: p.stat().st_mtime_ns for p in before}
+
+
+def test_python_api_routes_scores_and_generates(trained_run):
+    import upcycle
+
+    moe = upcycle.IntrovertExperts.from_run(trained_run)
+    texts = [(stdlib_root() / "json" / "decoder.py").read_text()[:800],
+             (stdlib_root() / "asyncio" / "locks.py").read_text()[:800]]
+    routed = moe.route(texts)
+    assert all(r in moe.experts for r in routed)
+    routed_ppl = moe.perplexity(texts)
+    forced = [moe.perplexity([t], expert=e)[0] for t, e in zip(texts, routed)]
+    assert routed_ppl == pytest.approx(forced, rel=1e-6)
+    assert moe.perplexity(texts, expert="base") != pytest.approx(routed_ppl)
+    generation = moe.generate("import json\n", max_new_tokens=5)
+    assert generation.expert in moe.experts and generation.completion_tokens <= 5
+
+
+def test_evaluate_scores_every_method_and_writes_the_report(trained_run):
+    assert main(["evaluate", str(trained_run), "--eval.bootstrap", "50"]) == 0
+    results = json.loads((trained_run / "eval" / "results.json").read_text())
+    assert set(results["methods"]) == {"base", "routed", "oracle", "best", "random", "lora-all", "lora-wide", "full"}
+    methods = results["methods"]
+    # 'best' picks the lowest-loss expert per document, so it can never lose to oracle or random routing
+    assert methods["best"]["perplexity"] <= min(methods["oracle"]["perplexity"], methods["random"]["perplexity"])
+    tokens = {m["tokens"] for m in methods.values()}
+    assert len(tokens) == 1  # every method scored on exactly the same tokens
+    assert 0 <= results["routing"]["accuracy"] <= 1
+    expert_tokens = results["training"]["experts"]["tokens"]
+    assert results["training"]["lora-all"]["tokens"] >= expert_tokens  # compute-matched (rounded up to a step)
+    report = (trained_run / "report.md").read_text()
+    assert "compute-matched" in report and (trained_run / "per_cluster.png").is_file()
+
+
+def test_lm_eval_harness_scores_the_routed_model(trained_run, tmp_path):
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from upcycle.eval.lm_eval_model import IntrovertLM
+
+    rows = [{"context": "import json\n", "choices": ["json.dumps(x)", "zzz qqq ((("], "label": 0},
+            {"context": "async def main():\n    await", "choices": [" asyncio.sleep(1)", " ]]]} ("], "label": 0}]
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "tiny_task.yaml").write_text(f"""task: upcycle_tiny_choice
+dataset_path: json
+dataset_kwargs:
+  data_files: {{test: {tmp_path / 'data.jsonl'}}}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{context}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: label
+metric_list:
+  - metric: acc
+""")
+    lm = IntrovertLM(run=str(trained_run))
+    out = simple_evaluate(model=lm, tasks=["upcycle_tiny_choice"], task_manager=TaskManager(include_path=str(tmp_path)))
+    acc = out["results"]["upcycle_tiny_choice"]["acc,none"]
+    assert 0.0 <= acc <= 1.0
+    # the harness's scores equal our own log-likelihood computation
+    request_score, _ = lm._continuation_logprob(rows[0]["context"], rows[0]["choices"][0])
+    assert request_score < 0
+
+
+# -- bad input: one line on stderr, exit code != 0, no traceback -------------------------------------------------------
+def _fails_with(capsys, argv, needle):
+    code = main(argv)
+    err = capsys.readouterr().err
+    assert code != 0 and needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_missing_path_empty_corpus_and_too_many_clusters(tmp_path, capsys, tiny_llama_dir, corpus):
+    base = ["--base", str(tiny_llama_dir), "--embedder", "tfidf"]
+    _fails_with(capsys, ["cluster", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), *base],
+                "no such file or directory")
+    (tmp_path / "empty").mkdir()
+    _fails_with(capsys, ["cluster", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), *base],
+                "no usable text")
+    _fails_with(capsys, ["cluster", "--data", str(corpus), "--base", str(tiny_llama_dir), "--clusters", "500",
+                         "--embedder", "tfidf", "--out", str(tmp_path / "r")], "--clusters <=")
+
+
+def test_unwritable_output_directory(tmp_path, capsys, corpus, tiny_llama_dir):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    if os.access(locked, os.W_OK):  # root ignores permissions; use a path under a regular file instead
+        target = tmp_path / "afile"
+        target.write_text("x")
+        out = target / "run"
+    else:
+        out = locked / "run"
+    _fails_with(capsys, ["cluster", "--data", str(corpus), "--base", str(tiny_llama_dir), "--embedder", "tfidf",
+                         "--clusters", "2", "--out", str(out)], "cannot write")
+
+
+def test_not_a_run_directory(tmp_path, capsys):
+    _fails_with(capsys, ["train-experts", str(tmp_path)], "not a run directory")
+
+
+def test_corrupt_and_foreign_adapters_are_refused(trained_run, tmp_path, capsys, tiny_tokenizer):
+    import shutil
+
+    from tests.conftest import save_tiny_llama
+
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    (run / "experts" / "expert-00001" / "adapter_model.safetensors").write_bytes(b"garbage")
+    _fails_with(capsys, ["generate", str(run), "import json", "--expert", "expert-00001"], "expert-00001")
+    # an adapter trained on another base (same architecture, other weights)
+    other = save_tiny_llama(tmp_path / "other-base", tiny_tokenizer, seed=7)
+    meta = json.loads((run / "run.json").read_text())
+    meta["base"] = str(other)
+    (run / "run.json").write_text(json.dumps(meta))
+    _fails_with(capsys, ["generate", str(run), "import json", "--expert", "expert-00002"], "another base model")
+
+
+def test_ctrl_c_leaves_no_half_written_expert_and_rerun_finishes(tmp_path, corpus, tiny_llama_dir):
+    run = tmp_path / "run"
+    assert main(["cluster", "--data", str(corpus), "--base", str(tiny_llama_dir), "--clusters", "3",
+                 "--embedder", "tfidf", "--out", str(run)]) == 0
+    slow = ["--expert.tokens_per_expert", "20000", "--expert.batch_size", "2", "--expert.block_size", "64"]
+    env = dict(os.environ, UPCYCLE_NO_PROGRESS="1", UPCYCLE_LOG="INFO")
+    proc = subprocess.Popen([sys.executable, "-m", "upcycle.cli", "train-experts", str(run), *slow],
+                            stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in proc.stderr:  # wait until the second expert is training: the first one is complete on disk
+        seen.append(line)
+        if "training expert-00001" in line:
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "rerun" in err and "Traceback" not in err, "".join(seen) + err
+    experts = run / "experts"
+    assert sorted(p.name for p in experts.iterdir()) == ["expert-00000"]  # complete ones only, no temp dirs
+    assert (experts / "expert-00000" / "adapter_model.safetensors").is_file()
+    assert main(["train-experts", str(run), *TINY_EXPERT]) == 0
+    assert len(list((run / "experts").glob("expert-*"))) == 3
