@@ -54,6 +54,8 @@ def test_grouped_mm_is_used_where_it_can_be_and_falls_back_where_not():
     assert resolve_backend("grouped_mm", x.double(), w_in.double(), w_out.double()) == "loop"
     assert resolve_backend("grouped_mm", torch.zeros(5, 3), torch.zeros(2, 3, 8), torch.zeros(2, 4, 3)) == "loop"
     assert resolve_backend("auto", x, w_in, w_out) == "padded_bmm"
+    assert resolve_backend("auto", x, w_in, w_out, counts=torch.tensor([3, 2])) == "padded_bmm"
+    assert resolve_backend("auto", x, w_in, w_out, counts=torch.tensor([5, 0])) == "grouped_mm"  # 100 % padding
 
 
 @pytest.mark.parametrize("activation", [torch.nn.functional.silu, torch.nn.functional.gelu])
