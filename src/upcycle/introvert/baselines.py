@@ -20,8 +20,8 @@ from upcycle.introvert.data import load_run_data
 from upcycle.introvert.experts import ExpertConfig
 from upcycle.introvert.run import Run
 from upcycle.io import atomic_directory, read_json, write_json
-from upcycle.training.lora import AdapterJob, train_lora_adapter
 from upcycle.training.loop import TrainConfig, train
+from upcycle.training.lora import AdapterJob, train_lora_adapter
 
 BASELINES = ("lora-all", "lora-wide", "full")
 

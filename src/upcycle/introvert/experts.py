@@ -15,8 +15,8 @@ from upcycle.errors import UserError
 from upcycle.introvert.data import load_run_data
 from upcycle.introvert.run import Run, expert_id
 from upcycle.training.executors import run_jobs
-from upcycle.training.lora import AdapterJob, LoraSettings, train_lora_adapter
 from upcycle.training.loop import TrainConfig
+from upcycle.training.lora import AdapterJob, LoraSettings, train_lora_adapter
 
 log = logging.getLogger(__name__)
 

@@ -67,7 +67,8 @@ def build_model(shape: TinyLlamaShape, tokenizer, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**asdict(shape) | {"vocab_size": len(tokenizer)}, num_key_value_heads=shape.num_attention_heads,
+    config = LlamaConfig(**asdict(shape) | {"vocab_size": len(tokenizer)},
+                         num_key_value_heads=shape.num_attention_heads,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return LlamaForCausalLM(config)
