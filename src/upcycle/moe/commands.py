@@ -62,9 +62,9 @@ def moe_upcycle(base: str | None = None, out: str = "runs/moe", experts: int = 8
 
 
 def moe_train(checkpoint: str, out: str, data: str = "stdlib", block_size: int = 256,
-              train: TrainConfig = TrainConfig(steps=200, batch_size=8, lr=3e-4, warmup_steps=20),  # noqa: B008
+              train: TrainConfig = TrainConfig(steps=200, batch_size=8, lr=3e-4, warmup_steps=20),
               per_layer_stats: bool = False, text_field: str = "text",
-              splits: SplitConfig = SplitConfig()) -> Path:  # noqa: B008
+              splits: SplitConfig = SplitConfig()) -> Path:
     """Train an upcycled checkpoint on a corpus with the shared loop; aux losses and routing stats every step.
 
     Args:
