@@ -12,6 +12,7 @@ from upcycle.errors import UserError
 def _commands() -> dict:
     from upcycle.introvert import commands as introvert
     from upcycle.models import commands as models
+    from upcycle.moe import commands as moe
 
     table: dict = {
         "pretrain": models.pretrain,
@@ -22,6 +23,10 @@ def _commands() -> dict:
         "ablate": introvert.ablate,
         "report": introvert.report,
         "generate": introvert.generate,
+        "moe-upcycle": moe.moe_upcycle,
+        "moe-train": moe.moe_train,
+        "moe-export-mixtral": moe.moe_export_mixtral,
+        "moe-inspect": moe.moe_inspect,
     }
     return table
 

@@ -211,3 +211,45 @@ def test_ctrl_c_leaves_no_half_written_expert_and_rerun_finishes(tmp_path, corpu
     assert (experts / "expert-00000" / "adapter_model.safetensors").is_file()
     assert main(["train-experts", str(run), *TINY_EXPERT]) == 0
     assert len(list((run / "experts").glob("expert-*"))) == 3
+
+
+def test_ablation_over_k_reuses_embeddings_and_reports_intervals(trained_run):
+    code = main(["ablate", str(trained_run), "--clusters", "[1,2]", "--seeds", "[0,1]", "--total_tokens", "512",
+                 "--expert.batch_size", "2", "--expert.block_size", "64", "--eval.bootstrap", "20"])
+    assert code == 0
+    ablation = json.loads((trained_run / "eval" / "ablation.json").read_text())
+    assert set(ablation["by_k"]) == {"1", "2"}
+    for entry in ablation["by_k"].values():
+        assert entry["seeds"] == 2 and len(entry["routed"]["values"]) == 2 and entry["routed"]["ci95_halfwidth"] >= 0
+    # with one cluster every router sends everything to the only expert
+    assert ablation["by_k"]["1"]["routing_accuracy"]["mean"] == 1.0
+    assert ablation["by_k"]["1"]["routed"]["values"] == ablation["by_k"]["1"]["oracle"]["values"]
+    assert (trained_run / "ablation_k.png").is_file()
+
+
+def test_ray_executor_trains_the_same_experts(tmp_path, corpus, tiny_llama_dir):
+    pytest.importorskip("ray")
+    import ray
+
+    run = tmp_path / "run"
+    assert main(["cluster", "--data", str(corpus), "--base", str(tiny_llama_dir), "--clusters", "2",
+                 "--embedder", "tfidf", "--out", str(run)]) == 0
+    try:
+        assert main(["train-experts", str(run), "--executor", "ray", *TINY_EXPERT]) == 0
+    finally:
+        ray.shutdown()
+    assert sorted(p.name for p in (run / "experts").iterdir()) == ["expert-00000", "expert-00001"]
+    meta = json.loads((run / "experts" / "expert-00001" / "train.json").read_text())
+    assert meta["cluster"] == 1 and meta["tokens"] >= 512
+
+
+def test_hub_style_spec_loads_a_local_dataset_directory(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from upcycle.data import load_documents
+
+    (tmp_path / "ds").mkdir()
+    pq.write_table(pa.table({"content": ["def a(): pass", "def b(): pass"]}), tmp_path / "ds" / "train.parquet")
+    docs = load_documents(f"hf:{tmp_path / 'ds'}", text_field="content")
+    assert [d.text for d in docs] == ["def a(): pass", "def b(): pass"]

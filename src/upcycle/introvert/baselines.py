@@ -30,6 +30,8 @@ BASELINES = ("lora-all", "lora-wide", "full")
 class BaselineConfig:
     """Settings of the baselines that are not copied from the experts' config."""
 
+    lora_all_lr: float | None = None
+    """Peak learning rate of the compute-matched single LoRA (None: the experts' lr)."""
     full_lr: float = 1e-3
     """Peak learning rate of continued full training (chosen on validation: full training needs a lower lr)."""
     wide_lr: float = 2e-3
@@ -58,8 +60,9 @@ def train_baselines(run: Run, expert_config: ExpertConfig, total_tokens: int, co
         path = baseline_dir(run, name)
         if not (path / "train.json").is_file():
             if name == "lora-all":
-                train_lora_adapter(base_model, blocks, AdapterJob(expert_config.lora, train_config), path,
-                                   extra_meta={"baseline": name}, description=name, progress=progress)
+                lr = config.lora_all_lr or expert_config.lr
+                train_lora_adapter(base_model, blocks, AdapterJob(expert_config.lora, replace(train_config, lr=lr)),
+                                   path, extra_meta={"baseline": name}, description=name, progress=progress)
             elif name == "lora-wide":
                 lora = replace(expert_config.lora, rank=expert_config.lora.rank * k,
                                alpha=expert_config.lora.alpha * k)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -89,9 +89,9 @@ def fit_and_label(directory: Path, docs: dict, embeddings: dict[str, np.ndarray]
     from upcycle.introvert.clustering import fit_kmeans
     from upcycle.introvert.router import CentroidRouter
 
-    fitted = fit_kmeans(embeddings["train"], config.clusters, metric=config.metric, balanced=config.balanced,
-                        seed=config.seed)
-    fitted.save(directory, [d.id for d in docs["train"]], embedder=embedder)
+    fitted = replace(fit_kmeans(embeddings["train"], config.clusters, metric=config.metric,
+                                balanced=config.balanced, seed=config.seed), embedder=embedder)
+    fitted.save(directory, [d.id for d in docs["train"]])
     router = CentroidRouter(fitted.centroids, config.metric)
     labels = {"train": {d.id: int(c) for d, c in zip(docs["train"], fitted.assignments)}}
     for name in ("validation", "test"):
