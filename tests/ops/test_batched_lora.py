@@ -146,8 +146,27 @@ def test_single_adapter_batch_uses_gather_free_path(tiny_llama_dir, peft_adapter
     with torch.no_grad(), lora.select([1, 1, 1]):
         assert lora.batch.single_slot == 1
         fast = model(ids).logits
-    # same slot through the gathered path: force it by mixing in the (all-zero) slot 0 with a base row
+    # same slot through the gathered path: force it by mixing in a base row
     with torch.no_grad(), lora.select([1, 1, 1, -1]):
         assert lora.batch.single_slot is None
         gathered = model(torch.cat([ids, ids[:1]])).logits[:3]
     torch.testing.assert_close(fast, gathered, atol=1e-5, rtol=1e-5)
+
+
+def test_merged_single_slot_path_equals_gathered_and_follows_slot_rewrites(tiny_llama_dir, peft_adapters):
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.serving.adapters import read_adapter
+    from upcycle.serving.synthetic import DEFAULT_TARGETS
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    lora = attach_multi_lora(model, DEFAULT_TARGETS, n_slots=2, max_rank=8, merge_single_slot=True)
+    ids = torch.randint(5, 100, (2, 5), generator=torch.Generator().manual_seed(2))
+    for name in ("all-r8", "patterns", "qv-r4"):  # rewriting slot 1 must invalidate the merged weight
+        lora.load_slot(1, read_adapter(peft_adapters[name]).modules)
+        with torch.no_grad(), lora.select([1, 1]):
+            merged = model(ids).logits
+        with torch.no_grad(), lora.select([1, 1, -1]):
+            gathered = model(torch.cat([ids, ids[:1]])).logits[:2]
+        torch.testing.assert_close(merged, gathered, atol=1e-5, rtol=1e-5)
+    assert "model.layers.0.self_attn.q_proj.merged_weight" not in model.state_dict()

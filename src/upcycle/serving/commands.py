@@ -31,7 +31,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
           cpu_adapters: int = 512, cpu_bytes: int | None = None, max_prompt_tokens: int | None = None,
           max_tokens_limit: int = 4096, request_timeout: float = 300.0, watch: bool = False,
           drain_timeout: float = 30.0, dtype: str = "float32", device: str = "cpu", threads: int | None = None,
-          log_level: str = "info") -> None:
+          merge_single_adapter: bool = False, log_level: str = "info") -> None:
     """Serve a run's base model and all its introvert experts behind one OpenAI-compatible endpoint.
 
     Clients use model "base", "auto" (routed by content; needs --router) or an expert id such as expert-00003.
@@ -58,6 +58,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
         dtype: float32, bfloat16 or float16.
         device: cpu or cuda[:N].
         threads: torch intra-op threads (1 suits small models on shared CPUs); default torch's choice.
+        merge_single_adapter: Run merged weights while all running requests share one expert (base speed for a
+            lone request, one extra copy of the wrapped weights).
         log_level: uvicorn and upcycle log level.
     """
     from upcycle.introvert.run import Run
@@ -75,7 +77,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     engine_config = EngineConfig(max_batch=max_batch, max_waiting=max_waiting, max_seq_len=max_seq_len,
                                  prefill_chunk=prefill_chunk, n_slots=n_slots, max_rank=max_rank,
                                  request_timeout_s=request_timeout, dtype=dtype, device=device,
-                                 torch_threads=threads,
+                                 torch_threads=threads, merge_single_adapter=merge_single_adapter,
                                  cache=CacheConfig(cpu_max_adapters=cpu_adapters, cpu_max_bytes=cpu_bytes))
     engine = Engine.from_run(opened.path, engine_config)
     server_config = ServerConfig(api_key=api_key, max_prompt_tokens=max_prompt_tokens,

@@ -66,6 +66,9 @@ class EngineConfig:
     """Largest adapter rank servable; None: the largest among the experts at startup (at least 8)."""
     target_modules: list[str] | None = None
     """Layers to wrap (PEFT rule); None: those targeted by any expert at startup, else every linear in the blocks."""
+    merge_single_adapter: bool = False
+    """When all running rows use one adapter, run merged weights (base-model speed for a lone request); costs one
+    extra copy of every wrapped weight."""
     request_timeout_s: float | None = 300.0
     """A request still unfinished after this many seconds fails with a timeout; None: no limit."""
     default_max_tokens: int = 256
@@ -257,7 +260,8 @@ class Engine:
             wrapped = [n for n in linears if ".layers." in n or ".h." in n]
         max_rank = config.max_rank or max([8, *(s.rank for s in specs.values())])
         n_slots = config.n_slots or 2 * config.max_batch
-        lora = attach_multi_lora(model, wrapped, n_slots=n_slots, max_rank=max_rank, max_rows=config.max_batch)
+        lora = attach_multi_lora(model, wrapped, n_slots=n_slots, max_rank=max_rank, max_rows=config.max_batch,
+                                 merge_single_slot=config.merge_single_adapter)
         dtype = next(model.parameters()).dtype
         pin = config.cache.pin_memory or str(config.device).startswith("cuda")
         cache_config = CacheConfig(**{**config.cache.__dict__, "pin_memory": pin})
