@@ -88,17 +88,34 @@ class SparseFFN(nn.Module):
 
     # ---- one block -------------------------------------------------------------------------------------------------
 
-    def _block(self, x: torch.Tensor, block: int) -> torch.Tensor:
-        """Output of the rows of `block` for tokens x [T, D] -> [T, D]."""
-        start, end = self.offsets[block], self.offsets[block + 1]
-        return self._rows(x, self.w_gate_up[start:end], self.w_down_t[start:end], self.value[start:end])
+    def _views(self) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Per block: gate-up weights as a [D, 2n] view, down as an [n, D] view, values (None when all 1).
 
-    def _rows(self, x: torch.Tensor, w_gate_up: torch.Tensor, w_down_t: torch.Tensor,
-              value: torch.Tensor) -> torch.Tensor:
-        n = w_gate_up.shape[0]
-        gate_up = (x @ w_gate_up.reshape(2 * n, self.hidden).t()).view(x.shape[0], n, 2)  # [T, 2n] -> [T, n, 2]
-        h = self.act(gate_up[..., 0]) * gate_up[..., 1] * value  # [T, n]
-        return h @ w_down_t  # [T, D]
+        Cached, because at batch-1 decode on a small model the slicing would cost as much as the matmuls; rebuilt
+        when the buffers move or change (`.to()`, `load_state_dict`).
+        """
+        key = (self.w_gate_up.data_ptr(), self.w_down_t.data_ptr(), self.value.data_ptr(), self.value._version)
+        if getattr(self, "_views_key", None) != key:
+            views = []
+            for start, end in zip(self.offsets[:-1], self.offsets[1:], strict=True):
+                value = self.value[start:end]
+                views.append((self.w_gate_up[start:end].reshape(2 * (end - start), self.hidden).t(),
+                              self.w_down_t[start:end], None if bool((value == 1).all()) else value))
+            self._views_cache, self._views_key = views, key
+        return self._views_cache
+
+    def _block(self, x: torch.Tensor, block: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Output of the rows of `block` for tokens x [T, D], added to `out` [T, D] when given."""
+        return self._rows(x, *self._views()[block], out=out)
+
+    def _rows(self, x: torch.Tensor, w_gate_up_t: torch.Tensor, w_down_t: torch.Tensor, value: torch.Tensor | None,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+        n = w_down_t.shape[0]
+        gate_up = (x @ w_gate_up_t).view(x.shape[0], n, 2)  # [T, 2n] -> [T, n, 2]: gate and up interleaved
+        h = self.act(gate_up[..., 0]) * gate_up[..., 1]  # [T, n]
+        if value is not None:
+            h = h * value
+        return h @ w_down_t if out is None else torch.addmm(out, h, w_down_t)  # [T, D]
 
     def _union(self, x: torch.Tensor, experts: list[int]) -> torch.Tensor:
         """One token x [1, D] whose chosen experts overlap: gather the union of their neurons. -> [1, D]."""
@@ -110,7 +127,8 @@ class SparseFFN(nn.Module):
         first[ids] = positions  # any copy of a neuron has the same weights
         union = torch.unique(ids)
         rows = first[union]
-        return self._rows(x, self.w_gate_up[rows], self.w_down_t[rows], best[union])
+        w_gate_up_t = self.w_gate_up[rows].reshape(2 * rows.numel(), self.hidden).t()
+        return self._rows(x, w_gate_up_t, self.w_down_t[rows], best[union])
 
     # ---- forward ---------------------------------------------------------------------------------------------------
 
@@ -124,7 +142,7 @@ class SparseFFN(nn.Module):
             if self._disjoint(chosen):
                 for e in chosen:
                     if self.sizes[1 + e]:
-                        y = y + self._block(x, 1 + e)
+                        y = self._block(x, 1 + e, out=y)
                 return y
             return y + self._union(x, chosen)
         return self._grouped(x, expert_idx, y)
@@ -166,7 +184,7 @@ class SparseFFN(nn.Module):
         y = self._block(x, 0) if self.sizes[0] else x.new_zeros(x.shape[0], self.hidden)
         for e in range(self.num_experts):
             if self.sizes[1 + e]:
-                y = y + weights[:, e:e + 1] * self._block(x, 1 + e)
+                y = y + weights[:, e:e + 1] * self._block(x, 1 + e)  # [T, 1] * [T, D]
         return y
 
     def active_neurons(self, expert_idx: torch.Tensor | None = None) -> torch.Tensor:
