@@ -1,0 +1,118 @@
+"""CLI commands of the mask experts (MoM): `upcycle masks train | analyze | sweep`. Each signature is its command
+line; the work happens in `upcycle.masks.pipeline`.
+"""
+
+from __future__ import annotations
+
+from upcycle.data.splits import SplitConfig
+
+
+def _config(target: float, experts: int, top_k: int, routing: str, steps: int, batch_size: int, lr: float,
+            block_size: int, warmup_fraction: float, lambda_lr: float, seed: int):
+    from upcycle.masks.config import MaskConfig
+    from upcycle.masks.train import MaskTrainConfig, _default_train
+    from upcycle.training.loop import TrainConfig
+
+    defaults = _default_train()
+    train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(defaults.warmup_steps, steps),
+                        min_lr_ratio=defaults.min_lr_ratio, checkpoint_every=max(1, steps // 10), seed=seed)
+    return MaskTrainConfig(target=target, masks=MaskConfig(experts=experts, top_k=top_k, routing=routing),
+                           warmup_fraction=warmup_fraction, lambda_lr=lambda_lr, block_size=block_size, train=train)
+
+
+def train(base: str, target: float = 0.5, experts: int = 8, out: str = "runs/masks", top_k: int = 1,
+          routing: str = "topk", steps: int = 300, batch_size: int = 8, lr: float = 0.05, block_size: int = 128,
+          warmup_fraction: float = 0.5, lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 32,
+          seed: int = 0, compact: bool = True, splits: SplitConfig = SplitConfig()) -> None:
+    """Learn mask experts on a frozen base until a target fraction of FFN neurons is active per token; resumable.
+
+    Writes OUT/masks.json (settings, training curve, held-out perplexity dense vs masked, achieved active ratio,
+    FLOPs), OUT/masks.safetensors, OUT/analysis.json (shared / token-specific / inactive experts) and, with
+    --compact, OUT/compact/ (the compacted model; load with upcycle.masks.export.load_compact).
+
+    Args:
+        base: Base causal LM (a Llama/Mistral/Qwen2-style Hugging Face directory or hub id; 'default': the shipped
+            tiny Llama).
+        target: Fraction of FFN neurons each token should use, in (0, 1].
+        experts: Mask experts per FFN layer.
+        out: Run directory.
+        top_k: Experts per token (topk routing); the token's mask is the union of theirs.
+        routing: topk (hard choice, skippable at inference) or soft (probability-weighted mix of all experts).
+        steps: Optimizer steps.
+        batch_size: Blocks per step.
+        lr: Learning rate of the gates' log α and the routers.
+        block_size: Tokens per block.
+        warmup_fraction: Fraction of the steps over which the target ramps from 1 down to --target.
+        lambda_lr: Step size of the Lagrange multipliers' gradient ascent.
+        data: Corpus: a folder of text files, a .txt/.jsonl/.parquet file, 'hf:NAME[:CONFIG][@SPLIT]', or 'stdlib'.
+        eval_blocks: Held-out blocks for perplexity and the expert analysis.
+        seed: Seed for the masks' initialisation and the block sampling.
+        compact: Also compact the model and export it to OUT/compact.
+        splits: Held-out fractions (the split is by a hash of each document's text).
+    """
+    from upcycle.masks.pipeline import train_run
+
+    config = _config(target, experts, top_k, routing, steps, batch_size, lr, block_size, warmup_fraction, lambda_lr,
+                     seed)
+    meta = train_run(base, config, out, data, splits, eval_blocks, compact)
+    ev = meta["evaluation"]
+    print(f"{out}: {ev['achieved_active_ratio']:.1%} of FFN neurons active per token (target {target:.0%}); "
+          f"held-out perplexity {ev['masked_perplexity']:.2f} (dense {ev['dense_perplexity']:.2f}); "
+          f"experts {ev['experts']}; whole-model FLOPs x{ev['flops']['total_ratio']:.2f}")
+
+
+def analyze(run: str, base: str | None = None, eval_blocks: int = 32) -> None:
+    """Classify a mask run's experts as shared, token-specific or inactive over held-out tokens.
+
+    Rewrites RUN/analysis.json and prints one line per layer.
+
+    Args:
+        run: Run directory made by `upcycle masks train`.
+        base: The base the masks were trained on (default: the path recorded in the run).
+        eval_blocks: Held-out blocks to analyse.
+    """
+    from upcycle.masks.pipeline import analyze_run
+
+    summary = analyze_run(run, base, eval_blocks)
+    for layer in summary["layers"]:
+        kinds = {k: layer["expert_kinds"].count(k) for k in ("shared", "token-specific", "inactive")}
+        print(f"{layer['name']}: active {layer['active_ratio']:.1%}, experts {kinds}, neurons {layer['neuron_kinds']}")
+    print(f"{run}: {summary['active_ratio']:.1%} active over {summary['tokens']} tokens; experts {summary['experts']}")
+
+
+def sweep(base: str, targets: list[float] = [0.25, 0.5, 0.75], experts: int = 8,  # noqa: B006 - CLI default
+          out: str = "runs/masks-sweep", top_k: int = 1, routing: str = "topk", steps: int = 300,
+          batch_size: int = 8, lr: float = 0.05, block_size: int = 128, warmup_fraction: float = 0.5,
+          lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 32, seed: int = 0,
+          splits: SplitConfig = SplitConfig()) -> None:
+    """Train one mask run per target and plot held-out perplexity against the achieved active ratio.
+
+    Writes OUT/target-<t>/ (one run each), OUT/sweep.json and OUT/pareto.png.
+
+    Args:
+        base: Base causal LM (as for `upcycle masks train`).
+        targets: Target active ratios, each in (0, 1].
+        experts: Mask experts per FFN layer.
+        out: Sweep directory.
+        top_k: Experts per token (topk routing).
+        routing: topk or soft.
+        steps: Optimizer steps per run.
+        batch_size: Blocks per step.
+        lr: Learning rate of the gates' log α and the routers.
+        block_size: Tokens per block.
+        warmup_fraction: Fraction of the steps over which the target ramps down.
+        lambda_lr: Step size of the Lagrange multipliers' gradient ascent.
+        data: Corpus spec (as for `upcycle masks train`).
+        eval_blocks: Held-out blocks per evaluation.
+        seed: Seed for every run.
+        splits: Held-out fractions.
+    """
+    from upcycle.masks.pipeline import sweep_runs
+
+    configs = [_config(t, experts, top_k, routing, steps, batch_size, lr, block_size, warmup_fraction, lambda_lr,
+                       seed) for t in targets]  # validates every target before the first run starts
+    summary = sweep_runs(base, targets, configs[0], out, data, splits, eval_blocks)
+    for point in summary["points"]:
+        print(f"target {point['target']:.0%}: active {point['achieved_active_ratio']:.1%}, perplexity "
+              f"{point['perplexity']:.2f} (dense {point['dense_perplexity']:.2f}), FLOPs x{point['flops_ratio']:.2f}")
+    print(f"{out}/sweep.json, {out}/pareto.png")

@@ -1,0 +1,114 @@
+"""Mask training through the shared loop, the run directory, and the CLI functions' one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from mask_helpers import tiny_decoder
+
+from upcycle.errors import UserError
+from upcycle.masks.config import MaskConfig
+from upcycle.masks.train import MaskTrainConfig, train_masks
+from upcycle.training.loop import TrainConfig
+
+
+def tiny_config(steps: int, **overrides) -> MaskTrainConfig:
+    train = TrainConfig(steps=steps, batch_size=4, lr=0.05, warmup_steps=5, min_lr_ratio=1.0,
+                        **overrides.pop("train", {}))
+    return MaskTrainConfig(**({"target": 0.5, "masks": MaskConfig(experts=4), "block_size": 16, "train": train,
+                               "warmup_fraction": 0.4} | overrides))
+
+
+def random_blocks(n: int = 32, length: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 97, (n, length), generator=torch.Generator().manual_seed(0))
+    return ids, ids.clone()
+
+
+def test_training_reaches_target_and_trains_only_masks():
+    model = tiny_decoder()
+    frozen = {k: v.clone() for k, v in model.state_dict().items()}
+    result, lagrangian = train_masks(model, random_blocks(), tiny_config(steps=150))
+    last = result.history[-1]
+    assert {"lm_loss", "expected_active", "target", "penalty", "lambda1", "lambda2"} <= set(last)
+    assert last["target"] == 0.5 and lagrangian.step == 150
+    assert abs(last["expected_active"] - 0.5) < 0.03
+    assert all(torch.equal(frozen[k], v) for k, v in model.state_dict().items() if k in frozen)
+
+
+def test_training_resumes_with_its_multipliers(tmp_path):
+    config = tiny_config(steps=10, train={"checkpoint_every": 5})
+    model = tiny_decoder()
+    _, first = train_masks(model, random_blocks(), config, checkpoint_dir=tmp_path)
+    assert (tmp_path / "lagrangian.json").exists()
+    again = tiny_decoder()
+    result, second = train_masks(again, random_blocks(), config, checkpoint_dir=tmp_path)
+    assert second.step == 10 and second.lambda1 == pytest.approx(first.lambda1)
+    assert len(result.history) == 10  # nothing re-run
+    gates = [k for k in model.state_dict() if "gates" in k]
+    assert all(torch.equal(model.state_dict()[k], again.state_dict()[k]) for k in gates)
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    ({"target": 0.0}, "--target"), ({"target": 1.2}, "--target"), ({"warmup_fraction": 1.5}, "--warmup_fraction"),
+    ({"block_size": 1}, "--block_size"), ({"lambda_lr": 0.0}, "multipliers"),
+])
+def test_bad_training_settings(overrides, message):
+    with pytest.raises(UserError, match=message):
+        tiny_config(steps=10, **overrides)
+
+
+# ---- the CLI functions, end to end on a tiny saved base ------------------------------------------------------------
+
+def corpus_dir(tmp_path: Path) -> Path:
+    from upcycle.data.corpus import stdlib_root
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for name in ["json/decoder.py", "json/encoder.py", "email/message.py", "email/utils.py", "textwrap.py",
+                 "heapq.py", "bisect.py", "fractions.py", "asyncio/queues.py", "asyncio/locks.py", "string.py",
+                 "shlex.py", "glob.py", "fnmatch.py", "colorsys.py", "calendar.py"]:
+        (root / name.replace("/", "_")).write_text((stdlib_root() / name).read_text(encoding="utf-8"))
+    return root
+
+
+def test_train_analyze_and_refuse_another_base(tmp_path, tiny_llama_dir, tiny_tokenizer, capsys):
+    from tests.conftest import save_tiny_llama
+
+    from upcycle.data.splits import SplitConfig
+    from upcycle.io import read_json
+    from upcycle.masks import commands
+    from upcycle.masks.export import load_compact
+
+    run = tmp_path / "run"
+    splits = SplitConfig(validation=0.3, test=0.0)
+    commands.train(str(tiny_llama_dir), target=0.6, experts=4, out=str(run), steps=12, batch_size=2, block_size=32,
+                   eval_blocks=4, data=str(corpus_dir(tmp_path)), splits=splits)
+    assert "of FFN neurons active per token" in capsys.readouterr().out
+    meta = read_json(run / "masks.json")
+    assert meta["base"]["path"] == str(Path(tiny_llama_dir).resolve())
+    assert 0 < meta["evaluation"]["achieved_active_ratio"] <= 1
+    assert meta["compact"]["max_abs_logit_difference"] < 1e-4
+    assert set(read_json(run / "analysis.json")["experts"]) == {"shared", "token-specific", "inactive"}
+    compact = load_compact(run / "compact")
+    assert compact(input_ids=torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, len(tiny_tokenizer))
+
+    commands.analyze(str(run), eval_blocks=2)
+    assert "active over" in capsys.readouterr().out
+    other = save_tiny_llama(tmp_path / "other", tiny_tokenizer, seed=1)
+    with pytest.raises(UserError, match="were trained on"):
+        commands.analyze(str(run), base=str(other))
+
+
+def test_cli_refuses_bad_targets_experts_and_bases(tmp_path, tiny_llama_dir):
+    from upcycle.masks import commands
+
+    with pytest.raises(UserError, match="--target"):
+        commands.train(str(tiny_llama_dir), target=1.5, out=str(tmp_path / "a"))
+    with pytest.raises(UserError, match="--experts"):
+        commands.train(str(tiny_llama_dir), experts=0, out=str(tmp_path / "b"))
+    with pytest.raises(UserError, match="--target"):
+        commands.sweep(str(tiny_llama_dir), targets=[0.5, 0.0], out=str(tmp_path / "c"))
+    with pytest.raises(UserError, match="not a mask run"):
+        commands.analyze(str(tmp_path))
