@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 
 from upcycle.errors import UserError
 
 
 def _commands() -> dict:
     from upcycle.introvert import commands as introvert
+    from upcycle.masks import commands as masks
     from upcycle.models import commands as models
     from upcycle.moe import commands as moe
 
@@ -27,6 +29,8 @@ def _commands() -> dict:
         "moe-train": moe.moe_train,
         "moe-export-mixtral": moe.moe_export_mixtral,
         "moe-inspect": moe.moe_inspect,
+        "masks": {"_help": "Experts as learned masks (MoM): train, analyze, sweep.",
+                  "train": masks.train, "analyze": masks.analyze, "sweep": masks.sweep},
     }
     return table
 
@@ -39,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Our own rich bars show progress of long work; per-file "Loading weights" bars from HF are noise here.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # Deprecation notices from inside transformers/peft are for their developers, not for our users.
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         auto_cli(_commands(), args=argv, as_positional=True)
     except UserError as error:

@@ -51,6 +51,7 @@ def write_report(run_path: str | Path) -> Path:
               f"{100 * routing['accuracy']:.1f}% of {routing['documents']} documents",
               *([f"- routed expert is the best expert for {100 * routing['best_expert_accuracy']:.1f}% of documents"]
                 if routing.get("best_expert_accuracy") is not None else []), ""]
+    lines += _base_section(run)
     lines += _per_cluster_section(run, results)
     lines += _cost_section(results)
     ablation = run.eval_dir / "ablation.json"
@@ -60,6 +61,24 @@ def write_report(run_path: str | Path) -> Path:
     path = run.path / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def _base_section(run: Run) -> list[str]:
+    """How the base was trained, when it was built by `upcycle pretrain` (its pretrain.json travels with it)."""
+    import shutil
+
+    base = Path(run.meta["base"])
+    if not (base / "pretrain.json").is_file():
+        return []
+    recipe = read_json(base / "pretrain.json")
+    if (base / "loss_curve.png").is_file():
+        shutil.copyfile(base / "loss_curve.png", run.path / "base_loss_curve.png")
+    last = ", ".join(f"{e['perplexity']:.2f}" for e in recipe["eval_curve"][-3:])
+    return ["## Base model", "",
+            f"{recipe['parameters']:,} parameters, trained by `upcycle pretrain` on {recipe['train_tokens']:,} tokens "
+            f"in {recipe['train_seconds'] / 60:.0f} min; validation perplexity {recipe['validation_perplexity']:.2f} "
+            f"(last three evaluations: {last}). Weights sha256 "
+            f"`{recipe['weights_sha256'][:16]}...`.", "", "![base loss curve](base_loss_curve.png)", ""]
 
 
 def _per_cluster_section(run: Run, results: dict) -> list[str]:
