@@ -19,7 +19,7 @@ End-to-end decode uses the first --decode-layers blocks of the TinyLlama shape (
 to a few minutes at two threads); fewer layers make the FFN a smaller share of the step (the embedding and the
 32000-word head stay whole), so the speed-ups understate the full model's.
 
-    python benchmarks/masks.py [--threads 2] [--rounds 5] [--decode-layers 8] [--decode-tokens 6]
+    python benchmarks/masks.py [--threads 2] [--rounds 5] [--decode-layers 8] [--decode-tokens 4]
 """
 
 from __future__ import annotations
@@ -212,9 +212,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds for the FFN timings")
-    parser.add_argument("--decode-rounds", type=int, default=2, help="round-robin rounds for the decode timings")
+    parser.add_argument("--decode-rounds", type=int, default=4, help="round-robin rounds for the decode timings")
     parser.add_argument("--decode-layers", type=int, default=8, help="TinyLlama-shape blocks used for decode")
-    parser.add_argument("--decode-tokens", type=int, default=6, help="batch-1 decode steps per measurement (half "
+    parser.add_argument("--decode-tokens", type=int, default=4, help="batch-1 decode steps per measurement (half "
                         "as many at batch 8)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
