@@ -27,7 +27,7 @@ from upcycle.introvert.baselines import BASELINES, BaselineConfig, load_baseline
 from upcycle.introvert.data import load_run_data
 from upcycle.introvert.experts import ExpertConfig
 from upcycle.introvert.model import IntrovertExperts
-from upcycle.introvert.run import Run, expert_id
+from upcycle.introvert.run import Run, cluster_of, expert_id
 from upcycle.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -73,9 +73,8 @@ def summarise(nll: np.ndarray, count: np.ndarray, clusters: np.ndarray, k: int, 
 
 
 def _score_model(model, ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    from upcycle.data.packing import pack
-
-    pairs = [token_nll(model, *pack([seq], 256, pad_id)) for seq in ids]
+    """(NLL sum, predicted tokens) of each document under one model."""
+    pairs = [token_nll(model, *_pack_one(seq, pad_id)) for seq in ids]
     return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
 
 
@@ -99,7 +98,7 @@ def measure_cost(experts: IntrovertExperts, text: str, repeats: int = 5) -> dict
         expert_s = timed(lambda: model(input_ids=ids))
     route_s = timed(lambda: experts.route([text]))
     base_params = sum(p.numel() for n, p in experts.base_model.named_parameters() if "lora_" not in n)
-    lora_params = sum(p.numel() for n, p in experts._peft.named_parameters() if f"{chosen}" in n and "lora_" in n)
+    lora_params = experts.adapter_parameters(chosen)
     n = ids.shape[1]
     return {"tokens": n, "base_ms_per_token": 1e3 * base_s / n, "routed_ms_per_token": 1e3 * expert_s / n,
             "routing_ms_per_request": 1e3 * route_s,
@@ -129,7 +128,7 @@ def evaluate(run_path: str, config: EvalConfig = EvalConfig(), progress=None) ->
         "input_ids"]]
     own = np.array([data.own_cluster[config.split][d.id] for d in docs])
     t0 = time.perf_counter()
-    routed = np.array([int(e.split("-")[1]) for e in experts.route([d.text[: config.route_chars] for d in docs])])
+    routed = np.array([cluster_of(e) for e in experts.route([d.text[: config.route_chars] for d in docs])])
     route_seconds = time.perf_counter() - t0
     rng = random.Random(config.seed)
     random_choice = np.array([rng.randrange(k) for _ in docs])
@@ -171,7 +170,7 @@ def evaluate(run_path: str, config: EvalConfig = EvalConfig(), progress=None) ->
         "config": asdict(config),
         "k": k,
         "documents": len(docs),
-        "cluster_sizes": {"test": np.bincount(own, minlength=k).tolist()},
+        "cluster_sizes": {config.split: np.bincount(own, minlength=k).tolist()},
         "methods": methods,
         "routing": {"accuracy": float((routed == own).mean()), "documents": len(docs),
                     "seconds_per_document": route_seconds / len(docs),
@@ -189,10 +188,11 @@ def evaluate(run_path: str, config: EvalConfig = EvalConfig(), progress=None) ->
     return results
 
 
-def _pack_one(seq: list[int], pad_id: int):
+def _pack_one(seq: list[int], pad_id: int, block_size: int = 256):
+    """One document as its own blocks, so no block mixes two documents (each is routed on its own)."""
     from upcycle.data.packing import pack
 
-    return pack([seq], 256, pad_id)
+    return pack([seq], block_size, pad_id)
 
 
 def _expert_config_dict(meta: dict) -> dict:

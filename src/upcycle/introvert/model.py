@@ -124,6 +124,11 @@ class IntrovertExperts:
         self._activate(expert)
         yield self._peft
 
+    def adapter_parameters(self, expert: str) -> int:
+        """Number of LoRA weights of `expert` (loading it if needed)."""
+        self._activate(expert)
+        return sum(p.numel() for name, p in self._peft.named_parameters() if "lora_" in name and f".{expert}." in name)
+
     def _resolve(self, texts: list[str], expert: str | None) -> list[str | None]:
         if expert == AUTO:
             return self.route(texts)

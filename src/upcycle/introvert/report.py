@@ -108,9 +108,11 @@ def _per_cluster_section(run: Run, results: dict) -> list[str]:
     if summary_path.is_file():
         for entry in read_json(summary_path):
             terms[int(entry["cluster"])] = ", ".join(entry.get("top_terms", [])[:6])
-    rows = [[c, sizes[c] if c < len(sizes) else "", results["cluster_sizes"]["test"][c], terms.get(c, ""),
+    held_out = results["cluster_sizes"][results["split"]]
+    rows = [[c, sizes[c] if c < len(sizes) else "", held_out[c], terms.get(c, ""),
              *[results["methods"][n]["per_cluster"].get(str(c)) for n in names]] for c in range(k)]
-    return ["## Per cluster", "", markdown_table(["cluster", "train docs", "test docs", "top terms", *names], rows),
+    header = ["cluster", "train docs", f"{results['split']} docs", "top terms", *names]
+    return ["## Per cluster", "", markdown_table(header, rows),
             "", "![per-cluster perplexity](per_cluster.png)", "", "![cluster sizes](cluster_sizes.png)", ""]
 
 

@@ -34,3 +34,8 @@ def load_sequence_router(run: Run) -> SequenceRouter:
     from upcycle.introvert.router import CentroidRouter
 
     return SequenceRouter(load_embedder(run.clusters_dir / "embedder"), CentroidRouter.load(run.clusters_dir))
+
+
+def router_for_run(run_path: str) -> SequenceRouter:
+    """The router of the run at `run_path` (the server's default `--router` factory)."""
+    return load_sequence_router(Run.open(run_path))
