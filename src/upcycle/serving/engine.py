@@ -503,11 +503,15 @@ class Engine:
         """Run the scheduler on a background thread."""
         if self._thread is None:
             self._stop = False
-            self._thread = threading.Thread(target=self._loop, name="upcycle-engine", daemon=True)
+            threads = self.config.torch_threads or torch.get_num_threads()
+            self._thread = threading.Thread(target=self._loop, args=(threads,), name="upcycle-engine", daemon=True)
             self._thread.start()
         return self
 
-    def _loop(self) -> None:
+    def _loop(self, torch_threads: int) -> None:
+        # OpenMP's thread count is per calling thread: without this the engine thread would use the default (all
+        # cores) whatever the creating thread chose, and on shared cores those extra threads spin against others.
+        torch.set_num_threads(torch_threads)
         while not self._stop:
             if not self.step():
                 self._wake_event.wait(0.05)

@@ -23,7 +23,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -158,8 +158,13 @@ def _error_response(error: ServingError) -> JSONResponse:
     return JSONResponse(error_body(error), status_code=error.status, headers=headers)
 
 
-def create_app(engine: Engine, config: ServerConfig | None = None, router: SequenceRouter | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`; its lifespan starts and drains the engine (and the directory watcher)."""
+def create_app(engine: Engine, config: ServerConfig | None = None, router: SequenceRouter | None = None,
+               on_expert: Callable[[str], Awaitable[None]] | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`; its lifespan starts and drains the engine (and the directory watcher).
+
+    `on_expert(expert)` is awaited once a request's expert is known, before it is queued (the Ray Serve deployment
+    uses it to load the expert through Serve's model multiplexing).
+    """
     config = config or ServerConfig()
     registry, http_counter = make_registry(engine)
     watcher = ExpertDirectoryWatcher(config.watch_dir, engine.cache, config.watch_interval_s) \
@@ -286,6 +291,8 @@ def create_app(engine: Engine, config: ServerConfig | None = None, router: Seque
         if app.state.draining:
             raise Overloaded("the server is shutting down")
         expert = await resolve(body.model, route_text)
+        if expert is not None and on_expert is not None:
+            await on_expert(expert)
         max_tokens = body.token_limit() if chat else body.max_tokens
         params = [sampling(body, max_tokens, len(p), extra_stop) for p in prompts]
         loop = asyncio.get_running_loop()

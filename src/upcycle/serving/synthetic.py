@@ -52,6 +52,27 @@ def save_peft_adapter(base: str | Path | torch.nn.Module, out_dir: str | Path, s
     return Path(out_dir)
 
 
+def save_tiny_base(path: str | Path, vocab_size: int = 4096, hidden_size: int = 128, num_layers: int = 4,
+                   intermediate_size: int = 384, seed: int = 0) -> Path:
+    """A random tiny Llama plus a byte-level BPE trained on a few standard-library packages (benchmarks, load tests)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from upcycle.data.corpus import stdlib_root
+    from upcycle.models.tokenizer import train_bpe_tokenizer
+
+    path = Path(path)
+    files = sorted((stdlib_root() / "json").glob("*.py")) + sorted((stdlib_root() / "email").glob("*.py"))
+    tokenizer = train_bpe_tokenizer([f.read_text(encoding="utf-8") for f in files], vocab_size=vocab_size)
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+                         num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=4,
+                         max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id, pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 def write_synthetic_run(run_dir: str | Path, base_dir: str | Path, n_experts: int, rank: int = 8,
                         lora_alpha: float = 16.0, targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0,
                         b_std: float = 0.05, first_cluster: int = 0) -> Run:

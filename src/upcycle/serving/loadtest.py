@@ -1,0 +1,174 @@
+"""Bounded load test: C concurrent OpenAI clients for D seconds against the server; prints one JSON object.
+
+Without `--url` it serves a run in this process on 127.0.0.1 (a synthetic one with `--synthetic N`: tiny random
+Llama and N random LoRA experts in a temporary directory) and samples the process's resident memory every half
+second, so a leak shows as `rss_mb.end` well above `rss_mb.after_warmup`. Clients mix streaming and plain calls,
+completions and chat, and models (auto when listed, base, random experts), with 8-32 new tokens each.
+
+    python -m upcycle.serving.loadtest --synthetic 100 --clients 32 --seconds 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+
+def _rss_mb() -> float:
+    """Resident set size of this process (Linux /proc), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def _client(client, models: list[str], deadline: float, seed: int, outcomes: Counter, latencies: list[float],
+                  tokens: list[int]) -> None:
+    import openai
+
+    rng = random.Random(seed)
+    while time.monotonic() < deadline:
+        model, stream, chat = rng.choice(models), rng.random() < 0.5, rng.random() < 0.3
+        max_tokens = rng.randint(8, 32)
+        prompt = f"def function_{rng.randint(0, 999)}(x):\n    return"
+        start = time.monotonic()
+        try:
+            if chat:
+                messages = [{"role": "user", "content": prompt}]
+                if stream:
+                    chunks = await client.chat.completions.create(model=model, messages=messages, stream=True,
+                                                                  max_tokens=max_tokens,
+                                                                  stream_options={"include_usage": True})
+                    async for chunk in chunks:
+                        if chunk.usage:
+                            tokens.append(chunk.usage.completion_tokens)
+                else:
+                    reply = await client.chat.completions.create(model=model, messages=messages,
+                                                                 max_tokens=max_tokens)
+                    tokens.append(reply.usage.completion_tokens)
+            elif stream:
+                chunks = await client.completions.create(model=model, prompt=prompt, stream=True,
+                                                         max_tokens=max_tokens,
+                                                         stream_options={"include_usage": True})
+                async for chunk in chunks:
+                    if chunk.usage:
+                        tokens.append(chunk.usage.completion_tokens)
+            else:
+                reply = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens)
+                tokens.append(reply.usage.completion_tokens)
+            outcomes["ok"] += 1
+            latencies.append(time.monotonic() - start)
+        except openai.APIStatusError as error:
+            outcomes[f"http_{error.status_code}"] += 1
+        except openai.APIError as error:
+            outcomes[type(error).__name__] += 1
+
+
+async def run_load(base_url: str, api_key: str, clients: int, seconds: float, seed: int = 0) -> dict:
+    """Drive `clients` concurrent clients for `seconds`; returns counts, tokens/s and latency percentiles."""
+    import httpx
+    import openai
+
+    http = httpx.AsyncClient(limits=httpx.Limits(max_connections=clients + 4), timeout=120)
+    client = openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0, http_client=http)
+    listed = [m.id for m in (await client.models.list()).data]
+    experts = [m for m in listed if m not in ("base", "auto")]
+    models = (["auto"] if "auto" in listed else []) + ["base"] + experts[:200]
+    outcomes: Counter = Counter()
+    latencies: list[float] = []
+    tokens: list[int] = []
+    start = time.monotonic()
+    await asyncio.gather(*(_client(client, models, start + seconds, seed + i, outcomes, latencies, tokens)
+                           for i in range(clients)))
+    wall = time.monotonic() - start
+    await http.aclose()
+    return {"clients": clients, "seconds": round(wall, 1), "outcomes": dict(outcomes),
+            "errors": sum(n for k, n in outcomes.items() if k != "ok"), "generated_tokens": sum(tokens),
+            "tokens_per_s": round(sum(tokens) / wall, 1),
+            "latency_p50_ms": round(float(np.percentile(latencies, 50)) * 1e3, 1) if latencies else None,
+            "latency_p99_ms": round(float(np.percentile(latencies, 99)) * 1e3, 1) if latencies else None}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--url", help="an existing server's base URL (…/v1); default: serve --run here")
+    parser.add_argument("--api-key", default="load-test")
+    parser.add_argument("--run", help="run directory to serve in-process")
+    parser.add_argument("--synthetic", type=int, default=0, help="serve a synthetic run with this many experts")
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--seconds", type=float, default=60.0)
+    parser.add_argument("--max-batch", type=int, default=16)
+    args = parser.parse_args(argv)
+    if args.url:
+        result = asyncio.run(run_load(args.url, args.api_key, args.clients, args.seconds))
+        print(json.dumps(result, indent=2))
+        return result
+    if not args.run and not args.synthetic:
+        parser.error("give --url, --run or --synthetic N")
+    with tempfile.TemporaryDirectory(prefix="upcycle-loadtest-") as tmp:
+        result = _serve_and_load(args, Path(tmp))
+    print(json.dumps(result, indent=2))
+    return result
+
+
+def _serve_and_load(args, tmp: Path) -> dict:
+    import socket
+
+    import torch
+
+    from upcycle.serving.engine import Engine, EngineConfig
+    from upcycle.serving.server import ServerConfig, create_app, make_server
+    from upcycle.serving.synthetic import save_tiny_base, write_synthetic_run
+
+    torch.set_num_threads(1)
+    run = args.run
+    if not run:
+        run = tmp / "run"
+        write_synthetic_run(run, save_tiny_base(tmp / "base"), args.synthetic, rank=8)
+    engine = Engine.from_run(run, EngineConfig(max_batch=args.max_batch, max_seq_len=256,
+                                               max_waiting=4 * args.clients))
+    app = create_app(engine, ServerConfig(api_key=args.api_key))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = make_server(app, "127.0.0.1", port, log_level="warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.5):
+            samples.append(_rss_mb())
+
+    url = f"http://127.0.0.1:{port}/v1"
+    asyncio.run(run_load(url, args.api_key, args.clients, min(5.0, args.seconds), seed=10_000))  # warm-up
+    after_warmup = _rss_mb()
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    result = asyncio.run(run_load(url, args.api_key, args.clients, args.seconds))
+    stop.set()
+    sampler.join()
+    result["rss_mb"] = {"after_warmup": round(after_warmup, 1), "end": round(_rss_mb(), 1),
+                        "peak": round(max(samples, default=after_warmup), 1)}
+    result["cache"] = engine.cache.snapshot() if engine.cache is not None else {}
+    result["engine_outcomes"] = engine.stats.requests.snapshot()
+    server.begin_shutdown()
+    thread.join(timeout=60)
+    engine.close()
+    return result
+
+
+if __name__ == "__main__":
+    main()
