@@ -212,7 +212,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds for the FFN timings")
-    parser.add_argument("--decode-rounds", type=int, default=4, help="round-robin rounds for the decode timings")
+    parser.add_argument("--decode-rounds", type=int, default=3, help="round-robin rounds for the decode timings")
     parser.add_argument("--decode-layers", type=int, default=8, help="TinyLlama-shape blocks used for decode")
     parser.add_argument("--decode-tokens", type=int, default=4, help="batch-1 decode steps per measurement (half "
                         "as many at batch 8)")
