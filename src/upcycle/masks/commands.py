@@ -20,7 +20,7 @@ def _config(target: float, experts: int, top_k: int, routing: str, steps: int, b
                            warmup_fraction=warmup_fraction, lambda_lr=lambda_lr, block_size=block_size, train=train)
 
 
-def train(base: str, target: float = 0.5, experts: int = 8, out: str = "runs/masks", top_k: int = 1,
+def train(base: str = "default", target: float = 0.5, experts: int = 8, out: str = "runs/masks", top_k: int = 1,
           routing: str = "topk", steps: int = 300, batch_size: int = 8, lr: float = 0.05, block_size: int = 128,
           warmup_fraction: float = 0.5, lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 32,
           seed: int = 0, compact: bool = True, splits: SplitConfig = SplitConfig()) -> None:
@@ -80,7 +80,7 @@ def analyze(run: str, base: str | None = None, eval_blocks: int = 32) -> None:
     print(f"{run}: {summary['active_ratio']:.1%} active over {summary['tokens']} tokens; experts {summary['experts']}")
 
 
-def sweep(base: str, targets: list[float] = [0.25, 0.5, 0.75], experts: int = 8,  # noqa: B006 - CLI default
+def sweep(base: str = "default", targets: list[float] = [0.25, 0.5, 0.75], experts: int = 8,  # noqa: B006 - CLI default
           out: str = "runs/masks-sweep", top_k: int = 1, routing: str = "topk", steps: int = 300,
           batch_size: int = 8, lr: float = 0.05, block_size: int = 128, warmup_fraction: float = 0.5,
           lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 32, seed: int = 0,
