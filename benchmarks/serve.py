@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--requests16", type=int, default=384, help="timed requests per configuration, concurrency 16")
     parser.add_argument("--rounds", type=int, default=8, help="interleaved timing rounds")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--cpu-adapters", type=int, default=256, help="CPU tier capacity (adapters)")
+    parser.add_argument("--cpu-adapters", type=int, default=512, help="CPU tier capacity (adapters; the default)")
     parser.add_argument("--zipf-s", type=float, default=1.1)
     parser.add_argument("--swap-samples", type=int, default=100)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")

@@ -53,7 +53,7 @@ class AdapterWeights:
 
     spec: AdapterSpec
     modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    """Full module name -> (A [r, I], B [O, r], scaling)."""
+    """Full module name -> (A [r, I], B [O, r], scaling); scaling is 1.0 when it was folded into B."""
 
     @property
     def nbytes(self) -> int:
@@ -96,19 +96,64 @@ def read_spec(path: str | Path) -> AdapterSpec:
         raise AdapterError(f"{path / CONFIG_NAME} has a bad field: {error!r}") from None
 
 
-def read_adapter(path: str | Path, dtype: torch.dtype = torch.float32, pin_memory: bool = False) -> AdapterWeights:
-    """Load a PEFT LoRA directory into CPU tensors of `dtype`, or raise an AdapterError (corrupt or unsupported)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
+
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, as views of one buffer filled by a single read.
+
+    The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
+    bytes. A LoRA file holds dozens of small tensors, where `safetensors.torch.load_file` spends its time per tensor;
+    this reader is several times faster on them (tests check it returns the same tensors). Raises ValueError on a
+    malformed file, OSError when unreadable.
+    """
+    path = Path(path)
+    with open(path, "rb") as handle:
+        size = path.stat().st_size
+        buffer = bytearray(size)
+        if handle.readinto(buffer) != size:
+            raise ValueError("short read")
+    if size < 8:
+        raise ValueError("file too short for a safetensors header")
+    header_len = int.from_bytes(buffer[:8], "little")
+    if header_len > size - 8:
+        raise ValueError(f"header length {header_len} exceeds the file")
+    header = json.loads(bytes(buffer[8: 8 + header_len]))
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    start, body = 8 + header_len, size - 8 - header_len
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise ValueError(f"{name}: unsupported dtype {info.get('dtype')!r}")
+        shape, (begin, end) = info["shape"], info["data_offsets"]
+        count = math.prod(shape)
+        if not 0 <= begin <= end <= body or end - begin != count * dtype.itemsize:
+            raise ValueError(f"{name}: data offsets {begin}..{end} do not fit shape {shape} in a {body}-byte body")
+        tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=count, offset=start + begin).view(shape) \
+            if count else torch.empty(shape, dtype=dtype)
+    return tensors
+
+
+def read_adapter(path: str | Path, dtype: torch.dtype = torch.float32, pin_memory: bool = False,
+                 fold_scaling: bool = True) -> AdapterWeights:
+    """Load a PEFT LoRA directory into CPU tensors of `dtype`, or raise an AdapterError (corrupt or unsupported).
+
+    With `fold_scaling` each B comes back already multiplied by its scaling (and the scaling reported as 1.0), so
+    copying it into a slot later (on the serving thread) is a plain copy; the disk read pays for the multiply.
+    """
     path = Path(path)
     spec = read_spec(path)
     try:
-        tensors = load_file(path / WEIGHTS_NAME)
+        tensors = read_safetensors(path / WEIGHTS_NAME)
     except FileNotFoundError:
         raise AdapterError(f"{path} has no {WEIGHTS_NAME}") from None
-    except (SafetensorError, OSError, ValueError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, TypeError) as error:
         raise AdapterError(f"{path / WEIGHTS_NAME} is corrupt: {error}") from None
+    _check_finite(path, tensors)
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         match = _KEY.match(key.removeprefix(_PREFIX))
@@ -125,10 +170,18 @@ def read_adapter(path: str | Path, dtype: torch.dtype = torch.float32, pin_memor
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             raise AdapterError(f"{path / WEIGHTS_NAME}: {module} has mismatched shapes A {tuple(a.shape)}, "
                                f"B {tuple(b.shape)}")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-            raise AdapterError(f"{path / WEIGHTS_NAME}: {module} holds NaN or inf")
-        a, b = a.to(dtype).contiguous(), b.to(dtype).contiguous()
+        scaling = spec.scaling(module, a.shape[0])
+        a = a.to(dtype).contiguous()
+        b = (b.to(dtype) * scaling).contiguous() if fold_scaling else b.to(dtype).contiguous()
         if pin_memory:  # page-locked, so the copy into accelerator slots can run asynchronously
             a, b = a.pin_memory(), b.pin_memory()
-        modules[module] = (a, b, spec.scaling(module, a.shape[0]))
+        modules[module] = (a, b, 1.0 if fold_scaling else scaling)
     return AdapterWeights(spec=spec, modules=modules)
+
+
+def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse NaN / inf weights: one check over all values (a few small tensors' worth of work)."""
+    values = [t.reshape(-1).float() for t in tensors.values()]
+    if values and not torch.isfinite(torch.cat(values)).all():
+        bad = next(name for name, t in tensors.items() if not torch.isfinite(t).all())
+        raise AdapterError(f"{path / WEIGHTS_NAME}: {bad} holds NaN or inf")

@@ -1,0 +1,65 @@
+"""Reading PEFT adapters: the fast safetensors reader equals the library's, and bad files are clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from upcycle.serving.adapters import CONFIG_NAME, WEIGHTS_NAME, read_adapter, read_safetensors, read_spec
+from upcycle.serving.errors import AdapterError
+
+
+def test_fast_reader_equals_safetensors_load_file(fake_run_dir, tmp_path):
+    path = fake_run_dir / "experts" / "expert-00001" / WEIGHTS_NAME
+    reference, fast = load_file(path), read_safetensors(path)
+    assert reference.keys() == fast.keys()
+    for key, tensor in reference.items():
+        assert fast[key].dtype == tensor.dtype and torch.equal(fast[key], tensor)
+    mixed = {"a": torch.randn(3, 5).to(torch.bfloat16), "b": torch.arange(6, dtype=torch.float64).view(2, 3),
+             "c": torch.zeros(0, 4)}
+    save_file(mixed, tmp_path / "mixed.safetensors")
+    for key, tensor in read_safetensors(tmp_path / "mixed.safetensors").items():
+        assert torch.equal(tensor, mixed[key]) and tensor.dtype == mixed[key].dtype
+
+
+@pytest.mark.parametrize("damage", ["truncate", "header", "nan"])
+def test_damaged_weights_are_adapter_errors(fake_run_dir, tmp_path, damage):
+    expert = tmp_path / "expert"
+    shutil.copytree(fake_run_dir / "experts" / "expert-00000", expert)
+    weights = expert / WEIGHTS_NAME
+    if damage == "truncate":
+        weights.write_bytes(weights.read_bytes()[:-100])
+    elif damage == "header":
+        weights.write_bytes(b"\xff" * 8 + weights.read_bytes()[8:])
+    else:
+        tensors = load_file(weights)
+        next(iter(tensors.values()))[0, 0] = float("nan")
+        save_file(tensors, weights)
+    with pytest.raises(AdapterError, match="corrupt|NaN"):
+        read_adapter(expert)
+
+
+def test_unsupported_configs_are_refused_by_name(fake_run_dir, tmp_path):
+    expert = tmp_path / "expert"
+    shutil.copytree(fake_run_dir / "experts" / "expert-00000", expert)
+    config = json.loads((expert / CONFIG_NAME).read_text())
+    for field, value in (("use_dora", True), ("modules_to_save", ["lm_head"]), ("bias", "all")):
+        (expert / CONFIG_NAME).write_text(json.dumps({**config, field: value}))
+        with pytest.raises(AdapterError, match=field):
+            read_spec(expert)
+    (expert / CONFIG_NAME).write_text("{not json")
+    with pytest.raises(AdapterError, match="unreadable"):
+        read_spec(expert)
+
+
+def test_folding_the_scaling_into_b_changes_nothing_else(fake_run_dir):
+    expert = fake_run_dir / "experts" / "expert-00002"
+    folded, plain = read_adapter(expert), read_adapter(expert, fold_scaling=False)
+    for name, (a, b, scaling) in plain.modules.items():
+        fa, fb, fscaling = folded.modules[name]
+        assert fscaling == 1.0 and scaling == 2.0  # lora_alpha 8 / r 4
+        assert torch.equal(fa, a) and torch.allclose(fb, b * scaling)
