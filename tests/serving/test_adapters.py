@@ -56,10 +56,12 @@ def test_unsupported_configs_are_refused_by_name(fake_run_dir, tmp_path):
         read_spec(expert)
 
 
-def test_folding_the_scaling_into_b_changes_nothing_else(fake_run_dir):
+def test_adapter_views_are_the_file_tensors_with_peft_scaling(fake_run_dir):
     expert = fake_run_dir / "experts" / "expert-00002"
-    folded, plain = read_adapter(expert), read_adapter(expert, fold_scaling=False)
-    for name, (a, b, scaling) in plain.modules.items():
-        fa, fb, fscaling = folded.modules[name]
-        assert fscaling == 1.0 and scaling == 2.0  # lora_alpha 8 / r 4
-        assert torch.equal(fa, a) and torch.allclose(fb, b * scaling)
+    reference = load_file(expert / WEIGHTS_NAME)
+    weights = read_adapter(expert)
+    assert weights.nbytes == (expert / WEIGHTS_NAME).stat().st_size and weights.rank == 4
+    for name, (a, b, scaling) in weights.modules.items():
+        assert scaling == 2.0  # lora_alpha 8 / r 4
+        assert torch.equal(a, reference[f"base_model.model.{name}.lora_A.weight"])
+        assert torch.equal(b, reference[f"base_model.model.{name}.lora_B.weight"])

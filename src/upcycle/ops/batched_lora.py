@@ -192,10 +192,11 @@ class MultiLoRALinear(nn.Module):
             self._merged_slot = -1
         if rank > self.max_rank:
             raise ValueError(f"adapter rank {rank} exceeds the slot capacity max_rank={self.max_rank}")
-        self.lora_a[slot, :rank].copy_(lora_a, non_blocking=True)
-        self.lora_b[slot, :, :rank].copy_(lora_b, non_blocking=True)
-        if scaling != 1.0:
-            self.lora_b[slot, :, :rank].mul_(scaling)
+        self.lora_a[slot, :rank].copy_(lora_a, non_blocking=True)  # copy_ also converts the dtype
+        if scaling == 1.0:
+            self.lora_b[slot, :, :rank].copy_(lora_b, non_blocking=True)
+        else:  # scale while copying: one op instead of two
+            torch.mul(lora_b.to(self.lora_b.dtype), scaling, out=self.lora_b[slot, :, :rank])
         if rank < self.max_rank:
             self.lora_a[slot, rank:].zero_()
             self.lora_b[slot, :, rank:].zero_()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,21 +48,59 @@ class AdapterSpec:
         return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor sits in a safetensors file's bytes."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+
 @dataclass
 class AdapterWeights:
-    """One adapter in memory, ready to copy into a slot."""
+    """One adapter in CPU memory: the weights file's bytes and where each LoRA matrix sits in them.
+
+    Loading makes almost no torch calls (so a background loader hardly competes with the serving thread for the
+    GIL, which each torch call releases and re-takes); tensor views are made when a slot is filled.
+    """
 
     spec: AdapterSpec
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
-    """Full module name -> (A [r, I], B [O, r], scaling); scaling is 1.0 when it was folded into B."""
+    raw: bytearray | torch.Tensor
+    """The file's bytes (a pinned uint8 tensor when loaded for an accelerator)."""
+    layout: dict[str, tuple[_Entry, _Entry, float]]
+    """Full module name -> (A entry [r, I], B entry [O, r], scaling)."""
+
+    @property
+    def modules(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+        """Full module name -> (A [r, I], B [O, r], scaling), as views of `raw`."""
+        return {name: (self._view(a), self._view(b), scaling) for name, (a, b, scaling) in self.layout.items()}
+
+    def shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Full module name -> (A shape, B shape), without touching the bytes."""
+        return {name: (a.shape, b.shape) for name, (a, b, _) in self.layout.items()}
 
     @property
     def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b, _ in self.modules.values())
+        return len(self.raw) if isinstance(self.raw, bytearray) else self.raw.numel()
 
     @property
     def rank(self) -> int:
-        return max(a.shape[0] for a, _, _ in self.modules.values())
+        return max(a.shape[0] for a, _, _ in self.layout.values())
+
+    def _view(self, entry: _Entry) -> torch.Tensor:
+        return _tensor(self.raw, entry)
+
+
+def _tensor(raw: bytearray | torch.Tensor, entry: _Entry) -> torch.Tensor:
+    """The tensor `entry` describes, as a view of the file bytes `raw` (no copy)."""
+    count = math.prod(entry.shape)
+    if not count:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    if isinstance(raw, torch.Tensor):
+        return raw[entry.begin: entry.end].view(entry.dtype).view(entry.shape)
+    return torch.frombuffer(raw, dtype=entry.dtype, count=count, offset=entry.begin).view(entry.shape)
 
 
 def read_spec(path: str | Path) -> AdapterSpec:
@@ -99,17 +138,14 @@ def read_spec(path: str | Path) -> AdapterSpec:
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
-def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file, as views of one buffer filled by a single read.
+def _read_raw(path: Path) -> tuple[bytearray, dict[str, _Entry]]:
+    """A safetensors file's bytes (one read) and its checked header, in plain Python.
 
     The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, then the
-    bytes. A LoRA file holds dozens of small tensors, where `safetensors.torch.load_file` spends its time per tensor;
-    this reader is several times faster on them (tests check it returns the same tensors). Raises ValueError on a
-    malformed file, OSError when unreadable.
+    bytes. Raises ValueError on a malformed file, OSError when unreadable.
     """
-    path = Path(path)
     with open(path, "rb") as handle:
-        size = path.stat().st_size
+        size = os.fstat(handle.fileno()).st_size
         buffer = bytearray(size)
         if handle.readinto(buffer) != size:
             raise ValueError("short read")
@@ -122,66 +158,74 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     start, body = 8 + header_len, size - 8 - header_len
-    tensors = {}
+    entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
         dtype = _DTYPES.get(info.get("dtype"))
         if dtype is None:
             raise ValueError(f"{name}: unsupported dtype {info.get('dtype')!r}")
-        shape, (begin, end) = info["shape"], info["data_offsets"]
-        count = math.prod(shape)
-        if not 0 <= begin <= end <= body or end - begin != count * dtype.itemsize:
+        shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
+        if not 0 <= begin <= end <= body or end - begin != math.prod(shape) * dtype.itemsize:
             raise ValueError(f"{name}: data offsets {begin}..{end} do not fit shape {shape} in a {body}-byte body")
-        tensors[name] = torch.frombuffer(buffer, dtype=dtype, count=count, offset=start + begin).view(shape) \
-            if count else torch.empty(shape, dtype=dtype)
-    return tensors
+        entries[name] = _Entry(dtype, shape, start + begin, start + end)
+    return buffer, entries
 
 
-def read_adapter(path: str | Path, dtype: torch.dtype = torch.float32, pin_memory: bool = False,
-                 fold_scaling: bool = True) -> AdapterWeights:
-    """Load a PEFT LoRA directory into CPU tensors of `dtype`, or raise an AdapterError (corrupt or unsupported).
+def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file, as views of one buffer filled by a single read.
 
-    With `fold_scaling` each B comes back already multiplied by its scaling (and the scaling reported as 1.0), so
-    copying it into a slot later (on the serving thread) is a plain copy; the disk read pays for the multiply.
+    A LoRA file holds dozens of small tensors, where `safetensors.torch.load_file` spends its time per tensor; this
+    reader is several times faster on them (tests check it returns the same tensors).
     """
+    buffer, entries = _read_raw(Path(path))
+    return {name: _tensor(buffer, entry) for name, entry in entries.items()}
+
+
+def read_adapter(path: str | Path, pin_memory: bool = False) -> AdapterWeights:
+    """Load a PEFT LoRA directory into CPU memory, or raise an AdapterError (corrupt or unsupported)."""
     path = Path(path)
     spec = read_spec(path)
     try:
-        tensors = read_safetensors(path / WEIGHTS_NAME)
+        raw, entries = _read_raw(path / WEIGHTS_NAME)
     except FileNotFoundError:
         raise AdapterError(f"{path} has no {WEIGHTS_NAME}") from None
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise AdapterError(f"{path / WEIGHTS_NAME} is corrupt: {error}") from None
-    _check_finite(path, tensors)
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
+    pairs: dict[str, dict[str, _Entry]] = {}
+    for key, entry in entries.items():
         match = _KEY.match(key.removeprefix(_PREFIX))
         if match is None:
             raise AdapterError(f"{path / WEIGHTS_NAME}: unexpected tensor {key!r} (only lora_A/lora_B weights)")
-        pairs.setdefault(match["module"], {})[match["which"]] = tensor
+        pairs.setdefault(match["module"], {})[match["which"]] = entry
     if not pairs:
         raise AdapterError(f"{path / WEIGHTS_NAME} holds no LoRA weights")
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    layout = {}
     for module, pair in pairs.items():
         if set(pair) != {"A", "B"}:
             raise AdapterError(f"{path / WEIGHTS_NAME}: {module} lacks lora_{'B' if 'A' in pair else 'A'}")
         a, b = pair["A"], pair["B"]
-        if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
-            raise AdapterError(f"{path / WEIGHTS_NAME}: {module} has mismatched shapes A {tuple(a.shape)}, "
-                               f"B {tuple(b.shape)}")
-        scaling = spec.scaling(module, a.shape[0])
-        a = a.to(dtype).contiguous()
-        b = (b.to(dtype) * scaling).contiguous() if fold_scaling else b.to(dtype).contiguous()
-        if pin_memory:  # page-locked, so the copy into accelerator slots can run asynchronously
-            a, b = a.pin_memory(), b.pin_memory()
-        modules[module] = (a, b, 1.0 if fold_scaling else scaling)
-    return AdapterWeights(spec=spec, modules=modules)
+        if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
+            raise AdapterError(f"{path / WEIGHTS_NAME}: {module} has mismatched shapes A {a.shape}, B {b.shape}")
+        layout[module] = (a, b, spec.scaling(module, a.shape[0]))
+    _check_finite(path, raw, list(entries.values()))
+    if pin_memory:  # page-locked, so copies into accelerator slots can run asynchronously
+        raw = torch.frombuffer(raw, dtype=torch.uint8).pin_memory()
+    return AdapterWeights(spec=spec, raw=raw, layout=layout)
 
 
-def _check_finite(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Refuse NaN / inf weights: one check over all values (a few small tensors' worth of work)."""
-    values = [t.reshape(-1).float() for t in tensors.values()]
-    if values and not torch.isfinite(torch.cat(values)).all():
-        bad = next(name for name, t in tensors.items() if not torch.isfinite(t).all())
-        raise AdapterError(f"{path / WEIGHTS_NAME}: {bad} holds NaN or inf")
+def _check_finite(path: Path, raw: bytearray, entries: list[_Entry]) -> None:
+    """Refuse NaN / inf weights: one check over the whole data region when the tensors tile it in one dtype."""
+    entries = sorted(entries, key=lambda e: e.begin)
+    if not entries or entries[-1].end == entries[0].begin:
+        return
+    one_dtype = len({e.dtype for e in entries}) == 1
+    tiled = all(x.end == y.begin for x, y in zip(entries, entries[1:], strict=False))
+    if one_dtype and tiled:
+        start, end, dtype = entries[0].begin, entries[-1].end, entries[0].dtype
+        if torch.frombuffer(raw, dtype=dtype, count=(end - start) // dtype.itemsize, offset=start).isfinite().all():
+            return
+    for entry in entries:  # the slow path: mixed layouts, or naming the culprit
+        if not _tensor(raw, entry).isfinite().all():
+            raise AdapterError(f"{path / WEIGHTS_NAME}: the tensor at bytes {entry.begin}..{entry.end} holds NaN "
+                               "or inf")

@@ -110,11 +110,10 @@ def _signature(path: Path) -> tuple[int, ...]:
 class AdapterCache:
     """Registered experts and the tiers holding their weights; see the module docstring."""
 
-    def __init__(self, slots: SlotWriter, config: CacheConfig | None = None, dtype: torch.dtype = torch.float32,
+    def __init__(self, slots: SlotWriter, config: CacheConfig | None = None,
                  check: Callable[[str, AdapterWeights], None] | None = None) -> None:
         self.slots = slots
         self.config = config or CacheConfig()
-        self.dtype = dtype
         self.check = check  # raises AdapterError when the model cannot hold an adapter (targets, rank)
         self.stats = CacheStats()
         self._lock = threading.RLock()
@@ -304,7 +303,7 @@ class AdapterCache:
             if bad is not None and bad[0] == _signature(entry.path):
                 raise bad[1]  # same files that failed before: fail fast instead of re-reading
             start = time.perf_counter()
-            weights = read_adapter(entry.path, self.dtype, pin_memory=self.config.pin_memory)
+            weights = read_adapter(entry.path, pin_memory=self.config.pin_memory)
             if self.check is not None:
                 self.check(expert, weights)
             self.stats.swaps["disk_to_cpu"].observe(time.perf_counter() - start)

@@ -262,10 +262,9 @@ class Engine:
         n_slots = config.n_slots or 2 * config.max_batch
         lora = attach_multi_lora(model, wrapped, n_slots=n_slots, max_rank=max_rank, max_rows=config.max_batch,
                                  merge_single_slot=config.merge_single_adapter)
-        dtype = next(model.parameters()).dtype
         pin = config.cache.pin_memory or str(config.device).startswith("cuda")
         cache_config = CacheConfig(**{**config.cache.__dict__, "pin_memory": pin})
-        cache = AdapterCache(lora, cache_config, dtype=dtype, check=_compatibility_check(lora))
+        cache = AdapterCache(lora, cache_config, check=_compatibility_check(lora))
         for expert, path in experts.items():
             cache.register(expert, path)
         log.info("serving %d experts: %d wrapped layers, %d slots of rank %d", len(experts), len(wrapped), n_slots,
@@ -578,15 +577,15 @@ def _compatibility_check(lora: MultiLoRA) -> Callable[[str, AdapterWeights], Non
     """A cache check refusing adapters the wrapped model cannot hold (unwrapped layer, rank, shapes)."""
 
     def check(expert: str, weights: AdapterWeights) -> None:
-        for name, (a, b, _) in weights.modules.items():
+        for name, (a, b) in weights.shapes().items():
             layer = lora.layers.get(name)
             if layer is None:
                 raise AdapterError(f"it targets {name}, which this server did not wrap (restart with a "
                                    f"target_modules that includes it)")
-            if a.shape[0] > lora.max_rank:
-                raise AdapterError(f"its rank {a.shape[0]} exceeds the server's max_rank {lora.max_rank}")
-            if a.shape[1] != layer.in_features or b.shape[0] != layer.out_features:
-                raise AdapterError(f"{name}: shapes A {tuple(a.shape)}, B {tuple(b.shape)} do not fit a "
+            if a[0] > lora.max_rank:
+                raise AdapterError(f"its rank {a[0]} exceeds the server's max_rank {lora.max_rank}")
+            if a[1] != layer.in_features or b[0] != layer.out_features:
+                raise AdapterError(f"{name}: shapes A {a}, B {b} do not fit a "
                                    f"{layer.in_features}->{layer.out_features} layer (another base model?)")
 
     return check
