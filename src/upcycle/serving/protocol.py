@@ -6,6 +6,7 @@ logprobs, echo, best_of, suffix, tools) are refused with a 400 rather than silen
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -117,3 +118,45 @@ def model_card(model_id: str, kind: str) -> dict[str, Any]:
 
 def now() -> int:
     return int(time.time())
+
+
+FALLBACK_CHAT_STOP = "\nuser:"
+
+
+def render_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[str], bool]:
+    """(prompt text, extra stop strings, templated): the tokenizer's chat template, or the fallback
+    "{role}: {content}\\n" per message then "assistant:", which also stops at "\\nuser:"."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), [], True
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+    return text, [FALLBACK_CHAT_STOP], False
+
+
+def completion_body(meta: dict[str, Any], results: list[tuple[str, str, int, int]], chat: bool) -> dict[str, Any]:
+    """The non-streaming answer: one choice per result (text, finish reason, prompt tokens, completion tokens)."""
+    prompt_tokens = sum(r[2] for r in results)
+    completion_tokens = sum(r[3] for r in results)
+    if chat:
+        text, reason = results[0][0], results[0][1]
+        choices = [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
+                    "logprobs": None}]
+        return {**meta, "object": "chat.completion", "choices": choices,
+                "usage": usage(prompt_tokens, completion_tokens)}
+    choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
+               for i, (text, reason, _, _) in enumerate(results)]
+    return {**meta, "object": "text_completion", "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def stream_chunk(meta: dict[str, Any], chat: bool, text: str | None, reason: str | None, first: bool = False) -> str:
+    """One server-sent event of a stream (the first chat chunk carries the assistant role)."""
+    if chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
+        if text:
+            delta["content"] = text
+        choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
+        body = {**meta, "object": "chat.completion.chunk", "choices": [choice]}
+    else:
+        body = {**meta, "object": "text_completion",
+                "choices": [{"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}]}
+    return f"data: {json.dumps(body)}\n\n"
+

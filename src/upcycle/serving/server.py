@@ -20,7 +20,6 @@ import asyncio
 import hmac
 import json
 import logging
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,13 +31,11 @@ import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from upcycle.serving.adapters import read_spec
+from upcycle.serving.admin import admin_routes
 from upcycle.serving.engine import Delta, Engine, Event, Failed, Finished
 from upcycle.serving.errors import (
-    AdapterError,
     Cancelled,
     InvalidRequest,
     NotFound,
@@ -53,9 +50,12 @@ from upcycle.serving.metrics import make_registry
 from upcycle.serving.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    completion_body,
     error_body,
     model_card,
     now,
+    render_chat,
+    stream_chunk,
     usage,
 )
 from upcycle.serving.router import SequenceRouter
@@ -66,8 +66,6 @@ log = logging.getLogger(__name__)
 
 BASE, AUTO = "base", "auto"
 EXPERT_HEADER = "x-upcycle-expert"
-FALLBACK_CHAT_STOP = "\nuser:"
-_ADMIN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 @dataclass
@@ -90,11 +88,6 @@ class ServerConfig:
     """How often `watch_dir` is scanned."""
     drain_timeout_s: float = 30.0
     """On shutdown, how long running requests may take to finish."""
-
-
-class AddExpert(BaseModel):
-    id: str
-    path: str
 
 
 class _Client:
@@ -316,7 +309,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, router: Seque
                 return _EventStream(stream, media_type="text/event-stream",
                                          headers={**headers, "Cache-Control": "no-cache"})
             results = [await _collect(http, c, deadline) for c in clients]
-            return JSONResponse(_full_response(meta, results, chat), headers=headers)
+            return JSONResponse(completion_body(meta, results, chat), headers=headers)
         finally:
             for client in clients:
                 client.cancel()
@@ -335,50 +328,16 @@ def create_app(engine: Engine, config: ServerConfig | None = None, router: Seque
     async def chat_completions(http: Request, body: ChatCompletionRequest):
         body.refuse_unsupported("logprobs", "top_logprobs", "tools", "tool_choice", "logit_bias", "functions")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt, extra_stop, templated = _render_chat(engine.tokenizer, messages)
+        prompt, extra_stop, templated = render_chat(engine.tokenizer, messages)
         # a chat template writes its own BOS and role markers; the fallback text gets the usual special tokens
         ids = engine.tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
         route_text = "\n".join(m["content"] for m in messages)  # the words, not the template's scaffolding
         return await run(http, body, [ids], route_text, extra_stop, chat=True)
 
-    # -- admin ------------------------------------------------------------------------------------------------------
     if config.enable_admin:
-        @app.get("/admin/experts", dependencies=[Depends(require_key)])
-        async def admin_list() -> dict[str, Any]:
-            cache = engine.cache
-            if cache is None:
-                return {"experts": [], "cache": {}}
-            return {"experts": [{"id": e, "tier": cache.tier_of(e)} for e in cache.experts()],
-                    "cache": cache.snapshot()}
-
-        @app.post("/admin/experts", status_code=201, dependencies=[Depends(require_key)])
-        async def admin_add(body: AddExpert) -> dict[str, Any]:
-            if engine.cache is None:
-                raise InvalidRequest("this server has no adapter cache")
-            if not _ADMIN_ID.match(body.id) or body.id in (BASE, AUTO):
-                raise InvalidRequest(f"'{body.id}' is not a valid expert id", param="id")
-            try:
-                read_spec(body.path)
-            except AdapterError as error:
-                raise InvalidRequest(error.message, param="path") from None
-            changed = engine.cache.register(body.id, body.path)
-            return {"id": body.id, "path": body.path, "changed": changed}
-
-        @app.delete("/admin/experts/{expert}", dependencies=[Depends(require_key)])
-        async def admin_remove(expert: str) -> dict[str, Any]:
-            if engine.cache is None or not engine.cache.unregister(expert):
-                raise UnknownModel(f"the model '{expert}' does not exist", param="model")
-            return {"id": expert, "removed": True}
+        app.include_router(admin_routes(engine, require_key))
 
     return app
-
-
-def _render_chat(tokenizer, messages: list[dict[str, str]]) -> tuple[str, list[str], bool]:
-    """(prompt text, extra stop strings, templated): the tokenizer's chat template, or the documented fallback."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True), [], True
-    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
-    return text, [FALLBACK_CHAT_STOP], False
 
 
 async def _collect(http: Request, client: _Client, deadline: float) -> tuple[str, str, int, int]:
@@ -394,49 +353,22 @@ async def _collect(http: Request, client: _Client, deadline: float) -> tuple[str
             return "".join(parts), event.reason, event.prompt_tokens, event.completion_tokens
 
 
-def _full_response(meta: dict[str, Any], results: list[tuple[str, str, int, int]], chat: bool) -> dict[str, Any]:
-    prompt_tokens = sum(r[2] for r in results)
-    completion_tokens = sum(r[3] for r in results)
-    if chat:
-        text, reason = results[0][0], results[0][1]
-        choices = [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": reason,
-                    "logprobs": None}]
-        return {**meta, "object": "chat.completion", "choices": choices,
-                "usage": usage(prompt_tokens, completion_tokens)}
-    choices = [{"index": i, "text": text, "finish_reason": reason, "logprobs": None}
-               for i, (text, reason, _, _) in enumerate(results)]
-    return {**meta, "object": "text_completion", "choices": choices, "usage": usage(prompt_tokens, completion_tokens)}
-
-
-def _chunk(meta: dict[str, Any], chat: bool, text: str | None, reason: str | None, first: bool = False) -> str:
-    if chat:
-        delta: dict[str, Any] = {"role": "assistant", "content": ""} if first else {}
-        if text:
-            delta["content"] = text
-        choice = {"index": 0, "delta": delta, "finish_reason": reason, "logprobs": None}
-        body = {**meta, "object": "chat.completion.chunk", "choices": [choice]}
-    else:
-        body = {**meta, "object": "text_completion",
-                "choices": [{"index": 0, "text": text or "", "finish_reason": reason, "logprobs": None}]}
-    return f"data: {json.dumps(body)}\n\n"
-
-
 async def _sse(http: Request, client: _Client, first: Event, deadline: float, meta: dict[str, Any], chat: bool,
                include_usage: bool) -> AsyncIterator[str]:
     """Server-sent events; a disconnecting client cancels the generator, and `finally` frees its batch row."""
     try:
         if chat:
-            yield _chunk(meta, chat, None, None, first=True)
+            yield stream_chunk(meta, chat, None, None, first=True)
         event = first
         while True:
             if isinstance(event, Delta):
                 if event.text:
-                    yield _chunk(meta, chat, event.text, None)
+                    yield stream_chunk(meta, chat, event.text, None)
             elif isinstance(event, Failed):
                 yield f"data: {json.dumps(error_body(event.error))}\n\n"
                 return
             else:
-                yield _chunk(meta, chat, None, event.reason)
+                yield stream_chunk(meta, chat, None, event.reason)
                 if include_usage:
                     body = {**meta, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
                             "usage": usage(event.prompt_tokens, event.completion_tokens)}
