@@ -170,3 +170,27 @@ def test_merged_single_slot_path_equals_gathered_and_follows_slot_rewrites(tiny_
             gathered = model(torch.cat([ids, ids[:1]])).logits[:2]
         torch.testing.assert_close(merged, gathered, atol=1e-5, rtol=1e-5)
     assert "model.layers.0.self_attn.q_proj.merged_weight" not in model.state_dict()
+
+
+def test_gathered_weights_follow_slot_rewrites_under_the_same_selection(tiny_llama_dir, peft_adapters):
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.serving.adapters import read_adapter
+    from upcycle.serving.synthetic import DEFAULT_TARGETS
+
+    ids = torch.randint(5, 100, (3, 4), generator=torch.Generator().manual_seed(3))
+
+    def forward(model, lora, slot2: str):
+        # both adapters target every wrapped layer, so no layer is cleared (which would also invalidate)
+        lora.load_slot(0, read_adapter(peft_adapters["all-r8"]).modules)
+        lora.load_slot(2, read_adapter(peft_adapters[slot2]).modules)
+        with torch.no_grad(), lora.select([2, 0, -1]):
+            return model(ids).logits
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    lora = attach_multi_lora(model, DEFAULT_TARGETS, n_slots=3, max_rank=8)
+    forward(model, lora, "all-r8")  # gathers slot 2 = all-r8 for selection [2, 0, -1]
+    rewritten = forward(model, lora, "patterns")  # same selection, slot 2 rewritten: must regather
+    fresh_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    fresh = attach_multi_lora(fresh_model, DEFAULT_TARGETS, n_slots=3, max_rank=8)
+    torch.testing.assert_close(rewritten, forward(fresh_model, fresh, "patterns"), atol=1e-6, rtol=1e-6)

@@ -41,7 +41,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
         host: Interface to bind. Anything but localhost requires an API key.
         port: TCP port.
         api_key: Bearer key clients must send; defaults to $UPCYCLE_API_KEY; none means no auth (localhost only).
-        router: `package.module:factory` building a SequenceRouter from the run path, enabling model "auto".
+        router: `package.module:factory` building a SequenceRouter from the run path, enabling model "auto"
+            (e.g. upcycle.introvert.routing:router_for_run).
         max_batch: Requests generating together (rows of one forward).
         max_waiting: Requests allowed to queue; beyond it the server answers 429.
         max_seq_len: Context per request (prompt + generation); default the model's, at most 2048.
