@@ -15,6 +15,7 @@ def _commands() -> dict:
     from upcycle.masks import commands as masks
     from upcycle.models import commands as models
     from upcycle.moe import commands as moe
+    from upcycle.serving import commands as serving
 
     table: dict = {
         "pretrain": models.pretrain,
@@ -25,6 +26,7 @@ def _commands() -> dict:
         "ablate": introvert.ablate,
         "report": introvert.report,
         "generate": introvert.generate,
+        "serve": serving.serve,
         "moe-upcycle": moe.moe_upcycle,
         "moe-train": moe.moe_train,
         "moe-export-mixtral": moe.moe_export_mixtral,

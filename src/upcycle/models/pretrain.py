@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import platform
+import shutil
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -123,6 +124,7 @@ def pretrain(config: PretrainConfig, out: str | Path) -> dict:
         summary["weights_sha256"] = sha256_file(tmp / "model.safetensors")
         write_json(tmp / "pretrain.json", summary)
         plot_loss_curve(summary, tmp / "loss_curve.png")
+    shutil.rmtree(work, ignore_errors=True)  # the resume state is obsolete once the model is saved
     log.info("saved %s: validation perplexity %.2f", out, final["perplexity"])
     return summary
 

@@ -10,6 +10,7 @@ import socket
 from upcycle.errors import UserError
 
 log = logging.getLogger(__name__)
+DEFAULT_ROUTER = "upcycle.introvert.routing:router_for_run"
 
 
 def is_loopback(host: str) -> bool:
@@ -84,6 +85,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     server_config = ServerConfig(api_key=api_key, max_prompt_tokens=max_prompt_tokens,
                                  max_tokens_limit=max_tokens_limit, request_timeout_s=request_timeout,
                                  watch_dir=str(opened.experts_dir) if watch else None, drain_timeout_s=drain_timeout)
+    if router is None and (opened.clusters_dir / "centroids.npy").is_file():
+        router = DEFAULT_ROUTER  # a run made by `upcycle cluster` routes with its own centroids
     app = create_app(engine, server_config, load_router(router, str(opened.path)) if router else None)
     log.info("serving %s with %d experts on http://%s:%d/v1", opened.path, len(opened.expert_ids()), host, port)
     try:
