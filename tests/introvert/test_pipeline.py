@@ -104,6 +104,14 @@ def test_evaluate_scores_every_method_and_writes_the_report(trained_run):
     assert results["training"]["lora-all"]["tokens"] >= expert_tokens  # compute-matched (rounded up to a step)
     report = (trained_run / "report.md").read_text()
     assert "compute-matched" in report and (trained_run / "per_cluster.png").is_file()
+    # Baselines are trained from the clean base: no expert adapter leaks into their weights.
+    from safetensors import safe_open
+
+    with safe_open(trained_run / "baselines" / "full" / "model.safetensors", "pt") as handle:
+        assert not [key for key in handle.keys() if "lora_" in key or "base_layer" in key]
+    for name in ("lora-all", "lora-wide"):
+        with safe_open(trained_run / "baselines" / name / "adapter_model.safetensors", "pt") as handle:
+            assert handle.keys() and not [key for key in handle.keys() if "expert-" in key]
 
 
 def test_lm_eval_harness_scores_the_routed_model(trained_run, tmp_path):

@@ -27,8 +27,10 @@ from upcycle.introvert.baselines import BASELINES, BaselineConfig, load_baseline
 from upcycle.introvert.data import load_run_data
 from upcycle.introvert.experts import ExpertConfig
 from upcycle.introvert.model import IntrovertExperts
+from upcycle.introvert.routing import load_sequence_router
 from upcycle.introvert.run import Run, cluster_of, expert_id
 from upcycle.io import read_json, write_json
+from upcycle.models.base import load_base
 
 log = logging.getLogger(__name__)
 RESULTS_SCHEMA = 1
@@ -122,11 +124,23 @@ def evaluate(run_path: str, config: EvalConfig = EvalConfig(), progress=None) ->
     docs = data.docs(config.split)
     if not docs:
         raise UserError(f"the {config.split} split is empty; use a larger corpus")
-    experts = IntrovertExperts.from_run(run.path, max_loaded=max(k, 1) + 1)
-    tok = experts.tokenizer
+    base_model, tok = load_base(run.base)
     ids = [seq[: config.max_tokens_per_doc] for seq in tok([d.text for d in docs], add_special_tokens=False)[
         "input_ids"]]
     own = np.array([data.own_cluster[config.split][d.id] for d in docs])
+    nll: dict[str, np.ndarray] = {}
+
+    # Baselines first: they copy the clean base, before IntrovertExperts wraps it with the experts' adapters.
+    baselines_meta = {}
+    if config.baselines:
+        expert_config = ExpertConfig(**_expert_config_dict(meta))
+        total_tokens = sum(read_json(run.expert_dir(e) / "train.json")["tokens"] for e in expert_ids)
+        baselines_meta = train_baselines(run, expert_config, total_tokens, config.baseline, base_model, tok, progress)
+        for name in BASELINES:
+            if name in baselines_meta:
+                nll[name], _ = _score_model(load_baseline(run, name, base_model), ids, tok.pad_token_id)
+
+    experts = IntrovertExperts(run, base_model, tok, load_sequence_router(run), max_loaded=k + 1)
     t0 = time.perf_counter()
     routed = np.array([cluster_of(e) for e in experts.route([d.text[: config.route_chars] for d in docs])])
     route_seconds = time.perf_counter() - t0
@@ -146,21 +160,11 @@ def evaluate(run_path: str, config: EvalConfig = EvalConfig(), progress=None) ->
             for i in sorted(needed[c]):
                 expert_nll[c, i], counts[i] = token_nll(model, *_pack_one(ids[i], tok.pad_token_id))
     pick = lambda choice: expert_nll[choice, np.arange(len(docs))]  # noqa: E731
-    nll = {"routed": pick(routed), "oracle": pick(own), "random": pick(random_choice)}
+    nll |= {"routed": pick(routed), "oracle": pick(own), "random": pick(random_choice)}
     if k <= config.best_expert_max_k:
         nll["best"] = np.nanmin(expert_nll / np.maximum(counts, 1), axis=0) * counts
     with experts.using(None) as model:
         nll["base"], _ = _score_model(model, ids, tok.pad_token_id)
-
-    baselines_meta = {}
-    if config.baselines:
-        expert_config = ExpertConfig(**_expert_config_dict(meta))
-        total_tokens = sum(read_json(run.expert_dir(e) / "train.json")["tokens"] for e in expert_ids)
-        baselines_meta = train_baselines(run, expert_config, total_tokens, config.baseline, experts.base_model, tok,
-                                         progress)
-        for name in BASELINES:
-            if name in baselines_meta:
-                nll[name], _ = _score_model(load_baseline(run, name, experts.base_model), ids, tok.pad_token_id)
 
     methods = {name: summarise(values, counts, own, k, config.bootstrap, config.seed) for name, values in nll.items()}
     expert_train = [read_json(run.expert_dir(e) / "train.json") for e in expert_ids]
