@@ -100,6 +100,11 @@ def test_evaluate_scores_every_method_and_writes_the_report(trained_run):
     tokens = {m["tokens"] for m in methods.values()}
     assert len(tokens) == 1  # every method scored on exactly the same tokens
     assert 0 <= results["routing"]["accuracy"] <= 1
+    paired = {(p["method"], p["reference"]): p for p in results["paired"]}
+    routed_vs_base = paired[("routed", "base")]
+    expected = 100 * (methods["routed"]["perplexity"] / methods["base"]["perplexity"] - 1)
+    assert routed_vs_base["delta_pct"] == pytest.approx(expected)
+    assert routed_vs_base["ci95_pct"][0] <= routed_vs_base["delta_pct"] <= routed_vs_base["ci95_pct"][1]
     expert_tokens = results["training"]["experts"]["tokens"]
     assert results["training"]["lora-all"]["tokens"] >= expert_tokens  # compute-matched (rounded up to a step)
     report = (trained_run / "report.md").read_text()
@@ -201,7 +206,8 @@ def test_ctrl_c_leaves_no_half_written_expert_and_rerun_finishes(tmp_path, corpu
     run = tmp_path / "run"
     assert main(["cluster", "--data", str(corpus), "--base", str(tiny_llama_dir), "--clusters", "3",
                  "--embedder", "tfidf", "--out", str(run)]) == 0
-    slow = ["--expert.tokens_per_expert", "20000", "--expert.batch_size", "2", "--expert.block_size", "64"]
+    # long enough per expert (thousands of steps) that the interrupt surely lands inside the second one
+    slow = ["--expert.tokens_per_expert", "300000", "--expert.batch_size", "2", "--expert.block_size", "64"]
     env = dict(os.environ, UPCYCLE_NO_PROGRESS="1", UPCYCLE_LOG="INFO")
     proc = subprocess.Popen([sys.executable, "-m", "upcycle.cli", "train-experts", str(run), *slow],
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -210,7 +216,6 @@ def test_ctrl_c_leaves_no_half_written_expert_and_rerun_finishes(tmp_path, corpu
         seen.append(line)
         if "training expert-00001" in line:
             break
-    time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and "rerun" in err and "Traceback" not in err, "".join(seen) + err

@@ -34,6 +34,9 @@ from upcycle.models.base import load_base
 
 log = logging.getLogger(__name__)
 RESULTS_SCHEMA = 1
+# (method, reference) pairs reported with paired bootstrap intervals
+PAIRED_COMPARISONS = [("routed", "base"), ("routed", "lora-all"), ("routed", "lora-wide"), ("routed", "full"),
+                      ("routed", "random"), ("full", "base"), ("lora-all", "base")]
 
 
 @dataclass
@@ -80,12 +83,25 @@ def _score_model(model, ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, 
     return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
 
 
+def paired_delta(nll: dict[str, np.ndarray], count: np.ndarray, method: str, reference: str, bootstrap: int,
+                 seed: int) -> dict:
+    """Relative perplexity change of `method` vs `reference` with a paired bootstrap CI (same documents resampled).
+
+    Pairing removes the document-to-document spread that both share, which dominates the per-method intervals.
+    """
+    rng = np.random.default_rng(seed)
+    ratio = lambda idx: _ppl(nll[method][idx], count[idx]) / _ppl(nll[reference][idx], count[idx]) - 1  # noqa: E731
+    samples = [ratio(rng.integers(0, len(count), len(count))) for _ in range(bootstrap)]
+    return {"method": method, "reference": reference, "delta_pct": 100 * ratio(np.arange(len(count))),
+            "ci95_pct": [100 * float(np.percentile(samples, 2.5)), 100 * float(np.percentile(samples, 97.5))]}
+
+
 @torch.no_grad()
-def measure_cost(experts: IntrovertExperts, text: str, repeats: int = 5) -> dict:
+def measure_cost(experts: IntrovertExperts, text: str, route_chars: int, repeats: int = 5) -> dict:
     """FLOPs per token and measured latency per token: base vs routed (routing + unmerged LoRA), batch 1."""
     ids = experts.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :256]
     ids = ids.to(experts.device)
-    chosen = experts.route([text])[0]
+    chosen = experts.route([text[:route_chars]])[0]
 
     def timed(fn) -> float:
         fn()
@@ -98,7 +114,7 @@ def measure_cost(experts: IntrovertExperts, text: str, repeats: int = 5) -> dict
         base_s = timed(lambda: model(input_ids=ids))
     with experts.using(chosen) as model:
         expert_s = timed(lambda: model(input_ids=ids))
-    route_s = timed(lambda: experts.route([text]))
+    route_s = timed(lambda: experts.route([text[:route_chars]]))
     base_params = sum(p.numel() for n, p in experts.base_model.named_parameters() if "lora_" not in n)
     lora_params = experts.adapter_parameters(chosen)
     n = ids.shape[1]
@@ -186,7 +202,9 @@ def evaluate(run_path: str, config: EvalConfig = EvalConfig(), progress=None) ->
                                  / max(sum(t["seconds"] for t in expert_train), 1e-9)},
                      **{name: {"tokens": m["tokens"], "seconds": m["seconds"],
                                "tokens_per_second": m["tokens_per_second"]} for name, m in baselines_meta.items()}},
-        "cost": measure_cost(experts, docs[0].text[: config.route_chars]),
+        "paired": [paired_delta(nll, counts, m, ref, config.bootstrap, config.seed)
+                   for m, ref in PAIRED_COMPARISONS if m in nll and ref in nll],
+        "cost": measure_cost(experts, max((d.text for d in docs), key=len), config.route_chars),
     }
     write_json(run.eval_dir / "results.json", results)
     return results

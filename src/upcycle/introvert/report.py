@@ -45,6 +45,13 @@ def write_report(run_path: str | Path) -> Path:
              f"({meta['clusters'].get('embedder', '?')} embeddings), {results['documents']} {results['split']} "
              f"documents, first {results['config']['max_tokens_per_doc']} tokens of each scored.", "",
              "## Held-out perplexity", "", markdown_table(*results_table(results)), ""]
+    if results.get("paired"):
+        rows = [[METHOD_LABELS[p["method"]].split(" (")[0], METHOD_LABELS[p["reference"]].split(" (")[0],
+                 f"{p['delta_pct']:+.2f}%", f"{p['ci95_pct'][0]:+.2f}% to {p['ci95_pct'][1]:+.2f}%"]
+                for p in results["paired"]]
+        lines += ["Paired comparisons (the same documents resampled for both methods; a negative change means lower "
+                  "perplexity than the reference):", "",
+                  markdown_table(["method", "reference", "perplexity change", "95% CI (paired bootstrap)"], rows), ""]
     routing = results["routing"]
     lines += ["## Routing", "",
               f"- routing accuracy (prompt of {results['config']['route_chars']} chars -> own cluster): "
