@@ -92,14 +92,19 @@ def _per_cluster_section(run: Run, results: dict) -> list[str]:
     plt = pyplot()
     k = results["k"]
     names = [n for n in ("base", "routed", "oracle", "lora-all", "full") if n in results["methods"]]
-    fig, ax = plt.subplots(figsize=(max(6, 0.7 * k + 2), 3.5))
-    width = 0.8 / len(names)
-    for j, name in enumerate(names):
-        values = [results["methods"][name]["per_cluster"].get(str(c)) or 0 for c in range(k)]
-        ax.bar([c + j * width for c in range(k)], values, width, label=name)
+    per_cluster = {n: results["methods"][n]["per_cluster"] for n in names}
+    scored = [c for c in range(k) if per_cluster["base"].get(str(c))]  # clusters with held-out documents
+    compared = [n for n in names if n != "base"]
+    # Differences between methods are a few percent at most: plot the change vs base, not absolute perplexity.
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(scored) + 2), 3.5))
+    width = 0.8 / max(len(compared), 1)
+    for j, name in enumerate(compared):
+        change = [100 * (per_cluster[name][str(c)] / per_cluster["base"][str(c)] - 1) for c in scored]
+        ax.bar([i + j * width for i in range(len(scored))], change, width, label=name)
+    ax.axhline(0, color="gray", linewidth=0.8)
     ax.set_xlabel("cluster")
-    ax.set_ylabel("perplexity")
-    ax.set_xticks([c + 0.4 - width / 2 for c in range(k)], [str(c) for c in range(k)])
+    ax.set_ylabel("perplexity change vs base (%)")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(scored))], [str(c) for c in scored])
     ax.legend(fontsize=7)
     save_figure(fig, run.path / "per_cluster.png")
 
@@ -120,7 +125,7 @@ def _per_cluster_section(run: Run, results: dict) -> list[str]:
              *[results["methods"][n]["per_cluster"].get(str(c)) for n in names]] for c in range(k)]
     header = ["cluster", "train docs", f"{results['split']} docs", "top terms", *names]
     return ["## Per cluster", "", markdown_table(header, rows),
-            "", "![per-cluster perplexity](per_cluster.png)", "", "![cluster sizes](cluster_sizes.png)", ""]
+            "", "![per-cluster change vs base](per_cluster.png)", "", "![cluster sizes](cluster_sizes.png)", ""]
 
 
 def _cost_section(results: dict) -> list[str]:
