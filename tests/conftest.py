@@ -56,3 +56,14 @@ def save_tiny_llama(path: Path, tokenizer, seed: int = 0, **overrides) -> Path:
 def tiny_llama_dir(tmp_path_factory, tiny_tokenizer) -> Path:
     """Directory of a random tiny Llama + tokenizer, loadable with AutoModelForCausalLM.from_pretrained."""
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"), tiny_tokenizer)
+
+
+@pytest.fixture(scope="session")
+def one_torch_thread():
+    """Tiny models on 2 shared cores: a second intra-op thread only spins against other processes."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -10,14 +10,8 @@ N_EXPERTS = 4
 
 
 @pytest.fixture(scope="session", autouse=True)
-def one_torch_thread():
-    """Tiny models on 2 shared cores: a second intra-op thread only spins against other processes (100x slower)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _serving_uses_one_thread(one_torch_thread):
+    """Every serving test runs with one intra-op thread (see the shared fixture)."""
 
 
 @pytest.fixture(scope="session")
