@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from dataclasses import field
 
 from upcycle.data.splits import SplitConfig
 from upcycle.introvert.clustering_step import ClusterConfig
@@ -13,7 +12,6 @@ from upcycle.introvert.evaluate import EvalConfig
 from upcycle.introvert.experts import ExpertConfig
 
 log = logging.getLogger(__name__)
-_ = field  # dataclass defaults below are instances; jsonargparse exposes their fields as --name.field
 
 
 def _command_line() -> str:
