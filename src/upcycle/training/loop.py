@@ -164,7 +164,8 @@ def train(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-            record = {"step": step + 1, "loss": float(loss.detach()), "lr": lr_at(step, config), **metrics}
+            measured = _mean_over_processes(accelerator, {"loss": float(loss.detach()), **metrics})
+            record = {"step": step + 1, "loss": measured["loss"], "lr": lr_at(step, config), **measured}
             result.history.append(record)
             result.steps = step + 1
             result.tokens += int((batch_labels != -100).sum()) * accelerator.num_processes
@@ -187,6 +188,15 @@ def train(
         result.evals.append(_evaluate(model, eval_blocks, config, result.steps))
     model.eval()
     return result
+
+
+def _mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
+    """Each metric averaged over the processes (one all-reduce), so the history and `after_step` see the whole
+    step's batch on every rank; a hook that updates state from them (the masks' multipliers) stays in sync."""
+    if accelerator.num_processes == 1 or not metrics:
+        return metrics
+    values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=accelerator.device)
+    return dict(zip(metrics, accelerator.reduce(values, reduction="mean").tolist()))
 
 
 def _evaluate(model, eval_blocks, config: TrainConfig, step: int) -> dict[str, float]:
