@@ -11,6 +11,7 @@ RECIPES = Path(__file__).parents[1] / "recipes"
 RECIPE_COMMANDS = {
     "introvert/demo.yaml": ["demo"],
     "introvert/tinyllama.yaml": ["train-experts", "runs/x"],
+    "moe/flan.yaml": ["moe-experiment"],
 }
 
 

@@ -31,6 +31,7 @@ def _commands() -> dict:
         "moe-train": moe.moe_train,
         "moe-export-mixtral": moe.moe_export_mixtral,
         "moe-inspect": moe.moe_inspect,
+        "moe-experiment": moe.moe_experiment,
         "masks": {"_help": "Experts as learned masks (MoM): train, analyze, sweep.",
                   "train": masks.train, "analyze": masks.analyze, "sweep": masks.sweep},
     }

@@ -7,8 +7,10 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from upcycle.data.instructions import MixtureConfig
 from upcycle.data.splits import SplitConfig
 from upcycle.moe.config import MoEConfig, UpcycleConfig
+from upcycle.moe.experiment import ExperimentConfig, default_moe
 from upcycle.training.loop import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -166,3 +168,44 @@ def moe_inspect(checkpoint: str, data: str = "stdlib", blocks: int = 16, block_s
     report = {record.name: record.stats.to_dict() for record in collector.records if record.stats is not None}
     print(json.dumps(report, indent=2))
     return report
+
+
+def moe_experiment(out: str = "runs/moe-experiment", base: str | None = None,
+                   mixture: MixtureConfig = MixtureConfig(), moe: MoEConfig = default_moe(), every: int = 2,
+                   seeds: list[int] = [0, 1, 2],  # noqa: B006 (jsonargparse reads the default; never mutated)
+                   block_size: int = 128,
+                   instruct: TrainConfig = ExperimentConfig().instruct,
+                   finetune: TrainConfig = ExperimentConfig().finetune, eval_examples: int = 150,
+                   threads: int | None = 1) -> dict:
+    """Flan-MoE: dense vs MoE of equal FLOPs per token, each fine-tuned on held-out tasks with and without
+    instruction tuning first; seeds, 95% CIs, results.json and report.md. Resumable: rerun to continue.
+
+    Args:
+        out: Run directory (finished cells in it are not rerun).
+        base: Dense base (default: the shipped tiny Llama).
+        mixture: Instruction data: 'stdlib' (code tasks made with ast), a folder of .py files, a .jsonl file or
+            'hf:NAME'; prompt/response/task fields; training and held-out task types.
+        moe: The MoE layers (default: Switch top-1 over 4 upcycled full-size experts, capacity dispatch, so the
+            FLOPs per token equal the dense model's).
+        every: Upcycle every N-th MLP.
+        seeds: Seeds (>= 3 for confidence intervals).
+        block_size: Tokens per training row (whole examples packed; longer examples dropped).
+        instruct: Instruction-tuning settings of the shared loop.
+        finetune: Fine-tuning settings on the held-out task types.
+        eval_examples: Test examples scored per held-out task type.
+        threads: torch intra-op threads (1 suits the tiny default models on a shared CPU: a second thread mostly
+            waits; None: torch's default). Does not change the results' settings.
+    """
+    import torch
+
+    from upcycle.moe.experiment import run_experiment
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+    config = ExperimentConfig(base=base, mixture=mixture, moe=moe, every=every, seeds=list(seeds),
+                              block_size=block_size, instruct=instruct, finetune=finetune,
+                              eval_examples=eval_examples)
+    results = run_experiment(out, config)
+    print(f"{Path(out) / 'report.md'}\n{results['answer']}")
+    return results

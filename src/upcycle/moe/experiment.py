@@ -1,0 +1,485 @@
+"""The Flan-MoE experiment: does instruction tuning help a sparse MoE more than a dense model of the same FLOPs?
+
+Grid: {dense, MoE} x {fine-tuned directly, instruction-tuned first} x seeds. Every model is then fine-tuned on the
+held-out task types (absent from the instruction mixture) and scored on their test-split responses. The MoE is the
+base sparse-upcycled with top-1 (Switch) routing: each token runs one expert that has the dense FFN's size, so its
+FLOPs per token equal the dense model's plus a [D, E] router matmul.
+
+Run directory:
+    experiment.json             the settings (a rerun with other settings is refused)
+    mixture.json                example counts per split and task type
+    cells/<stage>/<name>.json   one file per finished cell; a rerun skips them (resumable)
+    instruct/<arch>-s<seed>/    instruction-tuned weights, the starting point of the 'instruct' cells
+    results.json, report.md, *.png
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from upcycle.data.instructions import MixtureConfig
+from upcycle.errors import UserError
+from upcycle.moe.config import MoEConfig
+from upcycle.training.loop import TrainConfig
+
+log = logging.getLogger(__name__)
+
+CONDITIONS = ("direct", "instruct")  # fine-tuned directly / instruction-tuned, then fine-tuned
+
+
+def default_moe() -> MoEConfig:
+    """Switch top-1 over 4 upcycled experts, token dropping at capacity factor 1.25 (2.0 in evaluation)."""
+    return MoEConfig(num_experts=4, router="switch", dispatch="capacity", capacity_factor=1.25,
+                     eval_capacity_factor=2.0, balance_loss_coef=0.01)
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything that sets the experiment's numbers."""
+
+    base: str | None = None
+    """Dense base (default: the shipped tiny Llama)."""
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    """Instruction data, training and held-out task types."""
+    moe: MoEConfig = field(default_factory=default_moe)
+    """MoE layers of the sparse model (keep top-1 with full-size experts for equal FLOPs per token)."""
+    every: int = 2
+    """Upcycle every N-th MLP (2: layers 1, 3, ...; as in Switch / GShard / Flan-MoE)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seeds; each sets the router initialisation and the order of training rows of every stage."""
+    block_size: int = 128
+    """Tokens per training row (whole examples packed, longer examples dropped)."""
+    instruct: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=8, lr=1e-3,
+                                                                      warmup_steps=30, checkpoint_every=100))
+    """Instruction tuning on the mixture's training task types."""
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, batch_size=8, lr=1e-3,
+                                                                      warmup_steps=10, checkpoint_every=50))
+    """Fine-tuning on the held-out task types (their training split)."""
+    eval_examples: int = 150
+    """Test-split examples of each held-out task type that are scored."""
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise UserError("give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"seeds must be distinct, got {self.seeds}")
+        if not self.mixture.held_out:
+            raise UserError("the experiment needs held-out task types (--mixture.held_out)")
+        if self.block_size < 16:
+            raise UserError(f"block_size must be >= 16, got {self.block_size}")
+        if self.eval_examples < 1:
+            raise UserError(f"eval_examples must be >= 1, got {self.eval_examples}")
+        if self.moe.token_choice and self.moe.top_k != 1:
+            log.warning("top_k=%d with full-size experts costs %d times the dense FFN FLOPs per token",
+                        self.moe.top_k, self.moe.top_k)
+
+
+def run_experiment(out: str | Path, config: ExperimentConfig) -> dict:
+    """Run every missing cell of the grid, then write results.json and report.md; returns the results."""
+    from upcycle.data.instructions import build_mixture
+    from upcycle.io import ensure_writable_dir, read_json, write_json
+    from upcycle.models.base import resolve_base
+
+    out = ensure_writable_dir(out)
+    base = resolve_base(config.base)
+    settings = _jsonable(asdict(config)) | {"base": base}
+    settings_path = out / "experiment.json"
+    if settings_path.is_file() and read_json(settings_path) != settings:
+        raise UserError(f"{out} holds an experiment with other settings; choose a new --out or delete {out}")
+    write_json(settings_path, settings)
+
+    started = time.perf_counter()
+    mixture = build_mixture(config.mixture)
+    write_json(out / "mixture.json", {"train_tasks": mixture.train_tasks, "held_out": mixture.held_out,
+                                      "counts": mixture.counts()})
+    eval_set = [e for task in mixture.held_out for e in mixture.examples["test"][task][:config.eval_examples]]
+    if not eval_set:
+        raise UserError(f"no test-split examples of the held-out task types {', '.join(mixture.held_out)}")
+    if not mixture.select("train", mixture.held_out):
+        raise UserError(f"no training examples of the held-out task types {', '.join(mixture.held_out)} to "
+                        "fine-tune on")
+
+    runner = _Runner(out, config, base, mixture, eval_set)
+    progress = _progress()
+    total = 1 + 3 * len(config.seeds) + 2 * len(config.seeds) * len(CONDITIONS)
+    with progress if progress is not None else contextlib.nullcontext():
+        task = progress.add_task("moe-experiment", total=total) if progress is not None else None
+        runner.progress, runner.task = progress, task
+        runner.start("dense", None)
+        for seed in config.seeds:
+            runner.start("moe", seed)
+            for arch in ("dense", "moe"):
+                runner.instruct(arch, seed)
+            for arch in ("dense", "moe"):
+                for condition in CONDITIONS:
+                    runner.finetune(arch, condition, seed)
+    results = summarise(out, config, runner.cells)
+    results["wall_seconds_this_call"] = time.perf_counter() - started
+    write_json(out / "results.json", results)
+    write_report(out, results)
+    return results
+
+
+class _Runner:
+    """Runs one cell at a time, skipping cells whose JSON already exists."""
+
+    def __init__(self, out: Path, config: ExperimentConfig, base: str, mixture, eval_set) -> None:
+        self.out, self.config, self.base, self.mixture, self.eval_set = out, config, base, mixture, eval_set
+        self.cells: dict[str, dict] = {}
+        self.progress = self.task = None
+        self._tokenizer = None
+        self._rows: dict[str, tuple] = {}
+
+    def _done(self, name: str) -> dict | None:
+        from upcycle.io import read_json
+
+        path = self.out / "cells" / f"{name}.json"
+        if path.is_file():
+            self.cells[name] = read_json(path)
+            self._advance()
+            return self.cells[name]
+        return None
+
+    def _finish(self, name: str, cell: dict) -> None:
+        from upcycle.io import write_json
+
+        write_json(self.out / "cells" / f"{name}.json", cell)
+        self.cells[name] = cell
+        self._advance()
+
+    def _advance(self) -> None:
+        if self.progress is not None:
+            self.progress.update(self.task, advance=1)
+
+    def _model(self, arch: str, seed: int):
+        import torch
+
+        from upcycle.moe.instruct import build_model
+
+        torch.manual_seed(seed)
+        model, tokenizer = build_model(arch, self.base, self.config.moe, self.config.every, seed)
+        self._tokenizer = tokenizer
+        return model
+
+    def _training_rows(self, tasks: list[str], tokenizer):
+        from upcycle.moe.instruct import training_rows
+
+        key = ",".join(tasks)
+        if key not in self._rows:
+            self._rows[key] = training_rows(tokenizer, self.mixture.select("train", tasks), self.config.block_size)
+        return self._rows[key]
+
+    def _evaluate(self, model, tokenizer) -> dict:
+        from upcycle.moe.instruct import evaluate_responses
+
+        return evaluate_responses(model, tokenizer, self.eval_set, self.config.block_size)
+
+    def start(self, arch: str, seed: int | None) -> None:
+        """The untrained starting point on the held-out test responses (the upcycled MoE depends on the seed)."""
+        name = f"start/{arch}" + ("" if seed is None else f"-s{seed}")
+        if self._done(name):
+            return
+        t0 = time.perf_counter()
+        model = self._model(arch, seed or 0)
+        self._finish(name, {"arch": arch, "seed": seed, "eval": self._evaluate(model, self._tokenizer),
+                            "seconds": time.perf_counter() - t0})
+
+    def instruct(self, arch: str, seed: int) -> None:
+        """Instruction-tune on the training task types, save the weights, score zero-shot on the held-out tasks."""
+        from upcycle.moe.instruct import save_weights, train_stage
+
+        name = f"instruct/{arch}-s{seed}"
+        weights = self.out / "instruct" / f"{arch}-s{seed}"
+        if weights.is_dir() and self._done(name):
+            return
+        t0 = time.perf_counter()
+        model = self._model(arch, seed)
+        inputs, labels, info = self._training_rows(self.mixture.train_tasks, self._tokenizer)
+        work = self.out / ".work" / name
+        result = train_stage(model, arch, self.config.moe, (inputs, labels), replace(self.config.instruct, seed=seed),
+                             work, f"instruct {arch} s{seed}", self.progress)
+        save_weights(model, weights)
+        cell = {"arch": arch, "seed": seed, "data": info, "train": result.to_dict(),
+                "zero_shot": self._evaluate(model, self._tokenizer), "seconds": time.perf_counter() - t0}
+        self._finish(name, cell)
+        _remove_tree(work)
+
+    def finetune(self, arch: str, condition: str, seed: int) -> None:
+        """Fine-tune on the held-out task types (from the base, or from the instruction-tuned weights) and score."""
+        from upcycle.moe.instruct import load_weights, train_stage
+
+        name = f"finetune/{arch}-{condition}-s{seed}"
+        if self._done(name):
+            return
+        t0 = time.perf_counter()
+        model = self._model(arch, seed)
+        if condition == "instruct":
+            load_weights(model, self.out / "instruct" / f"{arch}-s{seed}")
+        inputs, labels, info = self._training_rows(self.mixture.held_out, self._tokenizer)
+        work = self.out / ".work" / name
+        result = train_stage(model, arch, self.config.moe, (inputs, labels), replace(self.config.finetune, seed=seed),
+                             work, f"finetune {arch}-{condition} s{seed}", self.progress)
+        cell = {"arch": arch, "condition": condition, "seed": seed, "data": info, "train": result.to_dict(),
+                "eval": self._evaluate(model, self._tokenizer), "seconds": time.perf_counter() - t0}
+        self._finish(name, cell)
+        _remove_tree(work)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Summary statistics
+
+
+def mean_ci(values: list[float]) -> dict:
+    """Mean, the half-width of a 95% Student-t interval over seeds (NaN with one seed) and the values."""
+    import numpy as np
+    from scipy import stats
+
+    arr = np.asarray(values, dtype=float)
+    half = float(stats.t.ppf(0.975, len(arr) - 1) * arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 \
+        else float("nan")
+    return {"mean": float(arr.mean()), "ci95": half, "n": len(arr), "values": arr.tolist()}
+
+
+METRICS = ("loss", "exact_match")
+
+
+def summarise(out: Path, config: ExperimentConfig, cells: dict[str, dict]) -> dict:
+    """Means and 95% CIs over seeds per condition, and the paired (same-seed) differences that answer the question."""
+    seeds = config.seeds
+    tasks = sorted(cells[f"finetune/dense-direct-s{seeds[0]}"]["eval"]["tasks"])
+    final = {(arch, cond): [cells[f"finetune/{arch}-{cond}-s{s}"]["eval"] for s in seeds]
+             for arch in ("dense", "moe") for cond in CONDITIONS}
+
+    def stats_of(evals: list[dict]) -> dict:
+        row = {m: mean_ci([e[m] for e in evals]) for m in (*METRICS, "perplexity")}
+        row["tasks"] = {t: {m: mean_ci([e["tasks"][t][m] for e in evals]) for m in METRICS} for t in tasks}
+        return row
+
+    def paired(a: list[dict], b: list[dict], metric: str, task: str | None = None) -> dict:
+        pick = (lambda e: e[metric]) if task is None else (lambda e: e["tasks"][task][metric])
+        return mean_ci([pick(x) - pick(y) for x, y in zip(a, b, strict=True)])
+
+    conditions = {f"{arch}/{cond}": stats_of(evals) for (arch, cond), evals in final.items()}
+    # Lower loss is better: a gain is direct - instruct (loss) or instruct - direct (exact match).
+    gains, interaction, moe_vs_dense = {}, {}, {}
+    for metric, sign in (("loss", 1), ("exact_match", -1)):
+        gain = {arch: [sign * (d[metric] - i[metric]) for d, i in zip(final[(arch, "direct")],
+                                                                     final[(arch, "instruct")], strict=True)]
+                for arch in ("dense", "moe")}
+        gains[metric] = {arch: mean_ci(v) for arch, v in gain.items()}
+        interaction[metric] = mean_ci([m - d for m, d in zip(gain["moe"], gain["dense"], strict=True)])
+        moe_vs_dense[metric] = {cond: paired(final[("moe", cond)], final[("dense", cond)], metric)
+                                for cond in CONDITIONS}
+    zero_shot = {arch: {m: mean_ci([cells[f"instruct/{arch}-s{s}"]["zero_shot"][m] for s in seeds]) for m in METRICS}
+                 for arch in ("dense", "moe")}
+    start = {"dense": {m: cells["start/dense"]["eval"][m] for m in METRICS},
+             "moe": {m: mean_ci([cells[f"start/moe-s{s}"]["eval"][m] for s in seeds]) for m in METRICS}}
+    routing = {name: cell["eval"].get("routing") for name, cell in cells.items()
+               if name.startswith("finetune/moe") and cell["eval"].get("routing")}
+    seconds = sum(cell.get("seconds", 0.0) for cell in cells.values())
+    return {"seeds": seeds, "held_out_tasks": tasks, "conditions": conditions, "instruction_gain": gains,
+            "interaction_moe_minus_dense_gain": interaction, "moe_minus_dense": moe_vs_dense,
+            "zero_shot_after_instruct": zero_shot, "start": start, "eval_routing": routing,
+            "flops": flops_per_token(config, cells), "cell_seconds": seconds,
+            "answer": answer(gains, interaction, moe_vs_dense)}
+
+
+def flops_per_token(config: ExperimentConfig, cells: dict[str, dict]) -> dict:
+    """Forward matmul FLOPs per token of the FFNs (the only part that differs) for dense and MoE, from the config."""
+    import json
+
+    from upcycle.models.base import resolve_base
+
+    path = Path(resolve_base(config.base)) / "config.json"
+    shape = json.loads(path.read_text()) if path.is_file() else {}
+    d, f, layers = shape.get("hidden_size"), shape.get("intermediate_size"), shape.get("num_hidden_layers")
+    if not (d and f and layers):
+        return {}
+    moe_layers = len(range(config.every - 1, layers, config.every))
+    k = config.moe.top_k or 1  # expert choice: on average cf experts per token; reported as 1 here
+    dense = layers * 6 * d * f
+    moe = (layers - moe_layers) * 6 * d * f + moe_layers * (6 * d * f * k + 2 * d * config.moe.num_experts)
+    return {"dense_ffn": dense, "moe_ffn": moe, "ratio": moe / dense, "moe_layers": moe_layers,
+            "experts": config.moe.num_experts, "top_k": k}
+
+
+def answer(gains: dict, interaction: dict, moe_vs_dense: dict) -> str:
+    """One honest sentence per metric: is the MoE's instruction-tuning gain larger than dense's, beyond the CI?"""
+    lines = []
+    for metric, unit in (("loss", "nats"), ("exact_match", "")):
+        inter = interaction[metric]
+        lo, hi = inter["mean"] - inter["ci95"], inter["mean"] + inter["ci95"]
+        verdict = ("larger for MoE" if lo > 0 else "larger for dense" if hi < 0 else
+                   "not distinguishable (the 95% CI includes 0)") if not math.isnan(inter["ci95"]) else \
+            "undetermined (one seed)"
+        lines.append(f"{metric}: instruction-tuning gain dense {gains[metric]['dense']['mean']:+.4f}, "
+                     f"MoE {gains[metric]['moe']['mean']:+.4f} {unit}; MoE - dense gain {inter['mean']:+.4f} "
+                     f"± {inter['ci95']:.4f} -> {verdict}".replace("  ", " "))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Report
+
+
+def write_report(out: Path, results: dict) -> Path:
+    """report.md with the tables and plots (held-out metrics, routing over training, training curves)."""
+    from upcycle.eval.report import markdown_table
+    from upcycle.io import atomic_write_text, read_json
+
+    cells = {str(p.relative_to(out / "cells").with_suffix("")): read_json(p) for p in (out / "cells").rglob("*.json")}
+    _plot_heldout(out, results)
+    _plot_routing(out, cells)
+    _plot_losses(out, cells)
+    fmt = lambda s, d=3: f"{s['mean']:.{d}f} ± {s['ci95']:.{d}f}"  # noqa: E731
+    rows = []
+    for name, row in results["conditions"].items():
+        arch, cond = name.split("/")
+        rows.append([arch, "instruction-tuned, then fine-tuned" if cond == "instruct" else "fine-tuned only",
+                     fmt(row["loss"]), fmt(row["perplexity"], 2), fmt(row["exact_match"])]
+                    + [fmt(row["tasks"][t]["exact_match"]) for t in results["held_out_tasks"]])
+    header = ["model", "recipe", "held-out loss (nats/token)", "perplexity", "exact match (mean of tasks)",
+              *[f"EM {t}" for t in results["held_out_tasks"]]]
+    diff_rows = []
+    for metric in METRICS:
+        g = results["instruction_gain"][metric]
+        diff_rows += [[f"instruction-tuning gain, dense ({metric})", fmt(g["dense"], 4)],
+                      [f"instruction-tuning gain, MoE ({metric})", fmt(g["moe"], 4)],
+                      [f"MoE gain - dense gain ({metric})",
+                       fmt(results["interaction_moe_minus_dense_gain"][metric], 4)]]
+        for cond in CONDITIONS:
+            diff_rows.append([f"MoE - dense, {cond} ({metric})", fmt(results["moe_minus_dense"][metric][cond], 4)])
+    flops = results.get("flops", {})
+    settings = read_json(out / "experiment.json")
+    mixture = read_json(out / "mixture.json")
+    zs = results["zero_shot_after_instruct"]
+    lines = [
+        "# Flan-MoE experiment: instruction tuning, dense vs sparse MoE at equal FLOPs per token", "",
+        f"Seeds {results['seeds']}; means ± half-width of the 95% Student-t interval over seeds. Held-out task types "
+        f"(never in the instruction mixture): {', '.join(results['held_out_tasks'])}; instruction mixture: "
+        f"{', '.join(mixture['train_tasks'])}. Metrics are on the test-split responses of the held-out tasks "
+        "(prompt tokens are not scored); exact match is teacher-forced greedy (every response token and the EOS are "
+        "the argmax).", "",
+        f"MoE: the base sparse-upcycled in {flops.get('moe_layers')} of its layers into "
+        f"{settings['moe']['num_experts']} experts, router {settings['moe']['router']} (k={settings['moe']['top_k']}), "
+        f"{settings['moe']['dispatch']} dispatch (cf {settings['moe']['capacity_factor']} train / "
+        f"{settings['moe']['eval_capacity_factor']} eval). FFN FLOPs per token MoE/dense = "
+        f"{flops.get('ratio', float('nan')):.4f} (the router's [D, E] matmul is the difference).", "",
+        "## Answer", "", "```", results["answer"], "```", "",
+        "## Held-out tasks after fine-tuning", "", markdown_table(header, rows), "",
+        "## Paired differences (same seed)", "",
+        "Gains are positive when instruction tuning helps (lower loss, higher exact match).", "",
+        markdown_table(["difference", "mean ± 95% CI"], diff_rows), "",
+        "## Before fine-tuning", "",
+        markdown_table(["model", "held-out loss", "exact match"], [
+            ["dense base (untrained on instructions)", f"{results['start']['dense']['loss']:.3f}",
+             f"{results['start']['dense']['exact_match']:.3f}"],
+            ["MoE just upcycled", fmt(results["start"]["moe"]["loss"]), fmt(results["start"]["moe"]["exact_match"])],
+            ["dense, instruction-tuned (zero-shot)", fmt(zs["dense"]["loss"]), fmt(zs["dense"]["exact_match"])],
+            ["MoE, instruction-tuned (zero-shot)", fmt(zs["moe"]["loss"]), fmt(zs["moe"]["exact_match"])]]), "",
+        "![held-out metrics](heldout.png)", "", "## Routing over training", "",
+        "Expert utilisation = tokens dispatched to an expert / its capacity (max and min over experts, mean over MoE "
+        "layers); drop ratio = share of routed assignments that found their expert full.", "",
+        "![routing](routing.png)", "", "![training loss](training_loss.png)", "",
+        f"Training time of all cells: {results['cell_seconds'] / 60:.1f} min.", ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _plot_heldout(out: Path, results: dict) -> None:
+    from upcycle.eval.report import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    names = list(results["conditions"])
+    for ax, metric in zip(axes, METRICS, strict=True):
+        means = [results["conditions"][n][metric]["mean"] for n in names]
+        errors = [0 if math.isnan(c) else c for c in (results["conditions"][n][metric]["ci95"] for n in names)]
+        ax.bar(range(len(names)), means, yerr=errors, capsize=4,
+               color=["#7f9fbf", "#2f5f8f", "#d9a36b", "#b5651d"][:len(names)])
+        ax.set_xticks(range(len(names)), [n.replace("/", "\n") for n in names], fontsize=8)
+        ax.set_ylabel({"loss": "held-out loss (nats/token)", "exact_match": "exact match"}[metric])
+        if metric == "loss":
+            low = min(m - e for m, e in zip(means, errors, strict=True))
+            ax.set_ylim(bottom=max(0.0, low - 0.1 * abs(low)))
+    save_figure(fig, out / "heldout.png")
+
+
+def _series(cells: dict[str, dict], prefix: str, key: str) -> list[float]:
+    """Mean over the matching cells (seeds) of a per-step history value."""
+    runs = [[h.get(key, float("nan")) for h in c["train"]["history"]] for n, c in sorted(cells.items())
+            if n.startswith(prefix)]
+    if not runs:
+        return []
+    steps = min(len(r) for r in runs)
+    return [sum(r[i] for r in runs) / len(runs) for i in range(steps)]
+
+
+def _plot_routing(out: Path, cells: dict[str, dict]) -> None:
+    from upcycle.eval.report import pyplot, save_figure
+
+    plt = pyplot()
+    stages = [("instruction tuning", "instruct/moe-"), ("fine-tuning, direct", "finetune/moe-direct-"),
+              ("fine-tuning after instruction tuning", "finetune/moe-instruct-")]
+    fig, axes = plt.subplots(1, len(stages), figsize=(12, 3.4), sharey=True)
+    for ax, (title, prefix) in zip(axes, stages, strict=True):
+        for key, label in (("moe/utilisation_max", "utilisation max"), ("moe/utilisation_min", "utilisation min"),
+                           ("moe/dropped_fraction", "drop ratio")):
+            values = _series(cells, prefix, key)
+            if values:
+                ax.plot(range(1, len(values) + 1), values, label=label)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+    axes[0].set_ylabel("mean over seeds and MoE layers")
+    axes[0].legend(fontsize=7)
+    save_figure(fig, out / "routing.png")
+
+
+def _plot_losses(out: Path, cells: dict[str, dict]) -> None:
+    from upcycle.eval.report import pyplot, save_figure
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    for arch in ("dense", "moe"):
+        key = "lm_loss" if arch == "moe" else "loss"
+        values = _series(cells, f"instruct/{arch}-", key)
+        axes[0].plot(range(1, len(values) + 1), values, label=arch)
+        for cond in CONDITIONS:
+            values = _series(cells, f"finetune/{arch}-{cond}-", key)
+            axes[1].plot(range(1, len(values) + 1), values, label=f"{arch}, {cond}")
+    axes[0].set_title("instruction tuning (LM loss on responses)", fontsize=9)
+    axes[1].set_title("fine-tuning on held-out tasks", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=7)
+    save_figure(fig, out / "training_loss.png")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _jsonable(obj):
+    import json
+
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _progress():
+    if os.environ.get("UPCYCLE_NO_PROGRESS"):
+        return None
+    from upcycle.progress import make_progress
+
+    return make_progress()
