@@ -255,6 +255,7 @@ def dataset_examples(config: MixtureConfig) -> list[tuple[Document, Example]]:
     import datasets
 
     spec = config.data
+    datasets.disable_progress_bars()
     try:
         if spec.startswith("hf:"):
             name, _, split = spec[3:].partition("@")
@@ -264,8 +265,10 @@ def dataset_examples(config: MixtureConfig) -> list[tuple[Document, Example]]:
             path = Path(spec).expanduser()
             builder = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(path.suffix.lower())
             if not path.is_file() or builder is None:
-                raise UserError(f"--data {spec}: give 'stdlib', an existing .jsonl/.json/.parquet file or "
-                                "'hf:NAME[:CONFIG][@SPLIT]'")
+                raise UserError(f"--data {spec}: give 'stdlib', a folder of .py files, an existing "
+                                ".jsonl/.json/.parquet file or 'hf:NAME[:CONFIG][@SPLIT]'")
+            if path.stat().st_size == 0:
+                raise UserError(f"--data {spec}: the file is empty")
             table = datasets.load_dataset(builder, data_files=str(path), split="train")
     except UserError:
         raise

@@ -90,9 +90,10 @@ def run_experiment(out: str | Path, config: ExperimentConfig) -> dict:
     base = resolve_base(config.base)
     settings = _jsonable(asdict(config)) | {"base": base}
     settings_path = out / "experiment.json"
-    if settings_path.is_file() and read_json(settings_path) != settings:
-        raise UserError(f"{out} holds an experiment with other settings; choose a new --out or delete {out}")
-    write_json(settings_path, settings)
+    finished = list((out / "cells").rglob("*.json"))
+    if finished and settings_path.is_file() and read_json(settings_path) != settings:
+        raise UserError(f"{out} holds {len(finished)} finished cells of an experiment with other settings; choose a "
+                        f"new --out or delete {out}")
 
     started = time.perf_counter()
     mixture = build_mixture(config.mixture)
@@ -105,6 +106,7 @@ def run_experiment(out: str | Path, config: ExperimentConfig) -> dict:
         raise UserError(f"no training examples of the held-out task types {', '.join(mixture.held_out)} to "
                         "fine-tune on")
 
+    write_json(settings_path, settings)
     runner = _Runner(out, config, base, mixture, eval_set)
     progress = _progress()
     total = 1 + 3 * len(config.seeds) + 2 * len(config.seeds) * len(CONDITIONS)
@@ -236,13 +238,12 @@ class _Runner:
 
 
 def mean_ci(values: list[float]) -> dict:
-    """Mean, the half-width of a 95% Student-t interval over seeds (NaN with one seed) and the values."""
+    """Mean, the half-width of a 95% Student-t interval over seeds (None with one seed) and the values."""
     import numpy as np
     from scipy import stats
 
     arr = np.asarray(values, dtype=float)
-    half = float(stats.t.ppf(0.975, len(arr) - 1) * arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 \
-        else float("nan")
+    half = float(stats.t.ppf(0.975, len(arr) - 1) * arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else None
     return {"mean": float(arr.mean()), "ci95": half, "n": len(arr), "values": arr.tolist()}
 
 
@@ -312,15 +313,18 @@ def flops_per_token(config: ExperimentConfig, cells: dict[str, dict]) -> dict:
 def answer(gains: dict, interaction: dict, moe_vs_dense: dict) -> str:
     """One honest sentence per metric: is the MoE's instruction-tuning gain larger than dense's, beyond the CI?"""
     lines = []
-    for metric, unit in (("loss", "nats"), ("exact_match", "")):
+    for metric, unit in (("loss", " nats"), ("exact_match", "")):
         inter = interaction[metric]
-        lo, hi = inter["mean"] - inter["ci95"], inter["mean"] + inter["ci95"]
-        verdict = ("larger for MoE" if lo > 0 else "larger for dense" if hi < 0 else
-                   "not distinguishable (the 95% CI includes 0)") if not math.isnan(inter["ci95"]) else \
-            "undetermined (one seed)"
+        if inter["ci95"] is None:
+            verdict, ci = "undetermined (one seed, no interval)", ""
+        else:
+            lo, hi = inter["mean"] - inter["ci95"], inter["mean"] + inter["ci95"]
+            verdict = ("larger for MoE" if lo > 0 else "larger for dense" if hi < 0 else
+                       "not distinguishable (the 95% CI includes 0)")
+            ci = f" ± {inter['ci95']:.4f}"
         lines.append(f"{metric}: instruction-tuning gain dense {gains[metric]['dense']['mean']:+.4f}, "
-                     f"MoE {gains[metric]['moe']['mean']:+.4f} {unit}; MoE - dense gain {inter['mean']:+.4f} "
-                     f"± {inter['ci95']:.4f} -> {verdict}".replace("  ", " "))
+                     f"MoE {gains[metric]['moe']['mean']:+.4f}{unit}; MoE - dense gain {inter['mean']:+.4f}{ci} "
+                     f"-> {verdict}")
     return "\n".join(lines)
 
 
@@ -337,7 +341,7 @@ def write_report(out: Path, results: dict) -> Path:
     _plot_heldout(out, results)
     _plot_routing(out, cells)
     _plot_losses(out, cells)
-    fmt = lambda s, d=3: f"{s['mean']:.{d}f} ± {s['ci95']:.{d}f}"  # noqa: E731
+    fmt = lambda s, d=3: f"{s['mean']:.{d}f}" + ("" if s["ci95"] is None else f" ± {s['ci95']:.{d}f}")  # noqa: E731
     rows = []
     for name, row in results["conditions"].items():
         arch, cond = name.split("/")
@@ -401,7 +405,7 @@ def _plot_heldout(out: Path, results: dict) -> None:
     names = list(results["conditions"])
     for ax, metric in zip(axes, METRICS, strict=True):
         means = [results["conditions"][n][metric]["mean"] for n in names]
-        errors = [0 if math.isnan(c) else c for c in (results["conditions"][n][metric]["ci95"] for n in names)]
+        errors = [results["conditions"][n][metric]["ci95"] or 0.0 for n in names]
         ax.bar(range(len(names)), means, yerr=errors, capsize=4,
                color=["#7f9fbf", "#2f5f8f", "#d9a36b", "#b5651d"][:len(names)])
         ax.set_xticks(range(len(names)), [n.replace("/", "\n") for n in names], fontsize=8)
