@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 
@@ -40,3 +42,16 @@ def shape_gates(model, shared: slice, dead: slice, seed: int = 0) -> None:
         for _, layer in masked_ffns(model):
             layer.gates.log_alpha[:, shared] = 5.0
             layer.gates.log_alpha[:, dead] = -5.0
+
+
+def corpus_dir(tmp_path: Path) -> Path:
+    """A folder of 16 real standard-library modules: enough documents for train / validation / test splits."""
+    from upcycle.data.corpus import stdlib_root
+
+    root = tmp_path / "corpus"
+    root.mkdir()
+    for name in ["json/decoder.py", "json/encoder.py", "email/message.py", "email/utils.py", "textwrap.py",
+                 "heapq.py", "bisect.py", "fractions.py", "asyncio/queues.py", "asyncio/locks.py", "string.py",
+                 "shlex.py", "glob.py", "fnmatch.py", "colorsys.py", "calendar.py"]:
+        (root / name.replace("/", "_")).write_text((stdlib_root() / name).read_text(encoding="utf-8"))
+    return root

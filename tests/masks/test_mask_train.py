@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mask_helpers import tiny_decoder
+from mask_helpers import corpus_dir, tiny_decoder
 
 from upcycle.errors import UserError
 from upcycle.masks.config import MaskConfig
@@ -60,18 +60,6 @@ def test_bad_training_settings(overrides, message):
 
 
 # ---- the CLI functions, end to end on a tiny saved base ------------------------------------------------------------
-
-def corpus_dir(tmp_path: Path) -> Path:
-    from upcycle.data.corpus import stdlib_root
-
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for name in ["json/decoder.py", "json/encoder.py", "email/message.py", "email/utils.py", "textwrap.py",
-                 "heapq.py", "bisect.py", "fractions.py", "asyncio/queues.py", "asyncio/locks.py", "string.py",
-                 "shlex.py", "glob.py", "fnmatch.py", "colorsys.py", "calendar.py"]:
-        (root / name.replace("/", "_")).write_text((stdlib_root() / name).read_text(encoding="utf-8"))
-    return root
-
 
 def test_train_analyze_and_refuse_another_base(tmp_path, tiny_llama_dir, tiny_tokenizer, capsys):
     from tests.conftest import save_tiny_llama

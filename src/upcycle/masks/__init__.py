@@ -8,5 +8,6 @@ Reading order:
 - `analysis`, `compact`, `export`   shared / token-specific / inactive experts, exact compaction, save / load
 - `run`, `data`, `pipeline`, `commands`   the run directory and the `upcycle masks train|analyze|sweep` commands
 - `baselines/`     MoEfication, structured pruning, TEAL-style thresholds
+- `latency`, `sweep`   side-by-side timing; every method at every target, the report and the Pareto plots
 The fast sparse FFN and its plain reference live in `upcycle.ops.sparse_ffn` / `upcycle.ops.reference_ffn`.
 """

@@ -152,3 +152,51 @@ def analyze_masks(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor |
     model.train(was_training)
     reports = [tallies[name].report(name) for name, _ in layers]
     return MaskAnalysis(tokens=next(iter(tallies.values())).tokens, layers=reports)
+
+
+def analysis_table(analysis: MaskAnalysis) -> str:
+    """A markdown table: per layer, the achieved active ratio and how many experts and neurons are of each kind."""
+    from upcycle.eval.report import markdown_table
+
+    rows = []
+    for r in analysis.layers:
+        experts = [r.expert_kinds.count(k) for k in KINDS]
+        rows.append([r.name, f"{r.active_ratio:.1%}", *experts, *(r.neuron_kinds[k] for k in KINDS), r.intermediate])
+    header = ["layer", "active", *(f"{k} experts" for k in KINDS), *(f"{k} neurons" for k in KINDS), "neurons"]
+    return markdown_table(header, rows)
+
+
+def plot_experts(analysis: MaskAnalysis, path) -> None:
+    """Per layer: experts of each kind, neurons of each kind with the active ratio, and each expert's usage."""
+    from upcycle.eval.report import pyplot, save_figure
+
+    plt = pyplot()
+    layers = [r.name.removeprefix("model.").removesuffix(".mlp") for r in analysis.layers]
+    x = range(len(layers))
+    colors = {"shared": "tab:blue", "token-specific": "tab:orange", "inactive": "lightgrey"}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    bottom = [0.0] * len(layers)
+    for kind in KINDS:  # experts of each kind
+        counts = [r.expert_kinds.count(kind) for r in analysis.layers]
+        axes[0].bar(x, counts, bottom=bottom, color=colors[kind], label=kind)
+        bottom = [b + c for b, c in zip(bottom, counts, strict=True)]
+    axes[0].set_title("experts by kind")
+    axes[0].set_ylabel("experts")
+    bottom = [0.0] * len(layers)
+    for kind in KINDS:  # neurons of each kind, as a fraction of the layer
+        share = [r.neuron_kinds[kind] / r.intermediate for r in analysis.layers]
+        axes[1].bar(x, share, bottom=bottom, color=colors[kind], label=f"{kind} neurons")
+        bottom = [b + s for b, s in zip(bottom, share, strict=True)]
+    axes[1].plot(x, [r.active_ratio for r in analysis.layers], "k^-", label="active per token")
+    axes[1].set_title("neurons by kind, active ratio")
+    axes[1].set_ylim(0, 1.05)
+    usage = torch.tensor([r.expert_usage for r in analysis.layers]).t()  # [E, layers]
+    image = axes[2].imshow(usage, aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    axes[2].set_title("fraction of tokens using each expert")
+    axes[2].set_ylabel("expert")
+    fig.colorbar(image, ax=axes[2])
+    for ax in axes:
+        ax.set_xticks(list(x), layers, rotation=30, fontsize=8)
+    axes[0].legend(fontsize=7)
+    axes[1].legend(fontsize=7, loc="lower right")
+    save_figure(fig, path)

@@ -84,10 +84,15 @@ def sweep(base: str = "default", targets: list[float] = [0.25, 0.5, 0.75], exper
           out: str = "runs/masks-sweep", top_k: int = 1, routing: str = "topk", steps: int = 300,
           batch_size: int = 8, lr: float = 0.05, block_size: int = 128, warmup_fraction: float = 0.5,
           lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 32, seed: int = 0,
+          methods: list[str] = ["masks", "moefication", "pruning", "teal"],  # noqa: B006 - CLI default
+          moefication_experts: int = 8, pruning_lr: float = 1e-3, latency_rounds: int = 7,
           splits: SplitConfig = SplitConfig()) -> None:
-    """Train one mask run per target and plot held-out perplexity against the achieved active ratio.
+    """Mask experts and baselines at each target active ratio: held-out perplexity, active ratio per layer, latency.
 
-    Writes OUT/target-<t>/ (one run each), OUT/sweep.json and OUT/pareto.png.
+    Methods: masks (learned mask experts, compacted), moefication (neuron clusters + fitted router), pruning
+    (structured magnitude pruning + FFN fine-tuning on as many tokens as the masks train on), teal (training-free
+    activation thresholds). Writes OUT/masks-<t>/ (one mask run each), OUT/sweep.json, OUT/report.md (tables)
+    and OUT/pareto.png (perplexity against active FFN fraction and against measured latency).
 
     Args:
         base: Base causal LM (as for `upcycle masks train`).
@@ -96,23 +101,30 @@ def sweep(base: str = "default", targets: list[float] = [0.25, 0.5, 0.75], exper
         out: Sweep directory.
         top_k: Experts per token (topk routing).
         routing: topk or soft.
-        steps: Optimizer steps per run.
+        steps: Optimizer steps per mask run (and per pruning fine-tune).
         batch_size: Blocks per step.
         lr: Learning rate of the gates' log α and the routers.
         block_size: Tokens per block.
         warmup_fraction: Fraction of the steps over which the target ramps down.
         lambda_lr: Step size of the Lagrange multipliers' gradient ascent.
         data: Corpus spec (as for `upcycle masks train`).
-        eval_blocks: Held-out blocks per evaluation.
+        eval_blocks: Held-out blocks per split for perplexity and active ratios.
         seed: Seed for every run.
+        methods: Which of masks, moefication, pruning, teal to run.
+        moefication_experts: Neuron clusters per FFN for MoEfication (a token uses round(target x experts)).
+        pruning_lr: Learning rate of the pruned FFNs' fine-tuning.
+        latency_rounds: Interleaved timing rounds (the median is reported).
         splits: Held-out fractions.
     """
-    from upcycle.masks.pipeline import sweep_runs
+    from upcycle.masks.sweep import BaselineSettings, sweep_runs
 
     configs = [_config(t, experts, top_k, routing, steps, batch_size, lr, block_size, warmup_fraction, lambda_lr,
                        seed) for t in targets]  # validates every target before the first run starts
-    summary = sweep_runs(base, targets, configs[0], out, data, splits, eval_blocks)
+    baselines = BaselineSettings(moefication_experts=moefication_experts, pruning_lr=pruning_lr)
+    summary = sweep_runs(base, targets, configs[0], out, data, splits, eval_blocks, tuple(methods), baselines,
+                         latency_rounds)
     for point in summary["points"]:
-        print(f"target {point['target']:.0%}: active {point['achieved_active_ratio']:.1%}, perplexity "
-              f"{point['perplexity']:.2f} (dense {point['dense_perplexity']:.2f}), FLOPs x{point['flops_ratio']:.2f}")
-    print(f"{out}/sweep.json, {out}/pareto.png")
+        print(f"{point['method']:>11} target {point['target']:.0%}: active {point['achieved_active_ratio']:.1%}, "
+              f"{summary['quality_split']} perplexity {point['perplexity']:.2f}, decode "
+              f"x{point['decode_speedup']:.2f}, prefill x{point['prefill_speedup']:.2f}")
+    print(f"{out}/report.md, {out}/sweep.json, {out}/pareto.png")

@@ -46,6 +46,17 @@ class CompactFFN(nn.Module):
             return self.ffn.forward_mixture(flat, self.router(flat).weights.to(flat.dtype)).view(x.shape)
         return self.ffn(flat, self.router.choose(flat)).view(x.shape)
 
+    @torch.no_grad()
+    def active_fraction(self, x: torch.Tensor) -> float:
+        """Mean fraction of the I neurons computed per token for x [T, D] (soft routing computes every block)."""
+        if self.router is None:
+            neurons = float(self.ffn.sizes[0])
+        elif self.router.routing == "soft":
+            neurons = float(self.ffn.sizes[0] + self.ffn.neuron[self.ffn.offsets[1]:].unique().numel())
+        else:
+            neurons = float(self.ffn.active_neurons(self.router.choose(x)).double().mean())
+        return neurons / self.ffn.intermediate
+
     def layout(self) -> dict:
         """What a loader needs to rebuild an empty copy of this layer (stored in the compact model's config)."""
         router = self.router

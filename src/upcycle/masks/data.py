@@ -29,20 +29,24 @@ def _take(docs: list, tokens: int, seed: int) -> list[str]:
 
 
 def mask_blocks(tokenizer, data: str, splits: SplitConfig, block_size: int, train_tokens: int, eval_blocks: int,
-                seed: int = 0) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """(train (inputs, labels), validation (inputs, labels)) blocks of `block_size` tokens.
+                seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Blocks of `block_size` tokens per split: {'train', 'validation'[, 'test']: (inputs [N, L], labels [N, L])}.
 
-    About `train_tokens` training tokens are read (the loop samples blocks from them); at most `eval_blocks`
-    validation blocks are kept.
+    About `train_tokens` training tokens are read (the loop samples blocks from them); at most `eval_blocks` blocks
+    are kept of each held-out split. Settings are chosen on 'validation'; 'test' (absent when the split is empty)
+    is for the final numbers only.
     """
     parts = split_documents(load_documents(data), splits)
     if not parts["train"] or not parts["validation"]:
         raise UserError(f"--data {data}: too few documents for a training and a validation split")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    train_blocks = pack(tokenize(tokenizer, _take(parts["train"], train_tokens, seed)), block_size, pad,
-                        keep_remainder=False)
-    val_inputs, val_labels = pack(tokenize(tokenizer, _take(parts["validation"], eval_blocks * block_size, seed)),
+    blocks = {"train": pack(tokenize(tokenizer, _take(parts["train"], train_tokens, seed)), block_size, pad,
+                            keep_remainder=False)}
+    for split in ("validation", "test"):
+        if parts[split]:
+            inputs, labels = pack(tokenize(tokenizer, _take(parts[split], eval_blocks * block_size, seed)),
                                   block_size, pad)
-    if train_blocks[0].shape[0] == 0 or val_inputs.shape[0] == 0:
+            blocks[split] = (inputs[:eval_blocks], labels[:eval_blocks])
+    if any(inputs.shape[0] == 0 for inputs, _ in blocks.values()):
         raise UserError(f"--data {data}: not enough text for one block of {block_size} tokens in each split")
-    return train_blocks, (val_inputs[:eval_blocks], val_labels[:eval_blocks])
+    return blocks

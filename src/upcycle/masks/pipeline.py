@@ -1,5 +1,5 @@
-"""The mask experts' end-to-end steps behind the CLI: train (and evaluate, analyse, compact, export), analyse a run
-again, and sweep targets into a quality / active-ratio Pareto curve.
+"""The mask experts' end-to-end steps behind the CLI: train (and evaluate, analyse, compact, export) and analyse a
+run again. The sweep against the baselines lives in `upcycle.masks.sweep`.
 """
 
 from __future__ import annotations
@@ -15,12 +15,24 @@ from torch import nn
 
 from upcycle.data import SplitConfig
 from upcycle.eval.perplexity import token_nll
-from upcycle.io import ensure_writable_dir, write_json
-from upcycle.masks.analysis import MaskAnalysis, analyze_masks
+from upcycle.io import atomic_write_text, ensure_writable_dir, write_json
+from upcycle.masks.analysis import MaskAnalysis, analysis_table, analyze_masks, plot_experts
 from upcycle.masks.compact import compact_model
 from upcycle.masks.data import mask_blocks
 from upcycle.masks.export import save_compact
-from upcycle.masks.run import ANALYSIS, COMPACT, WORK, apply_masks, base_identity, read_meta, save_masks, write_meta
+from upcycle.masks.run import (
+    ANALYSIS,
+    ANALYSIS_TABLE,
+    COMPACT,
+    EXPERTS_PLOT,
+    WORK,
+    apply_masks,
+    base_identity,
+    read_meta,
+    save_masks,
+    write_meta,
+)
+from upcycle.masks.surgery import find_ffns
 from upcycle.masks.train import MaskTrainConfig, train_masks
 from upcycle.ops.flops import DecoderShape, decoder_flops
 
@@ -57,22 +69,32 @@ def compact_and_check(model: nn.Module, analysis: MaskAnalysis, blocks: torch.Te
     return max(float((a - b).abs().max()) for a, b in zip(after, before, strict=True))
 
 
+def held_out_perplexities(model: nn.Module, blocks: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+    """Perplexity on each held-out split in `blocks` ('validation', and 'test' when present)."""
+    return {split: math.exp(held_out_loss(model, blocks[split])) for split in ("validation", "test") if split in blocks}
+
+
 def train_run(base: str, config: MaskTrainConfig, out: str | Path, data: str = "stdlib",
               splits: SplitConfig = SplitConfig(), eval_blocks: int = 32, compact: bool = True) -> dict:
-    """Train masks on `base`, evaluate, analyse, compact and export into run directory `out`. Returns masks.json."""
+    """Train masks on `base`, evaluate, analyse, compact and export into run directory `out`. Returns masks.json.
+
+    Perplexities are reported on the validation split (where settings are chosen) and on the test split (final
+    numbers only); the expert analysis and the achieved active ratios are measured on the validation blocks.
+    """
     from upcycle.models.base import load_base, resolve_base
 
     out = ensure_writable_dir(out)
     base = resolve_base(base)
     model, tokenizer = load_base(base)
-    identity = base_identity(base, model)  # before surgery: refuses models without a SwiGLU FFN below
+    find_ffns(model)  # refuses a model without SwiGLU FFNs before any data is read
+    identity = base_identity(base, model)  # before surgery
     train_tokens = config.train.steps * config.train.batch_size * config.block_size
-    train_blocks, val_blocks = mask_blocks(tokenizer, data, splits, config.block_size, train_tokens, eval_blocks,
-                                           seed=config.train.seed)
-    dense_loss = held_out_loss(model, val_blocks)
+    blocks = mask_blocks(tokenizer, data, splits, config.block_size, train_tokens, eval_blocks, seed=config.train.seed)
+    val_blocks = blocks["validation"]
+    dense = held_out_perplexities(model, blocks)
 
-    result, lagrangian = train_masks(model, train_blocks, config, checkpoint_dir=ensure_writable_dir(out / WORK))
-    masked_loss = held_out_loss(model, val_blocks)
+    result, lagrangian = train_masks(model, blocks["train"], config, checkpoint_dir=ensure_writable_dir(out / WORK))
+    masked = held_out_perplexities(model, blocks)
     analysis = analyze_masks(model, *val_blocks)
     history = result.history[:: max(1, len(result.history) // 200)]
     meta = {
@@ -86,26 +108,30 @@ def train_run(base: str, config: MaskTrainConfig, out: str | Path, data: str = "
                      "final": result.history[-1], "lagrangian": lagrangian.state_dict(), "curve": history},
         "evaluation": {
             "held_out_blocks": int(val_blocks[0].shape[0]), "held_out_tokens": analysis.tokens,
-            "dense_loss": dense_loss, "dense_perplexity": math.exp(dense_loss),
-            "masked_loss": masked_loss, "masked_perplexity": math.exp(masked_loss),
+            "dense_perplexity": dense["validation"], "masked_perplexity": masked["validation"],
+            "dense_test_perplexity": dense.get("test"), "masked_test_perplexity": masked.get("test"),
             "target": config.target, "achieved_active_ratio": analysis.active_ratio,
+            "layer_active_ratios": {r.name: r.active_ratio for r in analysis.layers},
             "experts": analysis.expert_counts(), "flops": flops_summary(model, analysis, config.block_size),
         },
     }
     save_masks(out, model, meta)
-    write_json(out / ANALYSIS, analysis.to_dict())
+    write_analysis(out, analysis, analysis.to_dict())
     if compact:
         gap = compact_and_check(model, analysis, val_blocks[0][:8])
         save_compact(model, out / COMPACT, tokenizer, extra={"masks_run": str(out), "target": config.target})
         meta["compact"] = {"path": str(out / COMPACT), "max_abs_logit_difference": gap}
         write_meta(out, meta)
-    log.info("%s: active %.3f (target %.3f), held-out perplexity %.2f (dense %.2f)", out, analysis.active_ratio,
-             config.target, math.exp(masked_loss), math.exp(dense_loss))
+    log.info("%s: active %.3f (target %.3f), validation perplexity %.2f (dense %.2f)", out, analysis.active_ratio,
+             config.target, masked["validation"], dense["validation"])
     return meta
 
 
 def analyze_run(run: str | Path, base: str | None = None, eval_blocks: int = 32) -> dict:
-    """Re-analyse a run's masks on held-out blocks of its data (on `base`, default the one it was trained on)."""
+    """Re-analyse a run's masks on held-out blocks of its data (on `base`, default the one it was trained on).
+
+    Rewrites RUN/analysis.json and draws RUN/experts.png (expert kinds and active ratio per layer).
+    """
     from upcycle.models.base import load_base, resolve_base
 
     meta = read_meta(run)
@@ -113,52 +139,18 @@ def analyze_run(run: str | Path, base: str | None = None, eval_blocks: int = 32)
     model, tokenizer = load_base(base)
     apply_masks(run, model, base)
     config = meta["config"]
-    _, val_blocks = mask_blocks(tokenizer, meta["data"], SplitConfig(**meta["splits"]), config["block_size"], 1,
-                                eval_blocks)
-    analysis = analyze_masks(model, *val_blocks)
+    blocks = mask_blocks(tokenizer, meta["data"], SplitConfig(**meta["splits"]), config["block_size"], 1, eval_blocks)
+    analysis = analyze_masks(model, *blocks["validation"])
     summary = analysis.to_dict()
-    summary["held_out_loss"] = held_out_loss(model, val_blocks)
-    write_json(Path(run) / ANALYSIS, summary)
+    summary["held_out_loss"] = held_out_loss(model, blocks["validation"])
+    write_analysis(Path(run), analysis, summary)
     return summary
 
 
-def sweep_runs(base: str, targets: list[float], config: MaskTrainConfig, out: str | Path, data: str = "stdlib",
-               splits: SplitConfig = SplitConfig(), eval_blocks: int = 32) -> dict:
-    """One mask run per target under `out`; sweep.json and pareto.png compare held-out perplexity with the
-    achieved active ratio."""
-    from dataclasses import replace
-
-    out = ensure_writable_dir(out)
-    points = []
-    for target in targets:
-        run = out / f"target-{target:g}"
-        meta = train_run(base, replace(config, target=target), run, data, splits, eval_blocks, compact=False)
-        ev = meta["evaluation"]
-        points.append({"target": target, "run": str(run), "achieved_active_ratio": ev["achieved_active_ratio"],
-                       "perplexity": ev["masked_perplexity"], "dense_perplexity": ev["dense_perplexity"],
-                       "flops_ratio": ev["flops"]["total_ratio"]})
-    summary = {"base": base, "targets": targets, "points": points}
-    write_json(out / "sweep.json", summary)
-    plot_pareto(points, out / "pareto.png")
-    return summary
-
-
-def plot_pareto(points: list[dict], path: Path) -> None:
-    """Held-out perplexity against the achieved active ratio, the dense model as a reference line."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    xs = [p["achieved_active_ratio"] for p in points]
-    ax.plot(xs, [p["perplexity"] for p in points], "o-", label="mask experts")
-    ax.axhline(points[0]["dense_perplexity"], color="grey", linestyle="--", label="dense")
-    for p in points:
-        ax.annotate(f"t={p['target']:g}", (p["achieved_active_ratio"], p["perplexity"]), fontsize=8)
-    ax.set_xlabel("FFN neurons active per token")
-    ax.set_ylabel("held-out perplexity")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def write_analysis(run: Path, analysis: MaskAnalysis, summary: dict) -> None:
+    """RUN/analysis.json (`summary`), RUN/analysis.md (per-layer table) and RUN/experts.png."""
+    write_json(run / ANALYSIS, summary)
+    atomic_write_text(run / ANALYSIS_TABLE, f"# Mask experts over {analysis.tokens} held-out tokens\n\n"
+                      f"Active per token: {analysis.active_ratio:.1%} of FFN neurons.\n\n{analysis_table(analysis)}\n\n"
+                      f"![experts]({EXPERTS_PLOT})\n")
+    plot_experts(analysis, run / EXPERTS_PLOT)

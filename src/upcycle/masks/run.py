@@ -5,6 +5,7 @@ RUN/
   masks.json          format, settings, the base (path + fingerprint + shape), data, training curve, evaluation
   masks.safetensors   the masks alone: each masked FFN's router weight and gate log α, keyed as in the model
   analysis.json       expert kinds and neuron usage over held-out tokens (upcycle.masks.analysis)
+  analysis.md         the same per layer as a table; experts.png: the same as plots
   compact/            the compacted model (upcycle.masks.export; load with load_compact)
   .work/              resumable training state (the loop's checkpoint and the Lagrange multipliers)
 ```
@@ -26,6 +27,8 @@ RUN_FORMAT = 1
 META = "masks.json"
 WEIGHTS = "masks.safetensors"
 ANALYSIS = "analysis.json"
+ANALYSIS_TABLE = "analysis.md"
+EXPERTS_PLOT = "experts.png"
 COMPACT = "compact"
 WORK = ".work"
 

@@ -200,3 +200,24 @@ class SparseFFN(nn.Module):
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden}, intermediate={self.intermediate}, shared={self.sizes[0]}, "
                 f"experts={self.sizes[1:]}")
+
+
+def input_sparse_ffn(x: torch.Tensor, w_gate_up_t: torch.Tensor, w_down_t: torch.Tensor, tau_in: float,
+                     tau_mid: float, act: Callable[[torch.Tensor], torch.Tensor] = F.silu) -> torch.Tensor:
+    """One token's SwiGLU FFN reading only the weight rows of its large activations (TEAL-style decode).
+
+    x [D]; w_gate_up_t [D, 2I] (gate columns, then up columns); w_down_t [I, D]. Semantics (the plain reference is
+    the dense FFN with the small entries zeroed, `upcycle.masks.baselines.teal.ThresholdFFN` on batched input):
+
+        x' = x where |x| > tau_in else 0;   h = act(x' W_gate) * (x' W_up);   h' = h where |h| > tau_mid else 0
+        y  = h' W_down
+
+    Only the rows of w_gate_up_t for kept inputs and the rows of w_down_t for kept activations are read (gathered,
+    then one matvec each), so the work scales with the kept fractions. -> [D].
+    """
+    keep = torch.nonzero(x.abs() > tau_in).flatten()  # [k]
+    gate_up = x[keep] @ w_gate_up_t[keep]  # [k] @ [k, 2I] -> [2I]
+    gate, up = gate_up.view(2, -1)
+    h = act(gate) * up  # [I]
+    active = torch.nonzero(h.abs() > tau_mid).flatten()  # [a]
+    return h[active] @ w_down_t[active]  # [a] @ [a, D] -> [D]

@@ -2,8 +2,9 @@
 input and of its intermediate activations, with per-layer thresholds calibrated so that a target fraction stays.
 
 Zeroed inputs let an input-sparse matvec skip the matching weight columns (gate/up columns for the input, down
-columns for the intermediate). This module is the quality side (dense compute with the zeros applied); the fast
-input-sparse kernel is not implemented here.
+columns for the intermediate). Batched input runs densely with the zeros applied (the plain reference); a single
+token (decode) takes `upcycle.ops.sparse_ffn.input_sparse_ffn`, which reads only the kept rows of transposed
+copies of the weights (a gather, not a fused kernel like TEAL's).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from torch import nn
 from upcycle.errors import UserError
 from upcycle.masks.baselines.calibration import collect_ffn_inputs, intermediate
 from upcycle.masks.surgery import find_ffns, set_module
+from upcycle.ops.sparse_ffn import input_sparse_ffn
 
 _QUANTILE_SAMPLE = 1 << 20  # torch.quantile needs a bounded input; a million magnitudes pin a quantile well
 
@@ -27,12 +29,30 @@ class ThresholdFFN(nn.Module):
         self.act_fn = mlp.act_fn
         self.register_buffer("tau_in", torch.tensor(float(tau_in)))
         self.register_buffer("tau_mid", torch.tensor(float(tau_mid)))
+        with torch.no_grad():  # row-major copies for the decode path: a kept input or activation is one row
+            self.register_buffer("w_gate_up_t", torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]).t().contiguous())
+            self.register_buffer("w_down_t", mlp.down_proj.weight.t().contiguous())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [..., D] -> [..., D]."""
+        """x [..., D] -> [..., D]; one token without autograd takes the input-sparse path."""
+        if x.shape[:-1].numel() == 1 and not torch.is_grad_enabled():
+            y = input_sparse_ffn(x.reshape(-1), self.w_gate_up_t, self.w_down_t, self.tau_in, self.tau_mid, self.act_fn)
+            return y.view(x.shape)
+        x, h = self._thresholded(x)
+        return self.down_proj(h)
+
+    def _thresholded(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(input with small entries zeroed, intermediate activations with small entries zeroed)."""
         x = torch.where(x.abs() > self.tau_in, x, torch.zeros_like(x))
         h = intermediate(self, x)
-        return self.down_proj(torch.where(h.abs() > self.tau_mid, h, torch.zeros_like(h)))
+        return x, torch.where(h.abs() > self.tau_mid, h, torch.zeros_like(h))
+
+    @torch.no_grad()
+    def active_fraction(self, x: torch.Tensor) -> float:
+        """Fraction of the FFN's weights read per token for x [T, D]: gate and up rows of the kept inputs (2 of the
+        3 matrices) and down rows of the kept activations (the third), averaged over tokens."""
+        x, h = self._thresholded(x)
+        return float((2 * (x != 0).double().mean() + (h != 0).double().mean()) / 3)
 
 
 def _magnitude_quantile(values: torch.Tensor, q: float, seed: int) -> float:

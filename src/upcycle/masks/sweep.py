@@ -1,0 +1,345 @@
+"""The mask experts against their baselines at equal active FFN fractions: quality, sparsity per layer, latency.
+
+For each target active ratio t and each method, the model as it would be served:
+- masks        learned mask experts (`upcycle.masks.pipeline.train_run`, one run directory each), compacted;
+- moefication  neurons clustered into E experts, a router fitted per layer, top round(t·E) experts per token;
+- pruning      the t fraction of neurons with the largest weight norms kept, FFN weights fine-tuned;
+- teal         activations below calibrated magnitude thresholds zeroed, training-free.
+Masks, MoEfication and pruning train on the same number of training tokens (steps × batch × block of the mask
+run; MoEfication's routers fit to the FFN inputs of that many training tokens); TEAL calibrates on training tokens.
+
+Every model is scored on the held-out splits, its achieved active fraction is measured per layer on the quality
+split (the FFN weight rows read per token, relative to the dense FFN), and all models' latencies are measured
+side by side in one process (`upcycle.masks.latency`). The sweep writes OUT/sweep.json, OUT/report.md (tables)
+and OUT/pareto.png (quality against active fraction and against measured latency).
+
+Legend: T tokens, D model dim, I intermediate neurons, E experts.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from upcycle.data import SplitConfig
+from upcycle.data.packing import IGNORE_INDEX
+from upcycle.errors import UserError
+from upcycle.io import atomic_write_text, ensure_writable_dir, write_json
+from upcycle.masks.compact import CompactFFN
+from upcycle.masks.data import mask_blocks
+from upcycle.masks.pipeline import held_out_perplexities, train_run
+from upcycle.masks.run import COMPACT
+from upcycle.masks.surgery import find_ffns, is_swiglu_ffn
+from upcycle.masks.train import MaskTrainConfig
+from upcycle.ops.flops import DecoderShape, decoder_flops
+from upcycle.training.loop import TrainConfig
+
+log = logging.getLogger(__name__)
+
+METHODS = ("masks", "moefication", "pruning", "teal")
+LABELS = {"dense": "dense", "masks": "mask experts (MoM)", "moefication": "MoEfication",
+          "pruning": "magnitude pruning + fine-tune", "teal": "TEAL thresholds"}
+
+
+@dataclass
+class BaselineSettings:
+    """Settings of the baselines that the mask run's config does not fix."""
+
+    moefication_experts: int = 8
+    """Neuron clusters per FFN for MoEfication; a token uses round(target · experts) of them."""
+    pruning_lr: float = 1e-3
+    """Learning rate of the pruned FFNs' fine-tuning (same steps, batch and blocks as the mask run)."""
+    calibration_tokens: int = 8192
+    """Training tokens TEAL's thresholds are calibrated on."""
+
+    def __post_init__(self) -> None:
+        if self.moefication_experts < 1:
+            raise UserError(f"--moefication_experts must be >= 1, got {self.moefication_experts}")
+        if not self.pruning_lr > 0:
+            raise UserError(f"--pruning_lr must be > 0, got {self.pruning_lr}")
+
+
+@dataclass
+class SweepContext:
+    """What every method's builder needs."""
+
+    base: str
+    dense: nn.Module
+    blocks: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    config: MaskTrainConfig
+    baselines: BaselineSettings
+    out: Path
+    data: str
+    splits: SplitConfig
+    eval_blocks: int
+
+    @property
+    def train_tokens(self) -> int:
+        return self.config.train.steps * self.config.train.batch_size * self.config.block_size
+
+
+def build_masks(ctx: SweepContext, target: float) -> tuple[nn.Module, dict]:
+    """Train masks for `target` (a full run directory under OUT) and load its compacted model."""
+    from upcycle.masks.export import load_compact
+
+    run = ctx.out / f"masks-{target:g}"
+    meta = train_run(ctx.base, replace(ctx.config, target=target), run, ctx.data, ctx.splits, ctx.eval_blocks)
+    ev = meta["evaluation"]
+    return load_compact(run / COMPACT), {"run": str(run), "training_tokens": meta["training"]["tokens"],
+                                         "experts": ev["experts"], "masked_model_validation_perplexity":
+                                         ev["masked_perplexity"]}
+
+
+def build_moefication(ctx: SweepContext, target: float) -> tuple[nn.Module, dict]:
+    """Cluster neurons, fit routers on the FFN inputs of as many training tokens as the mask run trains on."""
+    from upcycle.masks.baselines.moefication import MoEficationConfig, moefy
+
+    experts = ctx.baselines.moefication_experts
+    top_k = min(experts, max(1, round(target * experts)))
+    train = ctx.config.train
+    inputs = ctx.blocks["train"][0][: train.steps * train.batch_size]
+    router = TrainConfig(steps=train.steps, batch_size=1024, lr=1e-2, warmup_steps=10, min_lr_ratio=0.1,
+                         grad_clip=0.0, seed=train.seed)
+    model = copy.deepcopy(ctx.dense)
+    stats = moefy(model, inputs, MoEficationConfig(experts=experts, top_k=top_k, calibration_tokens=inputs.numel(),
+                                                   router=router, seed=train.seed))
+    recall = sum(s["router_recall"] for s in stats.values()) / len(stats)
+    return model, {"experts": experts, "top_k": top_k, "training_tokens": int(inputs.numel()),
+                   "mean_router_recall": recall}
+
+
+def build_pruning(ctx: SweepContext, target: float) -> tuple[nn.Module, dict]:
+    """Keep the `target` fraction of neurons per FFN by weight norms; fine-tune the FFNs like the mask run trains."""
+    from upcycle.masks.baselines.pruning import finetune_pruned, prune_ffns
+
+    model = copy.deepcopy(ctx.dense)
+    kept = prune_ffns(model, target)
+    train = ctx.config.train
+    config = TrainConfig(steps=train.steps, batch_size=train.batch_size, lr=ctx.baselines.pruning_lr,
+                         warmup_steps=train.warmup_steps, min_lr_ratio=0.1, seed=train.seed)
+    result = finetune_pruned(model, ctx.blocks["train"], config)
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval(), {"kept_neurons": kept, "training_tokens": result.tokens, "lr": config.lr}
+
+
+def build_teal(ctx: SweepContext, target: float) -> tuple[nn.Module, dict]:
+    """Calibrate per-layer magnitude thresholds keeping `target` of the FFN inputs and activations (no training)."""
+    from upcycle.masks.baselines.teal import sparsify_activations
+
+    model = copy.deepcopy(ctx.dense)
+    inputs = ctx.blocks["train"][0]
+    blocks = max(1, math.ceil(ctx.baselines.calibration_tokens / inputs.shape[1]))
+    sparsify_activations(model, inputs[:blocks], keep=target, seed=ctx.config.train.seed)
+    return model, {"training_tokens": 0, "calibration_tokens": int(inputs[:blocks].numel())}
+
+
+BUILDERS: dict[str, Callable[[SweepContext, float], tuple[nn.Module, dict]]] = {
+    "masks": build_masks, "moefication": build_moefication, "pruning": build_pruning, "teal": build_teal}
+
+
+@torch.no_grad()
+def layer_active_fractions(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, intermediate: int,
+                           batch_size: int = 8) -> list[float]:
+    """Per FFN layer, the mean fraction of the dense FFN's weight rows read per token over blocks [N, L].
+
+    Compact mask / MoEfication layers: neurons computed; TEAL layers: see `ThresholdFFN.active_fraction`; a plain
+    SwiGLU FFN (dense or pruned): its width over `intermediate`. Blocks with padding are skipped.
+    """
+    layers = [(name, m) for name, m in model.named_modules() if _is_ffn(m)]
+    sums = [0.0] * len(layers)
+    full = (labels != IGNORE_INDEX).all(dim=1)
+    inputs = inputs[full] if full.any() else inputs
+    batches = 0
+
+    def hook(i):
+        def record(module, args, output):
+            x = args[0].reshape(-1, args[0].shape[-1])
+            if is_swiglu_ffn(module):
+                sums[i] += module.gate_proj.out_features / intermediate
+            else:
+                sums[i] += module.active_fraction(x)
+        return record
+
+    handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(layers)]
+    try:
+        for start in range(0, inputs.shape[0], batch_size):
+            model(input_ids=inputs[start:start + batch_size])
+            batches += 1
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [s / batches for s in sums]
+
+
+def _is_ffn(module: nn.Module) -> bool:
+    from upcycle.masks.baselines.teal import ThresholdFFN
+
+    return isinstance(module, (CompactFFN, ThresholdFFN)) or is_swiglu_ffn(module)
+
+
+def sweep_runs(base: str, targets: list[float], config: MaskTrainConfig, out: str | Path, data: str = "stdlib",
+               splits: SplitConfig = SplitConfig(), eval_blocks: int = 32, methods: tuple[str, ...] = METHODS,
+               baselines: BaselineSettings = BaselineSettings(), latency_rounds: int = 7) -> dict:
+    """Every method at every target; writes OUT/sweep.json, OUT/report.md and OUT/pareto.png. Returns sweep.json."""
+    from upcycle.models.base import load_base, resolve_base
+
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise UserError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    started = time.perf_counter()
+    out = ensure_writable_dir(out)
+    base = resolve_base(base)
+    dense, tokenizer = load_base(base)
+    dense.eval()
+    find_ffns(dense)  # a model without SwiGLU FFNs is refused before anything trains
+    shape = DecoderShape.from_config(dense.config)
+    ctx = SweepContext(base, dense, {}, config, baselines, out, data, splits, eval_blocks)
+    ctx.blocks = mask_blocks(tokenizer, data, splits, config.block_size, ctx.train_tokens, eval_blocks,
+                             seed=config.train.seed)
+    quality = "test" if "test" in ctx.blocks else "validation"
+    models, points = {"dense": dense}, [_point("dense", 1.0, dense, ctx, quality, shape, {})]
+    for target in targets:
+        for method in methods:
+            log.info("sweep: %s at target %g", method, target)
+            model, info = BUILDERS[method](ctx, target)
+            points.append(_point(method, target, model, ctx, quality, shape, info))
+            models[_key(method, target)] = model
+    latency = measure_models(models, ctx.blocks[quality][0], latency_rounds)
+    dense_latency = latency["dense"]
+    for point in points:
+        measured = latency[_key(point["method"], point["target"])]
+        point["latency"] = measured
+        point["decode_speedup"] = dense_latency["decode_ms_per_token"] / measured["decode_ms_per_token"]
+        point["prefill_speedup"] = dense_latency["prefill_ms"] / measured["prefill_ms"]
+    summary = {
+        "command": " ".join(sys.argv), "base": base, "data": data, "splits": asdict(splits), "targets": targets,
+        "methods": list(methods), "quality_split": quality, "config": asdict(config), "baselines": asdict(baselines),
+        "training_tokens_per_run": ctx.train_tokens, "torch_threads": torch.get_num_threads(),
+        "load_average_at_end": os.getloadavg(), "seconds": time.perf_counter() - started, "points": points,
+    }
+    write_json(out / "sweep.json", summary)
+    plot_pareto(points, quality, out / "pareto.png")
+    atomic_write_text(out / "report.md", sweep_report(summary))
+    return summary
+
+
+def _key(method: str, target: float) -> str:
+    return "dense" if method == "dense" else f"{method}@{target:g}"
+
+
+def _point(method: str, target: float, model: nn.Module, ctx: SweepContext, quality: str, shape: DecoderShape,
+           info: dict) -> dict:
+    """Quality, per-layer active fractions and whole-model FLOPs of one served model."""
+    perplexity = held_out_perplexities(model, ctx.blocks)
+    layers = layer_active_fractions(model, *ctx.blocks[quality], shape.intermediate)
+    tokens = ctx.config.block_size
+    flops = decoder_flops(shape, 1, tokens, ffn_neurons=[round(r * shape.intermediate * tokens) for r in layers])
+    return {"method": method, "target": target, "achieved_active_ratio": sum(layers) / len(layers),
+            "layer_active_ratios": layers, "perplexity": perplexity[quality], "perplexities": perplexity,
+            "flops_ratio": flops["total"] / decoder_flops(shape, 1, tokens)["total"], **info}
+
+
+def measure_models(models: dict[str, nn.Module], blocks: torch.Tensor, rounds: int) -> dict[str, dict[str, float]]:
+    """Latency of every model, side by side (see `upcycle.masks.latency.measure_latency`)."""
+    from upcycle.masks.latency import measure_latency
+
+    log.info("sweep: timing %d models, %d interleaved rounds", len(models), rounds)
+    return measure_latency(models, blocks, rounds=rounds)
+
+
+def plot_pareto(points: list[dict], quality: str, path: Path) -> None:
+    """Held-out perplexity against the achieved active FFN fraction and against measured latency, per method."""
+    from upcycle.eval.report import pyplot, save_figure
+
+    plt = pyplot()
+    dense = next(p for p in points if p["method"] == "dense")
+    axes_spec = [("achieved_active_ratio", "FFN weights active per token (fraction of dense)"),
+                 ("decode", "decode latency, batch 1 (ms / token)"), ("prefill", "prefill latency (ms / batch)")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for ax, (field, label) in zip(axes, axes_spec, strict=True):
+        def x(p, field=field):
+            if field == "decode":
+                return p["latency"]["decode_ms_per_token"]
+            return p["latency"]["prefill_ms"] if field == "prefill" else p[field]
+        for method in [m for m in LABELS if m != "dense"]:
+            own = sorted((p for p in points if p["method"] == method), key=lambda p: p["target"])
+            if own:
+                ax.plot([x(p) for p in own], [p["perplexity"] for p in own], "o-", label=LABELS[method])
+                for p in own:
+                    ax.annotate(f"{p['target']:g}", (x(p), p["perplexity"]), fontsize=7, alpha=0.7)
+        ax.plot([x(dense)], [dense["perplexity"]], "k*", markersize=12, label="dense")
+        ax.axhline(dense["perplexity"] * 1.05, color="grey", linestyle=":", linewidth=1, label="dense + 5%")
+        ax.set_xlabel(label)
+        ax.set_ylabel(f"{quality} perplexity")
+        ax.set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Quality against active FFN fraction and measured latency (labels: target)", fontsize=10)
+    save_figure(fig, path)
+
+
+def sweep_report(summary: dict) -> str:
+    """OUT/report.md: settings, the Pareto table, per-layer achieved active fractions, the plot."""
+    from upcycle.eval.report import markdown_table
+
+    points = summary["points"]
+    dense = next(p for p in points if p["method"] == "dense")
+    quality = summary["quality_split"]
+    rows = []
+    for p in points:
+        lat = p["latency"]
+        rows.append([LABELS[p["method"]], "" if p["method"] == "dense" else f"{p['target']:.0%}",
+                     f"{p['achieved_active_ratio']:.1%}", f"{p['perplexity']:.3f}",
+                     f"{p['perplexity'] / dense['perplexity'] - 1:+.1%}", f"{p['perplexities']['validation']:.3f}",
+                     f"{p['flops_ratio']:.2f}", f"{lat['decode_ms_per_token']:.2f}", f"{p['decode_speedup']:.2f}",
+                     f"{lat['prefill_ms']:.1f}", f"{p['prefill_speedup']:.2f}", p.get("training_tokens", 0)])
+    table = markdown_table(["method", "target", "achieved active", f"{quality} ppl", "vs dense", "validation ppl",
+                            "FLOPs ×", "decode ms/token", "decode speed-up", "prefill ms", "prefill speed-up",
+                            "training tokens"], rows)
+    layer_count = len(dense["layer_active_ratios"])
+    layer_rows = [[LABELS[p["method"]], "" if p["method"] == "dense" else f"{p['target']:.0%}",
+                   *(f"{r:.1%}" for r in p["layer_active_ratios"]), f"{p['achieved_active_ratio']:.1%}"]
+                  for p in points]
+    layers = markdown_table(["method", "target", *(f"layer {i}" for i in range(layer_count)), "mean"], layer_rows)
+    config = summary["config"]
+    train = config["train"]
+    prefill_tokens = dense["latency"]["prefill_tokens"]
+    return f"""# Mask experts vs baselines
+
+`{summary['command']}` — base `{summary['base']}`, data `{summary['data']}`, {summary['seconds'] / 60:.1f} min.
+
+Mask runs: {config['masks']['experts']} experts, top-{config['masks']['top_k']} {config['masks']['routing']} routing,
+{train['steps']} steps × {train['batch_size']} blocks × {config['block_size']} tokens
+({summary['training_tokens_per_run']:,} training tokens per run; pruning fine-tunes and MoEfication's routers fit on as
+many), lr {train['lr']}, λ lr {config['lambda_lr']}, target warm-up {config['warmup_fraction']:.0%} of the steps.
+Baselines: {summary['baselines']}.
+
+Quality is perplexity on the {quality} split (settings were chosen on validation only). "Achieved active" is the
+fraction of the dense FFN's weight rows each token reads, measured on the {quality} blocks, averaged over layers
+(neurons computed for masks / MoEfication / pruning; for TEAL, ⅔ × kept inputs + ⅓ × kept activations). FLOPs ×:
+whole-model matmul FLOPs of a {config['block_size']}-token forward relative to dense. Latency: this CPU,
+{summary['torch_threads']} torch thread(s), all models timed side by side in one process (median of interleaved
+rounds; load average at the end {', '.join(f'{v:.1f}' for v in summary['load_average_at_end'])}); decode is batch 1,
+{dense['latency']['decode_steps']} steps after a {dense['latency']['prompt_tokens']}-token prompt; prefill is
+{prefill_tokens} tokens in one batch. Masks and MoEfication run through the
+compact sparse FFN (`upcycle.ops.sparse_ffn.SparseFFN`); pruning is a smaller dense FFN; TEAL decodes through
+`input_sparse_ffn` (row gathers, no fused kernel) and prefills densely with the zeros applied.
+
+{table}
+
+## Achieved active fraction per layer
+
+{layers}
+
+![pareto](pareto.png)
+"""
