@@ -347,9 +347,9 @@ def write_report(out: Path, results: dict) -> Path:
         arch, cond = name.split("/")
         rows.append([arch, "instruction-tuned, then fine-tuned" if cond == "instruct" else "fine-tuned only",
                      fmt(row["loss"]), fmt(row["perplexity"], 2), fmt(row["exact_match"])]
-                    + [fmt(row["tasks"][t]["exact_match"]) for t in results["held_out_tasks"]])
+                    + [fmt(row["tasks"][t][m]) for t in results["held_out_tasks"] for m in METRICS])
     header = ["model", "recipe", "held-out loss (nats/token)", "perplexity", "exact match (mean of tasks)",
-              *[f"EM {t}" for t in results["held_out_tasks"]]]
+              *[f"{'loss' if m == 'loss' else 'EM'} {t}" for t in results["held_out_tasks"] for m in METRICS]]
     diff_rows = []
     for metric in METRICS:
         g = results["instruction_gain"][metric]

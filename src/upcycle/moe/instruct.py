@@ -1,6 +1,7 @@
 """Recipes of the Flan-MoE experiment: build a dense or upcycled model, instruction-tune it, fine-tune it on held-out
 task types, and score it on their responses. Dense and MoE train through the same loop (`training.loop.train`);
-only the loss function differs (MoE: `moe.train.train_moe`, aux losses and routing statistics per step).
+only the loss function differs (MoE: `moe.train.moe_loss_fn`, the one `train_moe` uses: aux losses and routing
+statistics in every step's history).
 """
 
 from __future__ import annotations
