@@ -1,15 +1,18 @@
-"""The grouped SwiGLU backends against the per-row loop reference: values and gradients, over a grid of sizes."""
+"""The grouped SwiGLU backends, and the dispatch paths that feed them, against the loop references: values and
+gradients."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from moe_helpers import leaf_copies
+from moe_helpers import leaf_copies, make_layer, padding_mask
 
 from upcycle.ops.grouped_experts import grouped_swiglu, resolve_backend
-from upcycle.ops.reference_moe import reference_grouped_swiglu
+from upcycle.ops.reference_moe import reference_capacity_moe, reference_grouped_swiglu
 
 GRID = dict(counts=st.lists(st.integers(0, 5), min_size=1, max_size=5).filter(lambda c: sum(c) > 0),
             dim=st.sampled_from([1, 3, 8]), ffn=st.sampled_from([1, 4]), seed=st.integers(0, 2**16))
@@ -66,3 +69,55 @@ def test_gated_activation_gradient_matches_autograd(activation):
     torch.autograd.gradcheck(lambda h: gated(h, activation), (hidden,))
     gate, up = hidden.detach().chunk(2, dim=-1)
     torch.testing.assert_close(gated(hidden, activation), activation(gate) * up)
+
+
+@pytest.mark.parametrize("backend", ["auto", "grouped_mm", "loop", "padded_bmm"])
+@pytest.mark.parametrize(("dispatch", "capacity_factor"), [("dropless", None), ("capacity", 8.0), ("capacity", 0.5)])
+@pytest.mark.parametrize("pad", [0, 2])
+def test_layer_on_every_backend_matches_reference(backend, dispatch, capacity_factor, pad):
+    """pad 0 and nothing dropped: a complete routing, whose rows move by gathers only; pad 2 or drops: scatter-add."""
+    tokens, experts = 24, 4
+    layer = make_layer("gshard", dispatch, experts=experts, dim=16, ffn=8, dtype=torch.float32, seed=pad,
+                       grouped_backend=backend, capacity_factor=capacity_factor or 1.0).train()
+    torch.manual_seed(1)
+    x = torch.randn(tokens, 16, dtype=torch.float64)
+    grad_out = torch.randn_like(x)
+    mask = padding_mask(tokens, pad)
+    capacity = None if capacity_factor is None else math.ceil(capacity_factor * 2 * (tokens - pad) / experts)
+
+    fast = [x.float().requires_grad_(True), layer.router.weight, layer.experts.w_in, layer.experts.w_out]
+    output = layer.forward_with_aux(fast[0], mask)
+    output.hidden.backward(grad_out.float())
+    slow = leaf_copies(*(t.double() for t in fast))
+    expected, load = reference_capacity_moe(*slow, 2, True, capacity, None if mask is None else mask.bool())
+    expected.backward(grad_out)
+
+    assert output.routing.complete == (pad == 0)
+    if capacity_factor == 0.5:
+        assert sum(load) < 2 * (tokens - pad)  # some assignments were dropped
+    torch.testing.assert_close(output.hidden.double(), expected, rtol=1e-4, atol=1e-4)
+    for name, got, want in zip(["x", "router", "w_in", "w_out"], fast, slow, strict=True):
+        torch.testing.assert_close(got.grad.double(), want.grad, rtol=1e-4, atol=1e-4, msg=f"grad of {name}")
+
+
+def test_complete_routing_lists_every_choice_choice_major():
+    layer = make_layer("gshard", "dropless", experts=4, second_expert_policy="random").train()
+    x = torch.randn(6, 8, dtype=torch.float64)
+    layer.eval()  # the random second-expert policy only applies in training
+    for valid in (None, torch.ones(6, dtype=torch.bool)):
+        routing = layer.router(x, valid)
+        assert routing.complete
+        torch.testing.assert_close(routing.token, torch.arange(6).repeat(2))
+        torch.testing.assert_close(routing.expert, routing.choices.T.reshape(-1))
+    assert not layer.router(x, torch.tensor([1, 1, 1, 1, 1, 0], dtype=torch.bool)).complete
+    layer.train()
+    assert not layer.router(x).complete
+
+
+@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+def test_an_empty_batch_passes_through(dispatch):
+    layer = make_layer("gshard", dispatch).train()
+    x = torch.randn(0, 8, dtype=torch.float64, requires_grad=True)
+    output = layer.forward_with_aux(x)
+    output.hidden.sum().backward()
+    assert output.hidden.shape == (0, 8) and x.grad.shape == (0, 8)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from upcycle.errors import UserError
-from upcycle.ops.grouped_experts import Activation, batched_swiglu, grouped_swiglu
+from upcycle.ops.grouped_experts import Activation, batched_swiglu, grouped_swiglu, resolve_backend
 
 ACTIVATIONS: dict[str, Activation] = {
     "silu": F.silu,
@@ -41,6 +41,10 @@ class SwiGLUExperts(nn.Module):
     def forward_sorted(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x [S, D] sorted by expert, counts [E] rows per expert -> [S, D] (dropless layout)."""
         return grouped_swiglu(x, self.w_in, self.w_out, counts, self.activation, self.backend)
+
+    def pads(self, x: torch.Tensor, counts: torch.Tensor) -> bool:
+        """Whether forward_sorted would pad the segments into one batched matmul (then feed forward_buffer)."""
+        return resolve_backend(self.backend, x, self.w_in, self.w_out, counts=counts) == "padded_bmm"
 
     def forward_buffer(self, buffer: torch.Tensor) -> torch.Tensor:
         """buffer [E, C, D], row block e for expert e -> [E, C, D] (fixed-capacity layout)."""

@@ -38,6 +38,9 @@ class Routing:
     """k for token-choice routing (None for expert choice)."""
     capacity: int | None = None
     """Slots per expert fixed by the router (expert choice); None lets the dispatcher compute C."""
+    complete: bool = False
+    """True when the assignments are all K choices of every token, choice-major and nothing skipped: assignment n is
+    choice n // T of token n % T (N = K * T). Dispatchers then move rows by permutations and combine by a reshape."""
 
     @property
     def num_tokens(self) -> int:
@@ -69,10 +72,16 @@ class TopKRouter(nn.Module):
         top_p, choices = probs.topk(self.top_k, dim=-1)  # [T, K] each
         gates = top_p / top_p.sum(dim=-1, keepdim=True) if self.normalize_gates else top_p  # [T, K]
 
+        random_second = self.training and self.second_expert_policy == "random" and self.top_k > 1
+        if not random_second and (valid is None or bool(valid.all())):  # every choice of every token is kept
+            token = torch.arange(x.shape[0], device=x.device).repeat(self.top_k)  # [N = K*T], choice-major
+            return Routing(token=token, expert=choices.T.reshape(-1), gate=gates.T.reshape(-1), logits=logits,
+                           probs=probs, valid=valid, choices=choices, per_token=self.top_k, complete=True)
+
         keep = torch.ones_like(choices, dtype=torch.bool)  # [T, K]
         if valid is not None:
             keep &= valid[:, None]  # padding is never routed, so it takes no capacity
-        if self.training and self.second_expert_policy == "random" and self.top_k > 1:
+        if random_second:
             # GShard: send a non-first choice only with probability 2 * g (its gate stays as it was).
             keep[:, 1:] &= torch.rand_like(gates[:, 1:]) < 2 * gates[:, 1:].detach()
 

@@ -112,12 +112,13 @@ def _swiglu_grouped_mm(x, w_in, w_out, counts, activation):
 
 
 def _swiglu_loop(x, w_in, w_out, counts, activation):
-    sizes = counts.tolist()
+    # unbind, not w_in[e]: each indexing op's backward would fill a whole [E, D, 2F] gradient; unbind's stacks once
+    w_ins, w_outs = w_in.unbind(0), w_out.unbind(0)
     outputs = []
-    for expert, rows in enumerate(torch.split(x, sizes)):  # rows [counts[e], D]
+    for expert, rows in enumerate(torch.split(x, counts.tolist())):  # rows [counts[e], D]
         if rows.shape[0] == 0:
             continue
-        outputs.append(gated(rows @ w_in[expert], activation) @ w_out[expert])  # [counts[e], 2F] -> [counts[e], D]
+        outputs.append(gated(rows @ w_ins[expert], activation) @ w_outs[expert])  # [counts[e], 2F] -> [counts[e], D]
     return torch.cat(outputs)
 
 
