@@ -4,6 +4,8 @@ Prints one JSON object. Every configuration runs on the same input and the same 
 round-robin (one step each per round) so that load from other processes on a shared machine spreads over all of them
 instead of biasing whichever ran during a busy spell. Both the median and the best step are reported: on a loaded
 machine the noise is preemption, which only adds time, so the best step is the better estimate of the cost itself.
+The process CPU time of each step is reported beside the wall time: it leaves out the time the process waited for
+a core, so its ratios move much less with the machine's load (with 2 threads it includes OpenMP's spin-waits).
 The statistics overhead is timed directly (routing_stats + reading it back, on the layer's own routing) relative to
 one forward + backward of the layer, because an on/off difference of a few percent drowns in that noise.
 
@@ -122,11 +124,13 @@ def main() -> None:
     for step in steps.values():  # warm-up: allocator, MKL packing, lazy init
         step()
     times: dict[str, list[float]] = {name: [] for name in steps}
+    cpu_times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             step()
             times[name].append(time.perf_counter() - start)
+            cpu_times[name].append(time.process_time() - cpu_start)
 
     median = {name: statistics.median(values) for name, values in times.items()}
     best = {name: min(values) for name, values in times.items()}
@@ -135,13 +139,14 @@ def main() -> None:
         "setup": {"experts": EXPERTS, "top_k": TOP_K, "hidden": DIM, "expert_ffn": FFN, "tokens": args.tokens,
                   "dense_ffn": TOP_K * FFN, "threads": args.threads, "rounds": args.rounds, "dtype": "float32",
                   "torch": torch.__version__, "capacity_factor_train": MoEConfig().capacity_factor,
-                  "ours_dropless_backend": "auto = padded_bmm on CPU"},
+                  "ours_dropless_backend": "auto = padded_bmm on CPU (rows gathered straight into [E, C, D])"},
         "tokens_per_s_median": {name: round(args.tokens / seconds) for name, seconds in median.items()},
         "tokens_per_s_best": {name: round(args.tokens / seconds) for name, seconds in best.items()},
         "spread": {name: round((max(v) - min(v)) / statistics.median(v), 3) for name, v in times.items()},
         "skipped": skipped,
         "ratios_median": _ratios(median),
         "ratios_best": _ratios(best),
+        "ratios_cpu_time_median": _ratios({name: statistics.median(v) for name, v in cpu_times.items()}),
         "stats_overhead": round(stats_seconds / best["ours/gshard/dropless"], 4),
         "load_average_1min": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
     }
