@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import logging
+import re
 import textwrap
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -161,8 +162,6 @@ def _list_arguments(fn: Function) -> tuple[dict[str, str], str] | None:
 
 
 def _name_function(fn: Function) -> tuple[dict[str, str], str] | None:
-    import re
-
     masked = re.sub(rf"\b{re.escape(fn.name)}\b", "___", fn.code)
     return {"masked": masked}, fn.name
 
