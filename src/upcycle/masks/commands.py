@@ -21,8 +21,8 @@ def _config(target: float, experts: int, top_k: int, routing: str, steps: int, b
 
 
 def train(base: str = "default", target: float = 0.5, experts: int = 8, out: str = "runs/masks", top_k: int = 1,
-          routing: str = "topk", steps: int = 300, batch_size: int = 8, lr: float = 0.05, block_size: int = 128,
-          warmup_fraction: float = 0.5, lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 32,
+          routing: str = "topk", steps: int = 600, batch_size: int = 8, lr: float = 0.1, block_size: int = 128,
+          warmup_fraction: float = 0.3, lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 64,
           seed: int = 0, compact: bool = True, splits: SplitConfig = SplitConfig()) -> None:
     """Learn mask experts on a frozen base until a target fraction of FFN neurons is active per token; resumable.
 
@@ -81,11 +81,11 @@ def analyze(run: str, base: str | None = None, eval_blocks: int = 32) -> None:
 
 
 def sweep(base: str = "default", targets: list[float] = [0.25, 0.5, 0.75], experts: int = 8,  # noqa: B006 - CLI default
-          out: str = "runs/masks-sweep", top_k: int = 1, routing: str = "topk", steps: int = 300,
-          batch_size: int = 8, lr: float = 0.05, block_size: int = 128, warmup_fraction: float = 0.5,
-          lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 32, seed: int = 0,
+          out: str = "runs/masks-sweep", top_k: int = 1, routing: str = "topk", steps: int = 600,
+          batch_size: int = 8, lr: float = 0.1, block_size: int = 128, warmup_fraction: float = 0.3,
+          lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 64, seed: int = 0,
           methods: list[str] = ["masks", "moefication", "pruning", "teal"],  # noqa: B006 - CLI default
-          moefication_experts: int = 8, pruning_lr: float = 1e-3, latency_rounds: int = 7,
+          moefication_experts: int = 8, pruning_lr: float = 1e-3, latency_rounds: int = 9, latency_threads: int = 1,
           splits: SplitConfig = SplitConfig()) -> None:
     """Mask experts and baselines at each target active ratio: held-out perplexity, active ratio per layer, latency.
 
@@ -114,6 +114,7 @@ def sweep(base: str = "default", targets: list[float] = [0.25, 0.5, 0.75], exper
         moefication_experts: Neuron clusters per FFN for MoEfication (a token uses round(target x experts)).
         pruning_lr: Learning rate of the pruned FFNs' fine-tuning.
         latency_rounds: Interleaved timing rounds (the median is reported).
+        latency_threads: torch threads while timing (1 is the steadiest on a small shared machine).
         splits: Held-out fractions.
     """
     from upcycle.masks.sweep import BaselineSettings, sweep_runs
@@ -122,7 +123,7 @@ def sweep(base: str = "default", targets: list[float] = [0.25, 0.5, 0.75], exper
                        seed) for t in targets]  # validates every target before the first run starts
     baselines = BaselineSettings(moefication_experts=moefication_experts, pruning_lr=pruning_lr)
     summary = sweep_runs(base, targets, configs[0], out, data, splits, eval_blocks, tuple(methods), baselines,
-                         latency_rounds)
+                         latency_rounds, latency_threads)
     for point in summary["points"]:
         print(f"{point['method']:>11} target {point['target']:.0%}: active {point['achieved_active_ratio']:.1%}, "
               f"{summary['quality_split']} perplexity {point['perplexity']:.2f}, decode "

@@ -165,10 +165,10 @@ def layer_active_fractions(model: nn.Module, inputs: torch.Tensor, labels: torch
     def hook(i):
         def record(module, args, output):
             x = args[0].reshape(-1, args[0].shape[-1])
-            if is_swiglu_ffn(module):
-                sums[i] += module.gate_proj.out_features / intermediate
-            else:
+            if _is_sparse_ffn(module):
                 sums[i] += module.active_fraction(x)
+            else:
+                sums[i] += module.gate_proj.out_features / intermediate
         return record
 
     handles = [m.register_forward_hook(hook(i)) for i, (_, m) in enumerate(layers)]
@@ -183,14 +183,20 @@ def layer_active_fractions(model: nn.Module, inputs: torch.Tensor, labels: torch
 
 
 def _is_ffn(module: nn.Module) -> bool:
+    return _is_sparse_ffn(module) or is_swiglu_ffn(module)
+
+
+def _is_sparse_ffn(module: nn.Module) -> bool:
+    """A layer that reports its own active fraction (a TEAL layer also looks like a plain SwiGLU FFN)."""
     from upcycle.masks.baselines.teal import ThresholdFFN
 
-    return isinstance(module, (CompactFFN, ThresholdFFN)) or is_swiglu_ffn(module)
+    return isinstance(module, (CompactFFN, ThresholdFFN))
 
 
 def sweep_runs(base: str, targets: list[float], config: MaskTrainConfig, out: str | Path, data: str = "stdlib",
                splits: SplitConfig = SplitConfig(), eval_blocks: int = 32, methods: tuple[str, ...] = METHODS,
-               baselines: BaselineSettings = BaselineSettings(), latency_rounds: int = 7) -> dict:
+               baselines: BaselineSettings = BaselineSettings(), latency_rounds: int = 9,
+               latency_threads: int = 1) -> dict:
     """Every method at every target; writes OUT/sweep.json, OUT/report.md and OUT/pareto.png. Returns sweep.json."""
     from upcycle.models.base import load_base, resolve_base
 
@@ -215,7 +221,7 @@ def sweep_runs(base: str, targets: list[float], config: MaskTrainConfig, out: st
             model, info = BUILDERS[method](ctx, target)
             points.append(_point(method, target, model, ctx, quality, shape, info))
             models[_key(method, target)] = model
-    latency = measure_models(models, ctx.blocks[quality][0], latency_rounds)
+    latency = measure_models(models, ctx.blocks[quality][0], latency_rounds, latency_threads)
     dense_latency = latency["dense"]
     for point in points:
         measured = latency[_key(point["method"], point["target"])]
@@ -225,7 +231,7 @@ def sweep_runs(base: str, targets: list[float], config: MaskTrainConfig, out: st
     summary = {
         "command": " ".join(sys.argv), "base": base, "data": data, "splits": asdict(splits), "targets": targets,
         "methods": list(methods), "quality_split": quality, "config": asdict(config), "baselines": asdict(baselines),
-        "training_tokens_per_run": ctx.train_tokens, "torch_threads": torch.get_num_threads(),
+        "training_tokens_per_run": ctx.train_tokens, "torch_threads": latency_threads,
         "load_average_at_end": os.getloadavg(), "seconds": time.perf_counter() - started, "points": points,
     }
     write_json(out / "sweep.json", summary)
@@ -250,12 +256,18 @@ def _point(method: str, target: float, model: nn.Module, ctx: SweepContext, qual
             "flops_ratio": flops["total"] / decoder_flops(shape, 1, tokens)["total"], **info}
 
 
-def measure_models(models: dict[str, nn.Module], blocks: torch.Tensor, rounds: int) -> dict[str, dict[str, float]]:
-    """Latency of every model, side by side (see `upcycle.masks.latency.measure_latency`)."""
+def measure_models(models: dict[str, nn.Module], blocks: torch.Tensor, rounds: int,
+                   threads: int) -> dict[str, dict[str, float]]:
+    """Latency of every model, side by side with `threads` torch threads (see `upcycle.masks.latency`)."""
     from upcycle.masks.latency import measure_latency
 
-    log.info("sweep: timing %d models, %d interleaved rounds", len(models), rounds)
-    return measure_latency(models, blocks, rounds=rounds)
+    log.info("sweep: timing %d models, %d interleaved rounds, %d thread(s)", len(models), rounds, threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return measure_latency(models, blocks, rounds=rounds)
+    finally:
+        torch.set_num_threads(before)
 
 
 def plot_pareto(points: list[dict], quality: str, path: Path) -> None:

@@ -28,9 +28,11 @@ LAGRANGIAN_STATE = "lagrangian.json"
 
 
 def _default_train() -> TrainConfig:
-    # Masks move log α by ~lr per step under Adam: 0.05 lets a gate cross from open (3) to closed (< −2.4) in
-    # ~100 steps. A constant rate after warm-up keeps the Lagrangian's response the same late in training.
-    return TrainConfig(steps=300, batch_size=8, lr=0.05, warmup_steps=10, min_lr_ratio=1.0, eval_blocks=32)
+    # Masks move log α by ~lr per step under Adam: 0.1 lets a gate cross from open (3) to closed (< −2.4) in ~50
+    # steps. A constant rate after warm-up keeps the Lagrangian's response the same late in training. Steps, lr and
+    # the target warm-up were chosen on the validation split of the tiny base (docs/masks.md): slower rates leave
+    # gates half-open (the test-time gate then scales neurons down instead of switching them off).
+    return TrainConfig(steps=600, batch_size=8, lr=0.1, warmup_steps=10, min_lr_ratio=1.0, eval_blocks=64)
 
 
 @dataclass
@@ -41,7 +43,7 @@ class MaskTrainConfig:
     """Target active ratio: the fraction of FFN neurons a token uses, in (0, 1]."""
     masks: MaskConfig = field(default_factory=MaskConfig)
     """Experts per layer, routing and gate initialisation."""
-    warmup_fraction: float = 0.5
+    warmup_fraction: float = 0.3
     """Fraction of the steps over which the target ramps linearly from 1 (all open) to `target`."""
     lambda_lr: float = 0.05
     """Step size of the Lagrange multipliers' gradient ascent."""
