@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from upcycle.masks.compact import CompactFFN
+from upcycle.masks.latency import decode_seconds_per_step, per_call, round_robin
 from upcycle.masks.router import TokenRouter
 from upcycle.ops.flops import DecoderShape, decoder_flops
 from upcycle.ops.sparse_ffn import SparseFFN
@@ -83,25 +84,6 @@ def compact(mlp: torch.nn.Module, ratio: float, seed: int) -> CompactFFN:
     return CompactFFN(router, ffn).eval()
 
 
-def round_robin(fns: dict[str, Callable[[], None]], rounds: int, seconds_per_call: float) -> dict[str, float]:
-    """Median over rounds of each function's seconds per call; each round runs every function in turn."""
-    for fn in fns.values():  # warm-up
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            calls = 0
-            while True:  # at least one call, then as many as fit in the budget
-                fn()
-                calls += 1
-                elapsed = time.perf_counter() - start
-                if elapsed >= seconds_per_call:
-                    break
-            samples[name].append(elapsed / calls)
-    return {name: statistics.median(v) for name, v in samples.items()}
-
-
 def llama_mlp(shape: dict, seed: int) -> torch.nn.Module:
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
@@ -129,7 +111,7 @@ def bench_ffn(shape: dict, rounds: int) -> dict:
         x = torch.randn(batch, 1, shape["hidden_size"], generator=torch.Generator().manual_seed(2))
         fns = {"dense": partial(mlp, x), "half_width": partial(half_width(mlp), x)}
         fns |= {str(ratio): partial(layer, x) for ratio, layer in layers.items()}
-        times = round_robin(fns, rounds, budget)
+        times = round_robin({name: per_call(fn, budget) for name, fn in fns.items()}, rounds)
         dense = times["dense"]
         row = {"dense_ms": 1e3 * dense, "half_width_speedup": dense / times["half_width"]}
         for ratio, layer in layers.items():
@@ -163,17 +145,6 @@ def random_decoder(shape: dict, layers: int):
 
 
 @torch.no_grad()
-def decode_seconds_per_step(model, batch: int, prompt: int, steps: int) -> float:
-    """Seconds per decode step after a `prompt`-token prefill (teacher-forced random tokens; greedy costs the same)."""
-    ids = torch.randint(0, model.config.vocab_size, (batch, prompt + steps), generator=torch.Generator().manual_seed(3))
-    out = model(input_ids=ids[:, :prompt], use_cache=True, logits_to_keep=1)
-    start = time.perf_counter()
-    for t in range(prompt, prompt + steps):
-        out = model(input_ids=ids[:, t:t + 1], cache=out.cache, use_cache=True)
-    return (time.perf_counter() - start) / steps
-
-
-@torch.no_grad()
 def bench_decode(shape: dict, layers: int, steps: int, rounds: int, prompt: int = 8) -> dict:
     """End-to-end decode tokens/s: the same model with dense MLPs and with compact layers at each ratio."""
     model = random_decoder(shape, layers)
@@ -184,6 +155,8 @@ def bench_decode(shape: dict, layers: int, steps: int, rounds: int, prompt: int 
         variants[str(ratio)] = [compact(mlp, ratio, seed=100 * i + j) for j, mlp in enumerate(dense)]
     out = {"layers": layers, "prompt_tokens": prompt}
     decoder = DecoderShape.from_config(model.config)
+    ids = torch.randint(0, model.config.vocab_size, (max(BATCHES), prompt + steps),
+                        generator=torch.Generator().manual_seed(3))  # teacher-forced random tokens
     for batch in BATCHES:
         batch_steps = steps if batch == 1 else max(2, steps // 2)  # a batch-8 step costs several batch-1 steps
         samples: dict[str, list[float]] = {name: [] for name in variants}
@@ -191,7 +164,7 @@ def bench_decode(shape: dict, layers: int, steps: int, rounds: int, prompt: int 
             for name, mlps in variants.items():
                 for block, mlp in zip(blocks, mlps, strict=True):
                     block.mlp = mlp
-                samples[name].append(decode_seconds_per_step(model, batch, prompt, batch_steps))
+                samples[name].append(decode_seconds_per_step(model, ids[:batch, :prompt + batch_steps], prompt))
         seconds = {name: statistics.median(v) for name, v in samples.items()}
         dense_flops = decoder_flops(decoder, batch, 1, past=prompt)["total"]
         row = {"decode_steps": batch_steps, "dense_tokens_per_s": batch / seconds["dense"]}
