@@ -84,6 +84,10 @@ def test_train_analyze_and_refuse_another_base(tmp_path, tiny_llama_dir, tiny_to
 
     commands.analyze(str(run), eval_blocks=2)
     assert "active over" in capsys.readouterr().out
+    assert "| model.layers.1.mlp |" in (run / "analysis.md").read_text()
+    assert (run / "experts.png").stat().st_size > 0
+    assert set(read_json(run / "masks.json")["evaluation"]["layer_active_ratios"]) == {"model.layers.0.mlp",
+                                                                                      "model.layers.1.mlp"}
     other = save_tiny_llama(tmp_path / "other", tiny_tokenizer, seed=1)
     with pytest.raises(UserError, match="were trained on"):
         commands.analyze(str(run), base=str(other))

@@ -64,7 +64,8 @@ def train(base: str = "default", target: float = 0.5, experts: int = 8, out: str
 def analyze(run: str, base: str | None = None, eval_blocks: int = 32) -> None:
     """Classify a mask run's experts as shared, token-specific or inactive over held-out tokens.
 
-    Rewrites RUN/analysis.json and prints one line per layer.
+    Rewrites RUN/analysis.json, writes RUN/analysis.md (a table per layer) and RUN/experts.png (expert kinds, neuron
+    kinds with the active ratio, and each expert's usage, per layer), and prints one line per layer.
 
     Args:
         run: Run directory made by `upcycle masks train`.
@@ -77,7 +78,8 @@ def analyze(run: str, base: str | None = None, eval_blocks: int = 32) -> None:
     for layer in summary["layers"]:
         kinds = {k: layer["expert_kinds"].count(k) for k in ("shared", "token-specific", "inactive")}
         print(f"{layer['name']}: active {layer['active_ratio']:.1%}, experts {kinds}, neurons {layer['neuron_kinds']}")
-    print(f"{run}: {summary['active_ratio']:.1%} active over {summary['tokens']} tokens; experts {summary['experts']}")
+    print(f"{run}: {summary['active_ratio']:.1%} active over {summary['tokens']} tokens; experts {summary['experts']}; "
+          f"{run}/analysis.md, {run}/experts.png")
 
 
 def sweep(base: str = "default", targets: list[float] = [0.25, 0.5, 0.75], experts: int = 8,  # noqa: B006 - CLI default
