@@ -13,6 +13,7 @@ from upcycle.masks.compact import compact_layers, compact_model
 from upcycle.masks.config import MaskConfig
 from upcycle.masks.latency import measure_latency, round_robin
 from upcycle.masks.surgery import add_masks, masked_ffns
+from upcycle.masks.sweep import merge_sweeps, write_sweep
 from upcycle.ops.reference_ffn import reference_masked_ffn
 
 TOKENS = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(2))
@@ -104,6 +105,16 @@ def test_sweep_compares_every_method_and_writes_the_report(tmp_path, tiny_llama_
     assert "Achieved active fraction per layer" in report and "MoEfication" in report and "pareto.png" in report
     assert (out / "pareto.png").stat().st_size > 0
     assert "report.md" in printed
+
+    again = dict(summary, targets=[0.75], command="second",
+                 points=[dict(p, target=0.75) for p in summary["points"]])
+    merged = merge_sweeps([summary, again])
+    assert merged["targets"] == [0.5, 0.75] and merged["merged_from"] == 2
+    assert [p["method"] for p in merged["points"]].count("dense") == 1 and len(merged["points"]) == 9
+    write_sweep(merged, tmp_path / "merged")
+    assert "Merged from 2 sweeps" in (tmp_path / "merged" / "report.md").read_text()
+    with pytest.raises(UserError, match="different config"):
+        merge_sweeps([summary, dict(again, config={})])
 
 
 def test_sweep_and_train_refuse_bad_input(tmp_path, tiny_llama_dir, tiny_tokenizer):

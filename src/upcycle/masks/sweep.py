@@ -234,10 +234,33 @@ def sweep_runs(base: str, targets: list[float], config: MaskTrainConfig, out: st
         "training_tokens_per_run": ctx.train_tokens, "torch_threads": latency_threads,
         "load_average_at_end": os.getloadavg(), "seconds": time.perf_counter() - started, "points": points,
     }
-    write_json(out / "sweep.json", summary)
-    plot_pareto(points, quality, out / "pareto.png")
-    atomic_write_text(out / "report.md", sweep_report(summary))
+    write_sweep(summary, out)
     return summary
+
+
+def write_sweep(summary: dict, out: Path) -> None:
+    """OUT/sweep.json, OUT/pareto.png and OUT/report.md of a sweep summary."""
+    write_json(out / "sweep.json", summary)
+    plot_pareto(summary["points"], summary["quality_split"], out / "pareto.png")
+    atomic_write_text(out / "report.md", sweep_report(summary))
+
+
+def merge_sweeps(summaries: list[dict]) -> dict:
+    """One summary from sweeps of the same base and settings run separately (e.g. one process per target).
+
+    Speed-ups stay relative to the dense model timed in each sweep's own rounds; the first sweep's dense point is
+    kept. Refuses sweeps whose settings or held-out split differ.
+    """
+    first = summaries[0]
+    for other in summaries[1:]:
+        for key in ("base", "data", "splits", "config", "baselines", "quality_split"):
+            if other[key] != first[key]:
+                raise UserError(f"cannot merge sweeps with different {key}")
+    points = [p for p in first["points"] if p["method"] == "dense"]
+    points += [p for s in summaries for p in s["points"] if p["method"] != "dense"]
+    return {**first, "command": "; ".join(s["command"] for s in summaries),
+            "targets": [t for s in summaries for t in s["targets"]], "seconds": max(s["seconds"] for s in summaries),
+            "merged_from": len(summaries), "points": points}
 
 
 def _key(method: str, target: float) -> str:
@@ -271,19 +294,22 @@ def measure_models(models: dict[str, nn.Module], blocks: torch.Tensor, rounds: i
 
 
 def plot_pareto(points: list[dict], quality: str, path: Path) -> None:
-    """Held-out perplexity against the achieved active FFN fraction and against measured latency, per method."""
+    """Held-out perplexity against the achieved active FFN fraction and against measured latency, per method.
+
+    Latency is plotted relative to the dense model timed in the same rounds (1 / speed-up), so that sweeps run as
+    separate processes can share one plot.
+    """
     from upcycle.eval.report import pyplot, save_figure
 
     plt = pyplot()
     dense = next(p for p in points if p["method"] == "dense")
     axes_spec = [("achieved_active_ratio", "FFN weights active per token (fraction of dense)"),
-                 ("decode", "decode latency, batch 1 (ms / token)"), ("prefill", "prefill latency (ms / batch)")]
+                 ("decode_speedup", "decode time per token, batch 1 (relative to dense)"),
+                 ("prefill_speedup", "prefill time (relative to dense)")]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for ax, (field, label) in zip(axes, axes_spec, strict=True):
         def x(p, field=field):
-            if field == "decode":
-                return p["latency"]["decode_ms_per_token"]
-            return p["latency"]["prefill_ms"] if field == "prefill" else p[field]
+            return p[field] if field == "achieved_active_ratio" else 1.0 / p[field]
         for method in [m for m in LABELS if m != "dense"]:
             own = sorted((p for p in points if p["method"] == method), key=lambda p: p["target"])
             if own:
@@ -294,7 +320,6 @@ def plot_pareto(points: list[dict], quality: str, path: Path) -> None:
         ax.axhline(dense["perplexity"] * 1.05, color="grey", linestyle=":", linewidth=1, label="dense + 5%")
         ax.set_xlabel(label)
         ax.set_ylabel(f"{quality} perplexity")
-        ax.set_yscale("log")
     axes[0].legend(fontsize=7)
     fig.suptitle("Quality against active FFN fraction and measured latency (labels: target)", fontsize=10)
     save_figure(fig, path)
@@ -326,9 +351,13 @@ def sweep_report(summary: dict) -> str:
     config = summary["config"]
     train = config["train"]
     prefill_tokens = dense["latency"]["prefill_tokens"]
+    merged = (f"\nMerged from {summary['merged_from']} sweeps run as separate processes (wall time: the longest); "
+              "speed-ups are relative to the dense model timed in each one's own rounds, the dense row is the "
+              "first sweep's.\n") if summary.get("merged_from") else ""
     return f"""# Mask experts vs baselines
 
 `{summary['command']}` — base `{summary['base']}`, data `{summary['data']}`, {summary['seconds'] / 60:.1f} min.
+{merged}
 
 Mask runs: {config['masks']['experts']} experts, top-{config['masks']['top_k']} {config['masks']['routing']} routing,
 {train['steps']} steps × {train['batch_size']} blocks × {config['block_size']} tokens
