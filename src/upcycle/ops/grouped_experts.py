@@ -166,5 +166,6 @@ class _SiluGate(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_gate, grad_up = grad_hidden.chunk(2, dim=-1)
         torch.mul(grad, activated, out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        torch.mul(grad, up, out=grad_gate)  # then silu' in place: no [..., F] temporary
+        torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
         return grad_hidden
