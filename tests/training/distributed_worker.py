@@ -103,3 +103,6 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     os.environ.setdefault("UPCYCLE_NO_PROGRESS", "1")
     run(Path(sys.argv[1]), int(os.environ["RANK"]))
+    if torch.distributed.is_initialized():  # a clean shutdown: exiting with the group alive can abort in gloo
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
