@@ -112,6 +112,13 @@ def test_bad_settings_are_one_line_user_errors(make, message):
     assert "\n" not in str(info.value)
 
 
+def test_block_size_beyond_the_base_is_a_user_error(tmp_path, tiny_llama_dir, code_dir):
+    config = micro_config(tiny_llama_dir, code_dir)
+    config.block_size = 512  # the tiny Llama has 256 positions
+    with pytest.raises(UserError, match="exceeds the base's 256 positions"):
+        run_experiment(tmp_path / "run", config)
+
+
 def test_cli_bad_input_exits_with_one_line(tmp_path, capsys):
     from upcycle.cli import main
 

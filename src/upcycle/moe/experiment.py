@@ -166,6 +166,9 @@ class _Runner:
 
         torch.manual_seed(seed)
         model, tokenizer = build_model(arch, self.base, self.config.moe, self.config.every, seed)
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and self.config.block_size > limit:
+            raise UserError(f"block_size {self.config.block_size} exceeds the base's {limit} positions; lower it")
         self._tokenizer = tokenizer
         return model
 
