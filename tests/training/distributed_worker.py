@@ -68,7 +68,7 @@ def recording(loss_fn, drawn: list):
 
 
 def trainable(model) -> torch.Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad]).clone()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad]).cpu().clone()
 
 
 def record_run(build, loss_fn, lr: float) -> dict:

@@ -43,9 +43,9 @@ def replay_both_ranks(loss_fn, ranks: list[dict], shards: bool):
     balance loss is a per-batch statistic on each process)."""
     step = iter(range(len(ranks[0]["drawn"])))
 
-    def replay(model, _inputs, _labels):
+    def replay(model, inputs, _labels):
         s = next(step)
-        batches = [rank["drawn"][s] for rank in ranks]
+        batches = [tuple(t.to(inputs.device) for t in rank["drawn"][s]) for rank in ranks]
         if not shards:
             return loss_fn(model, torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
         results = [loss_fn(model, *batch) for batch in batches]
