@@ -39,4 +39,4 @@ def test_unknown_keys_in_a_saved_config():
 def test_aliases_resolve():
     assert MoEConfig(router="top1").router == "switch" and MoEConfig(router="top2").top_k == 2
     assert MoEConfig(router="st_moe").z_loss_coef == 1e-3 and MoEConfig(router="gshard").z_loss_coef == 0.0
-    assert MoEConfig(router="switch").normalize_gates is False
+    assert MoEConfig(router="switch").normalize_gates is True

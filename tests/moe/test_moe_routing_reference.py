@@ -115,3 +115,20 @@ def test_an_all_padding_batch_routes_nothing(router, dispatch):
     output = layer.forward_with_aux(x, torch.zeros(2, 3))
     assert torch.equal(output.hidden, torch.zeros_like(x)) and int(output.stats.tokens) == 0
     (output.hidden.sum() + output.aux.balance + output.aux.z).backward()
+
+
+def test_switch_renormalised_gate_is_one_with_the_gradient_of_p():
+    # Same weights, two gates: straight-through (value 1) and Switch's raw gate = p.
+    straight = make_layer("switch", "dropless", experts=4, normalize_gates=True).train()
+    raw = make_layer("switch", "dropless", experts=4, normalize_gates=False).train()
+    x = torch.randn(10, 8, dtype=torch.float64)
+    p = torch.softmax(x @ raw.router.weight.detach().T, dim=-1).max(dim=-1).values  # [T] the chosen expert's p
+    out_straight, out_raw = straight(x), raw(x)
+    # value: the expert's output unscaled, i.e. the raw layer's output divided by p
+    torch.testing.assert_close(out_straight, out_raw / p[:, None], rtol=1e-12, atol=1e-12)
+    # router gradient, under a loss linear in the output: both gates see dL/dp = g . e (e: the expert's output)
+    g = torch.randn_like(out_raw)
+    (out_straight * g).sum().backward()
+    (out_raw * g).sum().backward()
+    torch.testing.assert_close(straight.router.weight.grad, raw.router.weight.grad, rtol=1e-10, atol=1e-12)
+    assert straight.router.weight.grad.abs().sum() > 0

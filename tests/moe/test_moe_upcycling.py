@@ -32,7 +32,7 @@ def _logits(model, batch):
         return model(input_ids=batch).logits
 
 
-@pytest.mark.parametrize("router", ["gshard", "st_moe"])
+@pytest.mark.parametrize("router", ["switch", "gshard", "st_moe"])
 @pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
 @pytest.mark.parametrize("every", [1, 2])
 def test_upcycled_model_reproduces_dense_logits_at_step_zero(dense, batch, router, dispatch, every):

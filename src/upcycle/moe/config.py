@@ -23,13 +23,15 @@ class MoEConfig:
     num_experts: int = 8
     """E, experts per MoE layer (>= 1)."""
     router: str = "gshard"
-    """switch (top-1, gate = p), gshard (top-2, gates renormalised over the two), st_moe (gshard + router z-loss),
+    """switch (top-1), gshard (top-2, gates renormalised over the two), st_moe (gshard + router z-loss),
     expert_choice (each expert picks its top-C tokens). Aliases: top1 = switch, top2 = gshard."""
     top_k: int | None = None
     """k, experts per token for token-choice routers (default: 1 for switch, 2 for gshard / st_moe)."""
     normalize_gates: bool | None = None
-    """Renormalise the chosen probabilities to sum to 1 (default: True for k >= 2; False for switch, whose gate
-    would otherwise be constantly 1 and give the router no gradient from the task loss)."""
+    """Renormalise the chosen probabilities to sum to 1 (default: True), so an upcycled model starts equal to the
+    dense one. For k = 1 (switch) the gate is then 1 in value with the gradient of p (straight-through), so the router
+    learns as under Switch's gate = p; False gives the raw probabilities (Switch's gate = p, the layer's output
+    scaled by about 1/E right after upcycling)."""
     second_expert_policy: str = "all"
     """gshard: 'all' sends every token to its second expert; 'random' does so only with probability min(1, 2*g2)
     while training (GShard, Algorithm 1); evaluation always sends it."""
@@ -65,7 +67,7 @@ class MoEConfig:
             if not 1 <= self.top_k <= self.num_experts:
                 raise UserError(f"top_k must be between 1 and num_experts={self.num_experts}, got {self.top_k}")
         if self.normalize_gates is None:
-            self.normalize_gates = self.top_k is not None and self.top_k >= 2
+            self.normalize_gates = self.top_k is not None
         if self.z_loss_coef is None:
             self.z_loss_coef = DEFAULT_Z_LOSS.get(self.router, 0.0)
         _check_choice("second_expert_policy", self.second_expert_policy, SECOND_EXPERT_POLICIES)

@@ -70,7 +70,7 @@ class TopKRouter(nn.Module):
         """
         logits, probs = router_probs(x, self.weight, self.jitter_noise if self.training else 0.0)  # [T, E] each
         top_p, choices = probs.topk(self.top_k, dim=-1)  # [T, K] each
-        gates = top_p / top_p.sum(dim=-1, keepdim=True) if self.normalize_gates else top_p  # [T, K]
+        gates = normalized_gates(top_p) if self.normalize_gates else top_p  # [T, K]
 
         random_second = self.training and self.second_expert_policy == "random" and self.top_k > 1
         if not random_second and (valid is None or bool(valid.all())):  # every choice of every token is kept
@@ -123,6 +123,19 @@ class ExpertChoiceRouter(nn.Module):
         gate = probs[token, expert]  # [E, C], differentiable
         return Routing(token=token.reshape(-1), expert=expert.reshape(-1), gate=gate.reshape(-1), logits=logits,
                        probs=probs, valid=valid, choices=None, per_token=None, capacity=capacity)
+
+
+def normalized_gates(top_p: torch.Tensor) -> torch.Tensor:
+    """[T, K] chosen probabilities -> gates summing to 1 per token.
+
+    For K >= 2 that is p / sum(p). For K = 1 the gate is constantly 1, which would give the router no gradient from
+    the task, so it is 1 in value with the gradient of p (straight-through: 1 + p - stop_grad(p)); the router then
+    learns exactly as Switch's gate = p would make it, while the layer's output is the expert's, unscaled (so an
+    upcycled top-1 model starts equal to the dense one).
+    """
+    if top_p.shape[-1] == 1:
+        return top_p - top_p.detach() + 1.0
+    return top_p / top_p.sum(dim=-1, keepdim=True)
 
 
 def router_probs(x: torch.Tensor, weight: torch.Tensor, jitter_noise: float = 0.0):

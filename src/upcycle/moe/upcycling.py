@@ -61,8 +61,9 @@ def upcycle_mlp(mlp: nn.Module, moe: MoEConfig, activation: str, noise: float = 
 def upcycle_model(model: nn.Module, moe: MoEConfig, upcycle: UpcycleConfig | None = None) -> list[int]:
     """Replace every N-th dense MLP of `model` (in place) by an upcycled MoE layer; returns the layer indices.
 
-    Routers are initialised from `upcycle.seed`, independently of the global RNG. With noise 0 and top-k routing
-    with renormalised gates (gshard, st_moe) and no dropped tokens, the logits equal the dense model's at step 0.
+    Routers are initialised from `upcycle.seed`, independently of the global RNG. With noise 0, top-k routing with
+    renormalised gates (the default for switch, gshard and st_moe) and no dropped tokens, the logits equal the
+    dense model's at step 0.
     """
     upcycle = upcycle or UpcycleConfig()
     check_supported(model)

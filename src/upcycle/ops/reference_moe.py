@@ -41,7 +41,12 @@ def reference_top_k(x, weight, k: int, normalize: bool, valid=None):
         top = torch.topk(p, k)
         total = top.values.sum()
         for rank in range(k):
-            gate = top.values[rank] / total if normalize else top.values[rank]
+            if not normalize:
+                gate = top.values[rank]
+            elif k == 1:  # value 1, gradient of p (straight-through, as the fast router)
+                gate = top.values[rank] - top.values[rank].detach() + 1.0
+            else:
+                gate = top.values[rank] / total
             assignments.append((t, int(top.indices[rank]), gate, rank))
     return assignments
 
