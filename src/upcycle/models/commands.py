@@ -17,5 +17,7 @@ def pretrain(out: str = "runs/tiny-base", recipe: PretrainConfig = PretrainConfi
     from upcycle.models.pretrain import pretrain as run
 
     summary = run(recipe, out)
+    if summary is None:  # a rank other than 0 under DDP: rank 0 saved and reports
+        return
     print(f"{out}: {summary['parameters']} parameters, {summary['train_tokens']} tokens, validation perplexity "
           f"{summary['validation_perplexity']:.2f}")

@@ -22,7 +22,7 @@ from upcycle.data import SplitConfig, load_documents, split_documents
 from upcycle.data.packing import pack, tokenize
 from upcycle.errors import UserError
 from upcycle.io import atomic_directory, ensure_writable_dir, sha256_file, write_json
-from upcycle.training.loop import TrainConfig, train
+from upcycle.training.loop import TrainConfig, is_main_process, train
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +75,9 @@ def build_model(shape: TinyLlamaShape, tokenizer, seed: int):
     return LlamaForCausalLM(config)
 
 
-def pretrain(config: PretrainConfig, out: str | Path) -> dict:
+def pretrain(config: PretrainConfig, out: str | Path) -> dict | None:
     """Run the recipe and save the model to `out`. Returns the summary also written to `out/pretrain.json`."""
+    from accelerate import PartialState
     from transformers import AutoTokenizer
 
     from upcycle.models.tokenizer import train_bpe_tokenizer
@@ -88,10 +89,11 @@ def pretrain(config: PretrainConfig, out: str | Path) -> dict:
         raise UserError(f"--data {config.data}: too few documents for a training and a validation split")
 
     tokenizer_dir = work / "tokenizer"
-    if not (tokenizer_dir / "tokenizer.json").exists():
-        tokenizer = train_bpe_tokenizer((d.text for d in splits["train"]), config.shape.vocab_size)
-        with atomic_directory(tokenizer_dir) as tmp:
-            tokenizer.save_pretrained(tmp)
+    with PartialState().main_process_first():  # under DDP rank 0 trains the tokenizer, the others load it
+        if not (tokenizer_dir / "tokenizer.json").exists():
+            tokenizer = train_bpe_tokenizer((d.text for d in splits["train"]), config.shape.vocab_size)
+            with atomic_directory(tokenizer_dir) as tmp:
+                tokenizer.save_pretrained(tmp)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
     train_blocks = pack(tokenize(tokenizer, [d.text for d in splits["train"]]), config.block_size,
@@ -105,6 +107,8 @@ def pretrain(config: PretrainConfig, out: str | Path) -> dict:
     result = train(model, train_blocks, config.train, eval_blocks=val_blocks, checkpoint_dir=work,
                    description="pretrain")
     final = result.evals[-1]
+    if not is_main_process():  # under DDP every rank holds the same weights; rank 0 saves them
+        return None
     summary = {
         "command": " ".join(sys.argv),
         "config": asdict(config),

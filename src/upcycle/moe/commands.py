@@ -87,6 +87,7 @@ def moe_train(checkpoint: str, out: str, data: str = "stdlib", block_size: int =
     from upcycle.io import ensure_writable_dir, write_json
     from upcycle.moe.checkpoint import load_moe_model, read_moe_meta, save_moe_model
     from upcycle.moe.train import train_moe
+    from upcycle.training.loop import is_main_process
 
     model, moe, indices = load_moe_model(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -102,6 +103,8 @@ def moe_train(checkpoint: str, out: str, data: str = "stdlib", block_size: int =
     work = ensure_writable_dir(Path(out).parent / f".{Path(out).name}.work")
     result = train_moe(model, moe, train_blocks, train, eval_blocks=eval_blocks, per_layer_stats=per_layer_stats,
                        checkpoint_dir=work)
+    if not is_main_process():  # under DDP every rank holds the same weights; rank 0 saves them
+        return Path(out)
     upcycle = read_moe_meta(checkpoint).get("upcycle")
     path = save_moe_model(model, out, moe, indices, UpcycleConfig(**upcycle) if upcycle else None, tokenizer)
     write_json(path / "train.json", {"command": "upcycle " + " ".join(sys.argv[1:]), "checkpoint": checkpoint,

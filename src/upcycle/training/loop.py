@@ -84,6 +84,14 @@ def causal_lm_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor)
     return loss, {}
 
 
+def is_main_process() -> bool:
+    """True on the one process that writes a run's files: rank 0 under torchrun / `accelerate launch`, and any
+    process started on its own (local process and Ray executors run independent jobs, each its own rank 0)."""
+    from accelerate import PartialState
+
+    return PartialState().is_main_process
+
+
 def lr_at(step: int, config: TrainConfig) -> float:
     """Learning rate after `step` optimizer steps: linear warm-up, then cosine to min_lr_ratio."""
     if step < config.warmup_steps:
