@@ -56,8 +56,11 @@ def train(base: str = "default", target: float = 0.5, experts: int = 8, out: str
                      seed)
     meta = train_run(base, config, out, data, splits, eval_blocks, compact)
     ev = meta["evaluation"]
-    print(f"{out}: {ev['achieved_active_ratio']:.1%} of FFN neurons active per token (target {target:.0%}); "
-          f"held-out perplexity {ev['masked_perplexity']:.2f} (dense {ev['dense_perplexity']:.2f}); "
+    layers = ", ".join(f"{r:.0%}" for r in ev["layer_active_ratios"].values())
+    test = "" if ev["masked_test_perplexity"] is None else \
+        f", test {ev['masked_test_perplexity']:.2f} (dense {ev['dense_test_perplexity']:.2f})"
+    print(f"{out}: {ev['achieved_active_ratio']:.1%} of FFN neurons active per token (target {target:.0%}; layers "
+          f"{layers}); validation perplexity {ev['masked_perplexity']:.2f} (dense {ev['dense_perplexity']:.2f}){test}; "
           f"experts {ev['experts']}; whole-model FLOPs x{ev['flops']['total_ratio']:.2f}")
 
 
