@@ -106,7 +106,7 @@ def test_sweep_compares_every_method_and_writes_the_report(tmp_path, tiny_llama_
     assert (out / "pareto.png").stat().st_size > 0
     assert "report.md" in printed
 
-    again = dict(summary, targets=[0.75], command="second",
+    again = dict(summary, targets=[0.75], command="second", config=dict(summary["config"], target=0.75),
                  points=[dict(p, target=0.75) for p in summary["points"]])
     merged = merge_sweeps([summary, again])
     assert merged["targets"] == [0.5, 0.75] and merged["merged_from"] == 2

@@ -251,10 +251,15 @@ def merge_sweeps(summaries: list[dict]) -> dict:
     Speed-ups stay relative to the dense model timed in each sweep's own rounds; the first sweep's dense point is
     kept. Refuses sweeps whose settings or held-out split differ.
     """
+    def settings(summary: dict) -> dict:  # the mask config's own target is the sweep's first target: not a setting
+        config = {k: v for k, v in summary["config"].items() if k != "target"}
+        return {key: summary[key] for key in ("base", "data", "splits", "baselines", "quality_split")} | {
+            "config": config}
+
     first = summaries[0]
     for other in summaries[1:]:
-        for key in ("base", "data", "splits", "config", "baselines", "quality_split"):
-            if other[key] != first[key]:
+        for key, value in settings(other).items():
+            if value != settings(first)[key]:
                 raise UserError(f"cannot merge sweeps with different {key}")
     points = [p for p in first["points"] if p["method"] == "dense"]
     points += [p for s in summaries for p in s["points"] if p["method"] != "dense"]
