@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from upcycle.errors import UserError
-from upcycle.io import read_json, write_json
+from upcycle.io import atomic_write_bytes, read_json, write_json
 from upcycle.masks.config import MaskConfig
 from upcycle.masks.surgery import add_masks, load_mask_state, mask_state_dict
 
@@ -45,11 +45,11 @@ def base_identity(base: str, model: nn.Module) -> dict:
 
 def save_masks(run: str | Path, model: nn.Module, meta: dict) -> None:
     """Write the masks' tensors and `meta` (which must hold 'base' and 'masks') into `run`."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().cpu() for k, v in mask_state_dict(model).items()}, str(run / WEIGHTS))
+    atomic_write_bytes(run / WEIGHTS, save({k: v.contiguous().cpu() for k, v in mask_state_dict(model).items()}))
     write_meta(run, meta)
 
 
