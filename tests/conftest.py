@@ -25,6 +25,18 @@ def small_corpus_texts() -> list[str]:
     return [(root / n).read_text(encoding="utf-8") for n in names]
 
 
+def stdlib_code_dir(root: Path, modules: list[str]) -> Path:
+    """Copy standard-library `modules` (paths like 'json/decoder.py') flat into `root`, renamed by path so that
+    names do not clash: a small code corpus for the instruction-mixture tests."""
+    import shutil
+
+    from upcycle.data.corpus import stdlib_root
+
+    for name in modules:
+        shutil.copyfile(stdlib_root() / name, root / name.replace("/", "_"))
+    return root
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory):
     """A 512-token byte-level BPE trained on a handful of stdlib files, saved in HF format."""

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
-from upcycle.data.corpus import Document, stdlib_root
+from tests.conftest import stdlib_code_dir
+from upcycle.data.corpus import Document
 from upcycle.data.instructions import (
     CODE_TASKS,
     MixtureConfig,
@@ -52,11 +52,8 @@ class Box:
 
 @pytest.fixture(scope="module")
 def code_dir(tmp_path_factory) -> Path:
-    """A folder with 12 standard-library modules (flat, renamed by path so names do not clash)."""
-    root = tmp_path_factory.mktemp("code")
-    for name in MODULES:
-        shutil.copyfile(stdlib_root() / name, root / name.replace("/", "_"))
-    return root
+    """A folder with 12 standard-library modules."""
+    return stdlib_code_dir(tmp_path_factory.mktemp("code"), MODULES)
 
 
 def _config(data, **overrides) -> MixtureConfig:

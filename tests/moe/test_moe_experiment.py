@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
+from tests.conftest import stdlib_code_dir
 
-from upcycle.data.corpus import stdlib_root
 from upcycle.data.instructions import MixtureConfig
 from upcycle.data.splits import SplitConfig
 from upcycle.errors import UserError
@@ -20,10 +19,7 @@ MODULES = ["json/decoder.py", "textwrap.py", "heapq.py", "fractions.py", "shutil
 
 @pytest.fixture(scope="module")
 def code_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("code")
-    for name in MODULES:
-        shutil.copyfile(stdlib_root() / name, root / name.replace("/", "_"))
-    return root
+    return stdlib_code_dir(tmp_path_factory.mktemp("code"), MODULES)
 
 
 def micro_config(base: Path, data: Path, seeds=(0,)) -> ExperimentConfig:
