@@ -225,7 +225,7 @@ def sweep_runs(base: str, targets: list[float], config: MaskTrainConfig, out: st
     dense_latency = latency["dense"]
     for point in points:
         measured = latency[_key(point["method"], point["target"])]
-        point["latency"] = measured
+        point["latency"], point["dense_latency"] = measured, dense_latency
         point["decode_speedup"] = dense_latency["decode_ms_per_token"] / measured["decode_ms_per_token"]
         point["prefill_speedup"] = dense_latency["prefill_ms"] / measured["prefill_ms"]
     summary = {
@@ -262,7 +262,9 @@ def merge_sweeps(summaries: list[dict]) -> dict:
             if value != settings(first)[key]:
                 raise UserError(f"cannot merge sweeps with different {key}")
     points = [p for p in first["points"] if p["method"] == "dense"]
-    points += [p for s in summaries for p in s["points"] if p["method"] != "dense"]
+    for summary in summaries:  # each point keeps the dense timing it was compared with
+        dense = next(p for p in summary["points"] if p["method"] == "dense")
+        points += [{"dense_latency": dense["latency"], **p} for p in summary["points"] if p["method"] != "dense"]
     return {**first, "command": "; ".join(s["command"] for s in summaries),
             "targets": [t for s in summaries for t in s["targets"]], "seconds": max(s["seconds"] for s in summaries),
             "merged_from": len(summaries), "points": points}
@@ -339,15 +341,16 @@ def sweep_report(summary: dict) -> str:
     quality = summary["quality_split"]
     rows = []
     for p in points:
-        lat = p["latency"]
+        lat, ref = p["latency"], p.get("dense_latency", dense["latency"])
         rows.append([LABELS[p["method"]], "" if p["method"] == "dense" else f"{p['target']:.0%}",
                      f"{p['achieved_active_ratio']:.1%}", f"{p['perplexity']:.3f}",
                      f"{p['perplexity'] / dense['perplexity'] - 1:+.1%}", f"{p['perplexities']['validation']:.3f}",
-                     f"{p['flops_ratio']:.2f}", f"{lat['decode_ms_per_token']:.2f}", f"{p['decode_speedup']:.2f}",
-                     f"{lat['prefill_ms']:.1f}", f"{p['prefill_speedup']:.2f}", p.get("training_tokens", 0)])
+                     f"{p['flops_ratio']:.2f}", f"{lat['decode_ms_per_token']:.2f} ({ref['decode_ms_per_token']:.2f})",
+                     f"{p['decode_speedup']:.2f}", f"{lat['prefill_ms']:.1f} ({ref['prefill_ms']:.1f})",
+                     f"{p['prefill_speedup']:.2f}", p.get("training_tokens", 0)])
     table = markdown_table(["method", "target", "achieved active", f"{quality} ppl", "vs dense", "validation ppl",
-                            "FLOPs ×", "decode ms/token", "decode speed-up", "prefill ms", "prefill speed-up",
-                            "training tokens"], rows)
+                            "FLOPs ×", "decode ms/token (dense)", "decode speed-up", "prefill ms (dense)",
+                            "prefill speed-up", "training tokens"], rows)
     layer_count = len(dense["layer_active_ratios"])
     layer_rows = [[LABELS[p["method"]], "" if p["method"] == "dense" else f"{p['target']:.0%}",
                    *(f"{r:.1%}" for r in p["layer_active_ratios"]), f"{p['achieved_active_ratio']:.1%}"]
@@ -375,7 +378,8 @@ fraction of the dense FFN's weight rows each token reads, measured on the {quali
 (neurons computed for masks / MoEfication / pruning; for TEAL, ⅔ × kept inputs + ⅓ × kept activations). FLOPs ×:
 whole-model matmul FLOPs of a {config['block_size']}-token forward relative to dense. Latency: this CPU,
 {summary['torch_threads']} torch thread(s), all models timed side by side in one process (median of interleaved
-rounds; load average at the end {', '.join(f'{v:.1f}' for v in summary['load_average_at_end'])}); decode is batch 1,
+rounds, each row beside the dense model timed in the same rounds, in brackets; load average
+at the end {', '.join(f'{v:.1f}' for v in summary['load_average_at_end'])}); decode is batch 1,
 {dense['latency']['decode_steps']} steps after a {dense['latency']['prompt_tokens']}-token prompt; prefill is
 {prefill_tokens} tokens in one batch. Masks and MoEfication run through the
 compact sparse FFN (`upcycle.ops.sparse_ffn.SparseFFN`); pruning is a smaller dense FFN; TEAL decodes through
