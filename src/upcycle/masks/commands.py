@@ -55,6 +55,8 @@ def train(base: str = "default", target: float = 0.5, experts: int = 8, out: str
     config = _config(target, experts, top_k, routing, steps, batch_size, lr, block_size, warmup_fraction, lambda_lr,
                      seed)
     meta = train_run(base, config, out, data, splits, eval_blocks, compact)
+    if meta is None:  # a rank other than 0 under DDP: rank 0 saved and reports
+        return
     ev = meta["evaluation"]
     layers = ", ".join(f"{r:.0%}" for r in ev["layer_active_ratios"].values())
     test = "" if ev["masked_test_perplexity"] is None else \

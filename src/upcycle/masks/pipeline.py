@@ -35,6 +35,7 @@ from upcycle.masks.run import (
 from upcycle.masks.surgery import find_ffns
 from upcycle.masks.train import MaskTrainConfig, train_masks
 from upcycle.ops.flops import DecoderShape, decoder_flops
+from upcycle.training.loop import is_main_process
 
 log = logging.getLogger(__name__)
 
@@ -75,8 +76,9 @@ def held_out_perplexities(model: nn.Module, blocks: dict[str, tuple[torch.Tensor
 
 
 def train_run(base: str, config: MaskTrainConfig, out: str | Path, data: str = "stdlib",
-              splits: SplitConfig = SplitConfig(), eval_blocks: int = 32, compact: bool = True) -> dict:
-    """Train masks on `base`, evaluate, analyse, compact and export into run directory `out`. Returns masks.json.
+              splits: SplitConfig = SplitConfig(), eval_blocks: int = 32, compact: bool = True) -> dict | None:
+    """Train masks on `base`, evaluate, analyse, compact and export into run directory `out`. Returns masks.json
+    (None on ranks other than 0 under DDP).
 
     Perplexities are reported on the validation split (where settings are chosen) and on the test split (final
     numbers only); the expert analysis and the achieved active ratios are measured on the validation blocks.
@@ -94,6 +96,8 @@ def train_run(base: str, config: MaskTrainConfig, out: str | Path, data: str = "
     dense = held_out_perplexities(model, blocks)
 
     result, lagrangian = train_masks(model, blocks["train"], config, checkpoint_dir=ensure_writable_dir(out / WORK))
+    if not is_main_process():  # under DDP every rank holds the same masks; rank 0 evaluates and saves them
+        return None
     masked = held_out_perplexities(model, blocks)
     analysis = analyze_masks(model, *val_blocks)
     history = result.history[:: max(1, len(result.history) // 200)]

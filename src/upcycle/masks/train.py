@@ -20,7 +20,7 @@ from upcycle.masks.active import collect_expected_active
 from upcycle.masks.config import MaskConfig
 from upcycle.masks.lagrangian import Lagrangian, LagrangianConfig
 from upcycle.masks.surgery import add_masks, mask_parameters, masked_ffns
-from upcycle.training.loop import TrainConfig, TrainResult, train
+from upcycle.training.loop import TrainConfig, TrainResult, is_main_process, train
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +102,7 @@ def train_masks(model: nn.Module, train_blocks: tuple[torch.Tensor, torch.Tensor
     def after_step(step: int, record: dict[str, float]) -> None:
         lagrangian.ascend(record["expected_active"])
         every = config.train.checkpoint_every
-        if state_path is not None and every and step % every == 0:
+        if state_path is not None and every and step % every == 0 and is_main_process():  # ranks agree: one writes
             write_json(state_path, lagrangian.state_dict())
 
     result = train(model, train_blocks, config.train, eval_blocks=eval_blocks, loss_fn=loss_fn, parameters=params,
