@@ -1,7 +1,6 @@
 """Recipes of the Flan-MoE experiment: build a dense or upcycled model, instruction-tune it, fine-tune it on held-out
-task types, and score it on their responses. Dense and MoE train through the same loop (`training.loop.train`);
-only the loss function differs (MoE: `moe.train.moe_loss_fn`, the one `train_moe` uses: aux losses and routing
-statistics in every step's history).
+task types, and score it on their responses. Dense and MoE train through the same loop (`training.loop.train`,
+the MoE through `moe.train.train_moe`: aux losses and routing statistics in every step's history).
 """
 
 from __future__ import annotations
@@ -69,10 +68,10 @@ def train_stage(model: nn.Module, arch: str, moe: MoEConfig, rows: tuple[torch.T
                 progress=None) -> TrainResult:
     """Train every parameter on the rows: causal-LM loss on the response tokens (+ aux losses for the MoE)."""
     if arch == "moe":
-        from upcycle.moe.train import moe_loss_fn
+        from upcycle.moe.train import train_moe
 
-        return train(model, rows, config, loss_fn=moe_loss_fn(moe), checkpoint_dir=checkpoint_dir,
-                     description=description, progress=progress)
+        return train_moe(model, moe, rows, config, checkpoint_dir=checkpoint_dir, description=description,
+                         progress=progress)
     return train(model, rows, config, checkpoint_dir=checkpoint_dir, description=description, progress=progress)
 
 

@@ -51,7 +51,8 @@ def moe_loss_fn(moe: MoEConfig, per_layer_stats: bool = False) -> MoELossFn:
 
 def train_moe(model: nn.Module, moe: MoEConfig, train_blocks: tuple[torch.Tensor, torch.Tensor], config: TrainConfig,
               *, eval_blocks: tuple[torch.Tensor, torch.Tensor] | None = None, per_layer_stats: bool = False,
-              checkpoint_dir: str | Path | None = None) -> TrainResult:
+              checkpoint_dir: str | Path | None = None, description: str | None = None,
+              progress=None) -> TrainResult:
     """Train every parameter of the upcycled `model` (experts, routers, attention, embeddings) on packed blocks."""
     return train(model, train_blocks, config, eval_blocks=eval_blocks, loss_fn=moe_loss_fn(moe, per_layer_stats),
-                 checkpoint_dir=checkpoint_dir, description=f"moe-{moe.router}")
+                 checkpoint_dir=checkpoint_dir, description=description or f"moe-{moe.router}", progress=progress)
