@@ -173,7 +173,7 @@ def train(
             optimizer.zero_grad(set_to_none=True)
 
             measured = _mean_over_processes(accelerator, {"loss": float(loss.detach()), **metrics})
-            record = {"step": step + 1, "loss": measured["loss"], "lr": lr_at(step, config), **measured}
+            record = {"step": step + 1, "lr": lr_at(step, config), **measured}
             result.history.append(record)
             result.steps = step + 1
             result.tokens += int((batch_labels != -100).sum()) * accelerator.num_processes
