@@ -82,7 +82,7 @@ def test_mask_state_round_trip_and_mismatch():
     randomize_gates(model, seed=3)
     state = mask_state_dict(model)
     assert set(state) == {f"model.layers.{i}.mlp.{k}" for i in range(2)
-                          for k in ("router.proj.weight", "gates.log_alpha")}
+                          for k in ("router.proj.weight", "router.proj.bias", "gates.log_alpha")}
     other = tiny_decoder(seed=1)
     add_masks(other, MaskConfig(experts=4))
     load_mask_state(other, state)
