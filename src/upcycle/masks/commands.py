@@ -8,7 +8,7 @@ from upcycle.data.splits import SplitConfig
 
 
 def _config(target: float, experts: int, top_k: int, routing: str, steps: int, batch_size: int, lr: float,
-            block_size: int, warmup_fraction: float, lambda_lr: float, seed: int):
+            block_size: int, warmup_fraction: float, lambda_lr: float, seed: int, init: str, train_routers: bool):
     from upcycle.masks.config import MaskConfig
     from upcycle.masks.train import MaskTrainConfig, _default_train
     from upcycle.training.loop import TrainConfig
@@ -16,13 +16,15 @@ def _config(target: float, experts: int, top_k: int, routing: str, steps: int, b
     defaults = _default_train()
     train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(defaults.warmup_steps, steps),
                         min_lr_ratio=defaults.min_lr_ratio, checkpoint_every=max(1, steps // 10), seed=seed)
-    return MaskTrainConfig(target=target, masks=MaskConfig(experts=experts, top_k=top_k, routing=routing),
-                           warmup_fraction=warmup_fraction, lambda_lr=lambda_lr, block_size=block_size, train=train)
+    return MaskTrainConfig(target=target, masks=MaskConfig(experts=experts, top_k=top_k, routing=routing, init=init),
+                           warmup_fraction=warmup_fraction, lambda_lr=lambda_lr, block_size=block_size, train=train,
+                           train_routers=train_routers)
 
 
-def train(base: str = "default", target: float = 0.5, experts: int = 8, out: str = "runs/masks", top_k: int = 1,
-          routing: str = "topk", steps: int = 600, batch_size: int = 8, lr: float = 0.1, block_size: int = 128,
-          warmup_fraction: float = 0.3, lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 64,
+def train(base: str = "default", target: float = 0.5, experts: int = 128, out: str = "runs/masks", top_k: int = 1,
+          routing: str = "topk", init: str = "clusters", train_routers: bool = False, steps: int = 600,
+          batch_size: int = 8, lr: float = 0.1, block_size: int = 128, warmup_fraction: float = 0.3,
+          lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 64,
           seed: int = 0, compact: bool = True, splits: SplitConfig = SplitConfig()) -> None:
     """Learn mask experts on a frozen base until a target fraction of FFN neurons is active per token; resumable.
 
@@ -38,9 +40,12 @@ def train(base: str = "default", target: float = 0.5, experts: int = 8, out: str
         out: Run directory.
         top_k: Experts per token (topk routing); the token's mask is the union of theirs.
         routing: topk (hard choice, skippable at inference) or soft (probability-weighted mix of all experts).
+        init: clusters (expert e starts as k-means cluster e of the FFN inputs: nearest-centroid router, open gates
+            ranked by the cluster's use of each neuron) or open (identical open gates, random router).
+        train_routers: Also train the routers (needed with --init open; with clusters they stay fixed by default).
         steps: Optimizer steps.
         batch_size: Blocks per step.
-        lr: Learning rate of the gates' log α and the routers.
+        lr: Learning rate of the gates' log α (and of the routers with --train_routers).
         block_size: Tokens per block.
         warmup_fraction: Fraction of the steps over which the target ramps from 1 down to --target.
         lambda_lr: Step size of the Lagrange multipliers' gradient ascent.
@@ -53,7 +58,7 @@ def train(base: str = "default", target: float = 0.5, experts: int = 8, out: str
     from upcycle.masks.pipeline import train_run
 
     config = _config(target, experts, top_k, routing, steps, batch_size, lr, block_size, warmup_fraction, lambda_lr,
-                     seed)
+                     seed, init, train_routers)
     meta = train_run(base, config, out, data, splits, eval_blocks, compact)
     if meta is None:  # a rank other than 0 under DDP: rank 0 saved and reports
         return
@@ -87,9 +92,10 @@ def analyze(run: str, base: str | None = None, eval_blocks: int = 32) -> None:
           f"{run}/analysis.md, {run}/experts.png")
 
 
-def sweep(base: str = "default", targets: list[float] = [0.25, 0.5, 0.75], experts: int = 8,  # noqa: B006 - CLI default
-          out: str = "runs/masks-sweep", top_k: int = 1, routing: str = "topk", steps: int = 600,
-          batch_size: int = 8, lr: float = 0.1, block_size: int = 128, warmup_fraction: float = 0.3,
+def sweep(base: str = "default", targets: list[float] = [0.25, 0.5, 0.75], experts: int = 128,  # noqa: B006 - CLI default
+          out: str = "runs/masks-sweep", top_k: int = 1, routing: str = "topk", init: str = "clusters",
+          train_routers: bool = False, steps: int = 600, batch_size: int = 8, lr: float = 0.1,
+          block_size: int = 128, warmup_fraction: float = 0.3,
           lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 64, seed: int = 0,
           methods: list[str] = ["masks", "moefication", "pruning", "teal"],  # noqa: B006 - CLI default
           moefication_experts: int = 8, pruning_lr: float = 1e-3, latency_rounds: int = 9, latency_threads: int = 1,
@@ -108,9 +114,11 @@ def sweep(base: str = "default", targets: list[float] = [0.25, 0.5, 0.75], exper
         out: Sweep directory.
         top_k: Experts per token (topk routing).
         routing: topk or soft.
+        init: clusters or open (as for `upcycle masks train`).
+        train_routers: Also train the routers (as for `upcycle masks train`).
         steps: Optimizer steps per mask run (and per pruning fine-tune).
         batch_size: Blocks per step.
-        lr: Learning rate of the gates' log α and the routers.
+        lr: Learning rate of the gates' log α (and of the routers with --train_routers).
         block_size: Tokens per block.
         warmup_fraction: Fraction of the steps over which the target ramps down.
         lambda_lr: Step size of the Lagrange multipliers' gradient ascent.
@@ -126,8 +134,9 @@ def sweep(base: str = "default", targets: list[float] = [0.25, 0.5, 0.75], exper
     """
     from upcycle.masks.sweep import BaselineSettings, sweep_runs
 
+    # built for every target first: validates them all before the first run starts
     configs = [_config(t, experts, top_k, routing, steps, batch_size, lr, block_size, warmup_fraction, lambda_lr,
-                       seed) for t in targets]  # validates every target before the first run starts
+                       seed, init, train_routers) for t in targets]
     baselines = BaselineSettings(moefication_experts=moefication_experts, pruning_lr=pruning_lr)
     summary = sweep_runs(base, targets, configs[0], out, data, splits, eval_blocks, tuple(methods), baselines,
                          latency_rounds, latency_threads)
