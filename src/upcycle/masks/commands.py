@@ -22,7 +22,7 @@ def _config(target: float, experts: int, top_k: int, routing: str, steps: int, b
 
 
 def train(base: str = "default", target: float = 0.5, experts: int = 128, out: str = "runs/masks", top_k: int = 1,
-          routing: str = "topk", init: str = "clusters", train_routers: bool = False, steps: int = 600,
+          routing: str = "topk", init: str = "clusters", train_routers: bool = False, steps: int = 2400,
           batch_size: int = 8, lr: float = 0.1, block_size: int = 128, warmup_fraction: float = 0.3,
           lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 64,
           seed: int = 0, compact: bool = True, splits: SplitConfig = SplitConfig()) -> None:
@@ -94,7 +94,7 @@ def analyze(run: str, base: str | None = None, eval_blocks: int = 32) -> None:
 
 def sweep(base: str = "default", targets: list[float] = [0.25, 0.5, 0.75], experts: int = 128,  # noqa: B006 - CLI default
           out: str = "runs/masks-sweep", top_k: int = 1, routing: str = "topk", init: str = "clusters",
-          train_routers: bool = False, steps: int = 600, batch_size: int = 8, lr: float = 0.1,
+          train_routers: bool = False, steps: int = 2400, batch_size: int = 8, lr: float = 0.1,
           block_size: int = 128, warmup_fraction: float = 0.3,
           lambda_lr: float = 0.05, data: str = "stdlib", eval_blocks: int = 64, seed: int = 0,
           methods: list[str] = ["masks", "moefication", "pruning", "teal"],  # noqa: B006 - CLI default

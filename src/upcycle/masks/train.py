@@ -34,7 +34,7 @@ def _default_train() -> TrainConfig:
     # steps. A constant rate after warm-up keeps the Lagrangian's response the same late in training. Steps, lr and
     # the target warm-up were chosen on the validation split of the tiny base (docs/masks.md): slower rates leave
     # gates half-open (the test-time gate then scales neurons down instead of switching them off).
-    return TrainConfig(steps=600, batch_size=8, lr=0.1, warmup_steps=10, min_lr_ratio=1.0, eval_blocks=64)
+    return TrainConfig(steps=2400, batch_size=8, lr=0.1, warmup_steps=10, min_lr_ratio=1.0, eval_blocks=64)
 
 
 @dataclass
