@@ -208,8 +208,11 @@ def test_ctrl_c_leaves_no_half_written_expert_and_rerun_finishes(tmp_path, corpu
     # long enough per expert (thousands of steps) that the interrupt surely lands inside the second one
     slow = ["--expert.tokens_per_expert", "300000", "--expert.batch_size", "2", "--expert.block_size", "64"]
     env = dict(os.environ, UPCYCLE_NO_PROGRESS="1", UPCYCLE_LOG="INFO")
+    # A shell without job control starts background jobs with SIGINT ignored, and children inherit that (e.g.
+    # `make test &`): give the child the default disposition so that Python turns SIGINT into KeyboardInterrupt.
     proc = subprocess.Popen([sys.executable, "-m", "upcycle.cli", "train-experts", str(run), *slow],
-                            stderr=subprocess.PIPE, text=True, env=env)
+                            stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
     for line in proc.stderr:  # wait until the second expert is training: the first one is complete on disk
         seen.append(line)

@@ -15,7 +15,6 @@ Legend: T tokens, D model dim, I intermediate neurons, E experts.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,8 +25,6 @@ from upcycle.errors import UserError
 from upcycle.masks.baselines.calibration import collect_ffn_inputs, intermediate
 from upcycle.masks.hard_concrete import open_log_alpha
 from upcycle.masks.surgery import masked_ffns
-
-log = logging.getLogger(__name__)
 
 _OPEN_MARGIN = 0.1
 """How far above `open_log_alpha()` the least important neuron starts, so that it is open beyond rounding."""
