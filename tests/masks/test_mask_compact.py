@@ -8,7 +8,7 @@ from mask_helpers import shape_gates, tiny_decoder
 
 from upcycle.errors import UserError
 from upcycle.masks.analysis import analyze_masks
-from upcycle.masks.compact import compact_layers, compact_model
+from upcycle.masks.compact import compact_layers, compact_model, packed_rows
 from upcycle.masks.config import MaskConfig
 from upcycle.masks.export import load_compact, save_compact
 from upcycle.masks.surgery import add_masks, masked_ffns
@@ -72,7 +72,9 @@ def test_compaction_with_analysis_drops_unused_experts_and_is_exact_on_analysed_
     structural = masked_tiny(router_bias=True)
     routed_by_bias(structural)
     structural_sizes = compact_model(structural)["model.layers.0.mlp"]["sizes"]
+    expected_rows = packed_rows(model, analysis)  # before compaction: what it will store
     layouts = compact_model(model, analysis)
+    assert expected_rows == (sum(sum(layout["sizes"]) for layout in layouts.values()), 2 * 64)
     sizes = layouts["model.layers.0.mlp"]["sizes"]
     assert len(sizes) == 4  # expert 3 left the router
     assert sizes[0] > structural_sizes[0]  # expert 0's neurons joined the shared block

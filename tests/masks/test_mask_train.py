@@ -93,6 +93,21 @@ def test_train_analyze_and_refuse_another_base(tmp_path, tiny_llama_dir, tiny_to
         commands.analyze(str(run), base=str(other))
 
 
+def test_oversized_compact_export_is_skipped_with_a_reason(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    from upcycle.data.splits import SplitConfig
+    from upcycle.io import read_json
+    from upcycle.masks import commands, pipeline
+
+    monkeypatch.setattr(pipeline, "SKIP_COMPACT_ABOVE", (0.5, 0))  # this tiny export counts as "too large"
+    run = tmp_path / "run"
+    commands.train(str(tiny_llama_dir), target=0.6, experts=4, out=str(run), steps=4, batch_size=2, block_size=32,
+                   eval_blocks=2, data=str(corpus_dir(tmp_path)), splits=SplitConfig(validation=0.3, test=0.0))
+    assert "compact export skipped" in capsys.readouterr().out
+    compact = read_json(run / "masks.json")["compact"]
+    assert "use fewer --experts" in compact["skipped"] and compact["packed_rows_ratio"] > 0.5
+    assert not (run / "compact").exists() and (run / "masks.safetensors").is_file()
+
+
 def test_cli_refuses_bad_targets_experts_and_bases(tmp_path, tiny_llama_dir):
     from upcycle.masks import commands
 

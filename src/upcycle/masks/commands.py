@@ -69,6 +69,8 @@ def train(base: str = "default", target: float = 0.5, experts: int = 128, out: s
     print(f"{out}: {ev['achieved_active_ratio']:.1%} of FFN neurons active per token (target {target:.0%}; layers "
           f"{layers}); validation perplexity {ev['masked_perplexity']:.2f} (dense {ev['dense_perplexity']:.2f}){test}; "
           f"experts {ev['experts']}; whole-model FLOPs x{ev['flops']['total_ratio']:.2f}")
+    if "skipped" in meta.get("compact", {}):
+        print(f"{out}: {meta['compact']['skipped']}")
 
 
 def analyze(run: str, base: str | None = None, eval_blocks: int = 32) -> None:

@@ -93,16 +93,41 @@ def split_gates(gates: torch.Tensor, always: list[int] | None = None) -> tuple[t
 
 
 @torch.no_grad()
-def compact_layer(layer: MaskedFFN, drop: list[int] | None = None, always: list[int] | None = None) -> CompactFFN:
-    """Compact one MaskedFFN; `drop` experts leave the router, `always` experts feed the shared block."""
+def _layer_split(layer: MaskedFFN, drop: list[int] | None, always: list[int] | None
+                 ) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """(experts kept, shared values [I], routed values [E', I]) of one MaskedFFN as `compact_layer` packs it."""
     drop = sorted(set(drop or []))
     keep = [e for e in range(layer.num_experts) if e not in drop]
-    router = layer.router
-    if len(keep) < router.top_k:  # top-k needs k experts to choose from; keep the unused ones then
-        keep, drop = list(range(layer.num_experts)), []
+    if len(keep) < layer.router.top_k:  # top-k needs k experts to choose from; keep the unused ones then
+        keep = list(range(layer.num_experts))
     gates = layer.eval_gates()[keep]  # [E', I]
     always = [keep.index(e) for e in (always or []) if e in keep]
     shared, routed = split_gates(gates, always)
+    return keep, shared, routed
+
+
+def packed_rows(model: nn.Module, analysis: MaskAnalysis | None = None) -> tuple[int, int]:
+    """(rows the compact FFNs would store, rows of the dense FFNs) over every MaskedFFN of `model`.
+
+    A neuron that several experts keep (and that is not shared) is stored once per expert, so that each expert is
+    one contiguous block; with many overlapping experts the compact model can be far larger than the dense one.
+    """
+    unused = analysis.unused_experts() if analysis else {}
+    always = analysis.always_used_experts() if analysis else {}
+    packed = dense = 0
+    for name, layer in masked_ffns(model):
+        topk = layer.router.routing == "topk"
+        _, shared, routed = _layer_split(layer, unused.get(name) if topk else None, always.get(name) if topk else None)
+        packed += int((shared != 0).sum()) + int((routed != 0).sum())
+        dense += layer.intermediate_size
+    return packed, dense
+
+
+@torch.no_grad()
+def compact_layer(layer: MaskedFFN, drop: list[int] | None = None, always: list[int] | None = None) -> CompactFFN:
+    """Compact one MaskedFFN; `drop` experts leave the router, `always` experts feed the shared block."""
+    keep, shared, routed = _layer_split(layer, drop, always)
+    router = layer.router
     dtype = layer.gate_proj.weight.dtype
     ffn = SparseFFN.from_dense(layer.gate_proj.weight, layer.up_proj.weight, layer.down_proj.weight,
                                shared.to(dtype), routed.to(dtype), layer.act_fn)

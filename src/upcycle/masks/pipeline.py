@@ -17,7 +17,7 @@ from upcycle.data import SplitConfig
 from upcycle.eval.perplexity import token_nll
 from upcycle.io import atomic_write_text, ensure_writable_dir, write_json
 from upcycle.masks.analysis import MaskAnalysis, analysis_table, analyze_masks, plot_experts
-from upcycle.masks.compact import compact_model
+from upcycle.masks.compact import compact_model, packed_rows
 from upcycle.masks.data import mask_blocks
 from upcycle.masks.export import save_compact
 from upcycle.masks.run import (
@@ -32,12 +32,17 @@ from upcycle.masks.run import (
     save_masks,
     write_meta,
 )
-from upcycle.masks.surgery import find_ffns
+from upcycle.masks.surgery import find_ffns, masked_ffns
 from upcycle.masks.train import MaskTrainConfig, train_masks
 from upcycle.ops.flops import DecoderShape, decoder_flops
 from upcycle.training.loop import is_main_process
 
 log = logging.getLogger(__name__)
+
+SKIP_COMPACT_ABOVE = (8.0, 1 << 30)
+"""The compact export is skipped when it would store more than this many times the dense FFNs' weight rows *and*
+more than this many bytes: overlapping experts keep a copy of a shared neuron each (see `packed_rows`), which for
+E = 128 on the tiny base is ~60x its FFNs (~130 MB, harmless) but would be hundreds of GB on a 1B model."""
 
 
 def held_out_loss(model: nn.Module, blocks: tuple[torch.Tensor, torch.Tensor]) -> float:
@@ -122,13 +127,32 @@ def train_run(base: str, config: MaskTrainConfig, out: str | Path, data: str = "
     save_masks(out, model, meta)
     write_analysis(out, analysis, analysis.to_dict())
     if compact:
-        gap = compact_and_check(model, analysis, val_blocks[0][:8])
-        save_compact(model, out / COMPACT, tokenizer, extra={"masks_run": str(out), "target": config.target})
-        meta["compact"] = {"path": str(out / COMPACT), "max_abs_logit_difference": gap}
+        meta["compact"] = compact_export(model, analysis, val_blocks[0][:8], tokenizer, out, config.target)
         write_meta(out, meta)
     log.info("%s: active %.3f (target %.3f), validation perplexity %.2f (dense %.2f)", out, analysis.active_ratio,
              config.target, masked["validation"], dense["validation"])
     return meta
+
+
+def compact_export(model: nn.Module, analysis: MaskAnalysis, blocks: torch.Tensor, tokenizer, out: Path,
+                   target: float) -> dict:
+    """Compact `model` in place and save it to OUT/compact, unless that would be too large (`SKIP_COMPACT_ABOVE`).
+    Returns masks.json's "compact" entry."""
+    packed, dense_rows = packed_rows(model, analysis)
+    ratio = packed / dense_rows
+    weight = masked_ffns(model)[0][1].gate_proj.weight  # [I, D]
+    size = packed * 3 * weight.shape[1] * weight.element_size()  # a packed row: gate, up and down rows of D each
+    if ratio > SKIP_COMPACT_ABOVE[0] and size > SKIP_COMPACT_ABOVE[1]:
+        message = (f"compact export skipped: it would hold {ratio:.0f}x the dense FFNs' weights ({size / 2**30:.1f} "
+                   "GiB), because every expert keeps its own copy of the neurons it shares with others; the masks "
+                   "are saved and load onto the base (upcycle.masks.run.apply_masks); use fewer --experts for a "
+                   "compact model")
+        log.warning(message)
+        return {"skipped": message, "packed_rows_ratio": ratio}
+    gap = compact_and_check(model, analysis, blocks)
+    save_compact(model, out / COMPACT, tokenizer, extra={"masks_run": str(out), "target": target})
+    return {"path": str(out / COMPACT), "max_abs_logit_difference": gap, "packed_rows_ratio": ratio,
+            "bytes": size}
 
 
 def analyze_run(run: str | Path, base: str | None = None, eval_blocks: int = 32) -> dict:

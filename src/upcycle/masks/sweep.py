@@ -95,6 +95,8 @@ def build_masks(ctx: SweepContext, target: float) -> tuple[nn.Module, dict]:
     run = ctx.out / f"masks-{target:g}"
     meta = train_run(ctx.base, replace(ctx.config, target=target), run, ctx.data, ctx.splits, ctx.eval_blocks)
     ev = meta["evaluation"]
+    if "skipped" in meta["compact"]:
+        raise UserError(f"{run}: the sweep times the compact model, but {meta['compact']['skipped']}")
     return load_compact(run / COMPACT), {"run": str(run), "training_tokens": meta["training"]["tokens"],
                                          "experts": ev["experts"], "masked_model_validation_perplexity":
                                          ev["masked_perplexity"]}
