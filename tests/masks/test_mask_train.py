@@ -46,8 +46,16 @@ def test_training_resumes_with_its_multipliers(tmp_path):
     result, second = train_masks(again, random_blocks(), config, checkpoint_dir=tmp_path)
     assert second.step == 10 and second.lambda1 == pytest.approx(first.lambda1)
     assert len(result.history) == 10  # nothing re-run
-    gates = [k for k in model.state_dict() if "gates" in k]
+    gates = [k for k in model.state_dict() if "gates" in k or "router" in k]
     assert all(torch.equal(model.state_dict()[k], again.state_dict()[k]) for k in gates)
+    # the fixed routers come back from the run directory, not from a second k-means
+    from safetensors.torch import load_file, save_file
+
+    saved = load_file(tmp_path / "routers.safetensors")
+    save_file({k: v + 1.0 for k, v in saved.items()}, tmp_path / "routers.safetensors")
+    third = tiny_decoder()
+    train_masks(third, random_blocks(), config, checkpoint_dir=tmp_path)
+    assert all(torch.equal(third.state_dict()[k], v + 1.0) for k, v in saved.items())
 
 
 @pytest.mark.parametrize(("overrides", "message"), [

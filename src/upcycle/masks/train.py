@@ -27,6 +27,9 @@ from upcycle.training.loop import TrainConfig, TrainResult, is_main_process, tra
 log = logging.getLogger(__name__)
 
 LAGRANGIAN_STATE = "lagrangian.json"
+ROUTERS_STATE = "routers.safetensors"
+"""Fixed routers of a resumable run: the loop's checkpoint holds only what trains, and a resumed run must route
+exactly as before rather than trust k-means to come out bit-identical a second time."""
 
 
 def _default_train() -> TrainConfig:
@@ -112,6 +115,8 @@ def train_masks(model: nn.Module, train_blocks: tuple[torch.Tensor, torch.Tensor
     `train.checkpoint_every` steps and picked up again by the same call.
     """
     params = prepare_masked_model(model, config, train_blocks[0])
+    if checkpoint_dir is not None and not config.train_routers:
+        _keep_routers(model, Path(checkpoint_dir) / ROUTERS_STATE)
     lagrangian = Lagrangian(config.lagrangian())
     state_path = Path(checkpoint_dir) / LAGRANGIAN_STATE if checkpoint_dir else None
     if state_path is not None and state_path.exists():
@@ -135,3 +140,16 @@ def train_masks(model: nn.Module, train_blocks: tuple[torch.Tensor, torch.Tensor
     log.info("masks: expected active %.3f (target %.3f), LM loss %.3f", last["expected_active"], config.target,
              last["lm_loss"])
     return result, lagrangian
+
+
+def _keep_routers(model: nn.Module, path: Path) -> None:
+    """Load the routers saved at `path` by an earlier start of this run, or save them there (rank 0)."""
+    from safetensors.torch import load_file, save
+
+    from upcycle.io import atomic_write_bytes
+
+    if path.exists():
+        model.load_state_dict(load_file(path), strict=False)
+    elif is_main_process():
+        routers = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".router." in k}
+        atomic_write_bytes(path, save(routers))
