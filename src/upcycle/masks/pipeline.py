@@ -17,6 +17,7 @@ from upcycle.data import SplitConfig
 from upcycle.eval.perplexity import token_nll
 from upcycle.io import atomic_write_text, ensure_writable_dir, write_json
 from upcycle.masks.analysis import MaskAnalysis, analysis_table, analyze_masks, plot_experts
+from upcycle.masks.calibrate import calibrate_gates
 from upcycle.masks.compact import compact_model, packed_rows
 from upcycle.masks.data import mask_blocks
 from upcycle.masks.export import save_compact
@@ -86,7 +87,9 @@ def train_run(base: str, config: MaskTrainConfig, out: str | Path, data: str = "
     (None on ranks other than 0 under DDP).
 
     Perplexities are reported on the validation split (where settings are chosen) and on the test split (final
-    numbers only); the expert analysis and the achieved active ratios are measured on the validation blocks.
+    numbers only). The test-time gates are calibrated to the target on the validation blocks
+    (`upcycle.masks.calibrate`), where the expert analysis and the achieved active ratios are measured too; the
+    sweep measures the achieved ratios again on the test blocks.
     """
     from upcycle.models.base import load_base, resolve_base
 
@@ -103,6 +106,7 @@ def train_run(base: str, config: MaskTrainConfig, out: str | Path, data: str = "
     result, lagrangian = train_masks(model, blocks["train"], config, checkpoint_dir=ensure_writable_dir(out / WORK))
     if not is_main_process():  # under DDP every rank holds the same masks; rank 0 evaluates and saves them
         return None
+    calibration = calibrate_gates(model, val_blocks[0], config.target)  # the test split checks it transfers
     masked = held_out_perplexities(model, blocks)
     analysis = analyze_masks(model, *val_blocks)
     history = result.history[:: max(1, len(result.history) // 200)]
@@ -114,7 +118,8 @@ def train_run(base: str, config: MaskTrainConfig, out: str | Path, data: str = "
         "masks": asdict(config.masks),
         "config": asdict(config),
         "training": {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
-                     "final": result.history[-1], "lagrangian": lagrangian.state_dict(), "curve": history},
+                     "final": result.history[-1], "lagrangian": lagrangian.state_dict(), "curve": history,
+                     "gate_calibration": calibration},
         "evaluation": {
             "held_out_blocks": int(val_blocks[0].shape[0]), "held_out_tokens": analysis.tokens,
             "dense_perplexity": dense["validation"], "masked_perplexity": masked["validation"],
