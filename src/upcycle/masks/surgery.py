@@ -60,9 +60,11 @@ def masked_ffns(model: nn.Module) -> list[tuple[str, MaskedFFN]]:
     return [(name, m) for name, m in model.named_modules() if isinstance(m, MaskedFFN)]
 
 
-def mask_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The trainable mask parameters: every router weight and gate log α."""
-    return [p for _, layer in masked_ffns(model) for m in (layer.router, layer.gates) for p in m.parameters()]
+def mask_parameters(model: nn.Module, routers: bool = True) -> list[nn.Parameter]:
+    """The mask parameters: every gate's log α, then (with `routers`) every router's weights."""
+    layers = [layer for _, layer in masked_ffns(model)]
+    gates = [p for layer in layers for p in layer.gates.parameters()]
+    return gates + [p for layer in layers for p in layer.router.parameters()] if routers else gates
 
 
 def mask_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from upcycle.masks.active import collect_expected_active
 from upcycle.masks.cluster_init import apply_cluster_starts, cluster_starts
 from upcycle.masks.config import MaskConfig
 from upcycle.masks.lagrangian import Lagrangian, LagrangianConfig
-from upcycle.masks.surgery import add_masks, masked_ffns
+from upcycle.masks.surgery import add_masks, mask_parameters, mask_state_dict, masked_ffns
 from upcycle.training.loop import TrainConfig, TrainResult, is_main_process, train
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,7 @@ def prepare_masked_model(model: nn.Module, config: MaskTrainConfig, train_inputs
             apply_cluster_starts(model, starts, config.masks.rank_spread)
     for param in model.parameters():
         param.requires_grad_(False)
-    params = [p for _, layer in masked_ffns(model) for p in layer.gates.parameters()]
-    if config.train_routers:
-        params += [p for _, layer in masked_ffns(model) for p in layer.router.parameters()]
+    params = mask_parameters(model, routers=config.train_routers)
     for param in params:
         param.requires_grad_(True)
     return params
@@ -151,5 +149,5 @@ def _keep_routers(model: nn.Module, path: Path) -> None:
     if path.exists():
         model.load_state_dict(load_file(path), strict=False)
     elif is_main_process():
-        routers = {k: v.detach().contiguous() for k, v in model.state_dict().items() if ".router." in k}
+        routers = {k: v.contiguous() for k, v in mask_state_dict(model).items() if ".router." in k}
         atomic_write_bytes(path, save(routers))
