@@ -7,9 +7,9 @@ import torch
 from mask_helpers import tiny_decoder
 
 from upcycle.errors import UserError
-from upcycle.masks.baselines.calibration import collect_ffn_inputs, intermediate
 from upcycle.masks.cluster_init import apply_cluster_starts, cluster_starts
 from upcycle.masks.config import MaskConfig
+from upcycle.masks.ffn_inputs import collect_ffn_inputs, intermediate
 from upcycle.masks.hard_concrete import open_log_alpha
 from upcycle.masks.surgery import add_masks, find_ffns, masked_ffns
 from upcycle.masks.train import MaskTrainConfig, prepare_masked_model

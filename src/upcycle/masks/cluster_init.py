@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import UserError
-from upcycle.masks.baselines.calibration import collect_ffn_inputs, intermediate
+from upcycle.masks.ffn_inputs import collect_ffn_inputs, intermediate
 from upcycle.masks.hard_concrete import open_log_alpha
 from upcycle.masks.surgery import masked_ffns
 

@@ -1,4 +1,5 @@
-"""FFN inputs captured on calibration tokens: what the baselines fit routers and thresholds to."""
+"""FFN inputs captured on calibration tokens: what the clusters init groups, and what the baselines fit routers and
+thresholds to."""
 
 from __future__ import annotations
 

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from upcycle.errors import UserError
-from upcycle.masks.baselines.calibration import collect_ffn_inputs, intermediate
 from upcycle.masks.baselines.kmeans import balanced_kmeans
 from upcycle.masks.compact import CompactFFN
+from upcycle.masks.ffn_inputs import collect_ffn_inputs, intermediate
 from upcycle.masks.router import TokenRouter
 from upcycle.masks.surgery import find_ffns, set_module
 from upcycle.ops.sparse_ffn import SparseFFN
