@@ -23,10 +23,10 @@ def test_calibration_hits_the_target_with_one_shift_of_every_gate(target):
     before = {name: layer.gates.log_alpha.detach().clone() for name, layer in masked_ffns(model)}
     result = calibrate_gates(model, TOKENS, target)
     achieved = analyze_masks(model, TOKENS).active_ratio
-    assert result["after"] == pytest.approx(achieved)
+    assert result.after == pytest.approx(achieved) == result.analysis.active_ratio
     # 64 neurons per layer: one neuron more or less in every expert moves the ratio by 1/64
     assert abs(achieved - target) <= 1 / 64
-    assert abs(result["before"] - target) > abs(achieved - target)
+    assert abs(result.before - target) > abs(achieved - target)
     for name, layer in masked_ffns(model):  # the same δ everywhere: the learned ranking is untouched
         torch.testing.assert_close(layer.gates.log_alpha - before[name],
-                                   torch.full_like(before[name], result["delta"]))
+                                   torch.full_like(before[name], result.delta))

@@ -20,10 +20,12 @@ at 25.02 / 49.91 / 75.17 %.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from upcycle.masks.analysis import analyze_masks
+from upcycle.masks.analysis import MaskAnalysis, analyze_masks
 from upcycle.masks.surgery import masked_ffns
 
 _BISECTION_STEPS = 30
@@ -31,37 +33,53 @@ _SEARCH_RANGE = 12.0
 """δ is searched in [−range, +range]: wider than the log α spread between open (> 2.4) and closed (< −2.4) gates."""
 
 
-@torch.no_grad()
-def shift_gates(model: nn.Module, delta: float) -> None:
-    """Add `delta` to every mask gate's log α (in place)."""
-    for _, layer in masked_ffns(model):
-        layer.gates.log_alpha.add_(delta)
+@dataclass
+class GateCalibration:
+    """The shift `calibrate_gates` chose and what it did."""
+
+    delta: float
+    """The offset added to every gate's log α."""
+    before: float
+    """Active ratio on the calibration blocks without the shift."""
+    after: float
+    """Active ratio with it."""
+    analysis: MaskAnalysis
+    """The expert analysis of the calibration blocks with the shift (what `analyze_masks` would now return)."""
+
+    def summary(self) -> dict[str, float]:
+        return {"delta": self.delta, "before": self.before, "after": self.after}
 
 
 @torch.no_grad()
-def calibrate_gates(model: nn.Module, inputs: torch.Tensor, target: float) -> dict:
+def calibrate_gates(model: nn.Module, inputs: torch.Tensor, target: float,
+                    labels: torch.Tensor | None = None) -> GateCalibration:
     """Shift every gate's log α by one δ so that the active ratio on blocks `inputs` [N, L] is closest to `target`.
 
-    Returns {"delta", "before", "after"} (active ratios on `inputs` before and after).
+    `labels` [N, L] as for `analyze_masks` (padding positions are not counted). The model keeps the chosen shift.
     """
-    def ratio(delta: float) -> float:
-        shift_gates(model, delta)
-        try:
-            return analyze_masks(model, inputs).active_ratio
-        finally:
-            shift_gates(model, -delta)
+    layers = [layer for _, layer in masked_ffns(model)]
+    learned = [layer.gates.log_alpha.detach().clone() for layer in layers]
 
-    before = ratio(0.0)
-    low, high = -_SEARCH_RANGE, _SEARCH_RANGE  # ratio(δ) does not decrease with δ
-    best = (abs(before - target), 0.0, before)
+    def shifted(delta: float) -> None:  # from the learned values each time: no drift from repeated +δ/−δ
+        for layer, log_alpha in zip(layers, learned, strict=True):
+            layer.gates.log_alpha.copy_(log_alpha + delta)
+
+    def analyse(delta: float) -> MaskAnalysis:
+        shifted(delta)
+        return analyze_masks(model, inputs, labels)
+
+    start = analyse(0.0)
+    best_error, best_delta, best = abs(start.active_ratio - target), 0.0, start
+    low, high = -_SEARCH_RANGE, _SEARCH_RANGE  # the active ratio does not decrease with δ
     for _ in range(_BISECTION_STEPS):
         mid = (low + high) / 2
-        achieved = ratio(mid)
-        best = min(best, (abs(achieved - target), mid, achieved))
-        if achieved < target:
+        analysis = analyse(mid)
+        error = abs(analysis.active_ratio - target)
+        if (error, mid) < (best_error, best_delta):
+            best_error, best_delta, best = error, mid, analysis
+        if analysis.active_ratio < target:
             low = mid
         else:
             high = mid
-    _, delta, after = best
-    shift_gates(model, delta)
-    return {"delta": delta, "before": before, "after": after}
+    shifted(best_delta)
+    return GateCalibration(best_delta, start.active_ratio, best.active_ratio, best)

@@ -106,9 +106,10 @@ def train_run(base: str, config: MaskTrainConfig, out: str | Path, data: str = "
     result, lagrangian = train_masks(model, blocks["train"], config, checkpoint_dir=ensure_writable_dir(out / WORK))
     if not is_main_process():  # under DDP every rank holds the same masks; rank 0 evaluates and saves them
         return None
-    calibration = calibrate_gates(model, val_blocks[0], config.target)  # the test split checks it transfers
+    # the test split checks that the calibration transfers; its analysis of the validation blocks is the run's
+    calibration = calibrate_gates(model, val_blocks[0], config.target, val_blocks[1])
+    analysis = calibration.analysis
     masked = held_out_perplexities(model, blocks)
-    analysis = analyze_masks(model, *val_blocks)
     history = result.history[:: max(1, len(result.history) // 200)]
     meta = {
         "command": " ".join(sys.argv),
@@ -119,7 +120,7 @@ def train_run(base: str, config: MaskTrainConfig, out: str | Path, data: str = "
         "config": asdict(config),
         "training": {"steps": result.steps, "tokens": result.tokens, "seconds": result.seconds,
                      "final": result.history[-1], "lagrangian": lagrangian.state_dict(), "curve": history,
-                     "gate_calibration": calibration},
+                     "gate_calibration": calibration.summary()},
         "evaluation": {
             "held_out_blocks": int(val_blocks[0].shape[0]), "held_out_tokens": analysis.tokens,
             "dense_perplexity": dense["validation"], "masked_perplexity": masked["validation"],
