@@ -11,6 +11,7 @@ from upcycle.errors import UserError
 
 
 def _commands() -> dict:
+    from upcycle.data import commands as data
     from upcycle.introvert import commands as introvert
     from upcycle.masks import commands as masks
     from upcycle.models import commands as models
@@ -19,6 +20,7 @@ def _commands() -> dict:
 
     table: dict = {
         "pretrain": models.pretrain,
+        "make-corpus": data.make_corpus,
         "demo": introvert.demo,
         "cluster": introvert.cluster,
         "train-experts": introvert.train_experts,
