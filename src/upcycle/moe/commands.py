@@ -130,8 +130,21 @@ def moe_export_mixtral(checkpoint: str, out: str) -> Path:
 
     model, moe, indices = load_moe_model(checkpoint)
     path = export_mixtral(model, moe, indices, out, tokenizer=AutoTokenizer.from_pretrained(checkpoint))
-    print(f"{path}: Mixtral with {moe.num_experts} experts in each of {len(indices)} layers")
+    difference = exported_logit_difference(model, path)
+    print(f"{path}: Mixtral with {moe.num_experts} experts in each of {len(indices)} layers; plain transformers "
+          f"loads it, max |logit - ours| = {difference:.2e}")
     return path
+
+
+def exported_logit_difference(model, path: Path, seed: int = 0) -> float:
+    """Max |logit| difference between our model and the export as plain `AutoModelForCausalLM` loads it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    exported = AutoModelForCausalLM.from_pretrained(path, dtype=next(model.parameters()).dtype).eval()
+    probe = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return float((exported(input_ids=probe).logits - model(input_ids=probe).logits).abs().max())
 
 
 def moe_inspect(checkpoint: str, data: str = "stdlib", blocks: int = 16, block_size: int = 256,
