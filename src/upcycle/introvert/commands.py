@@ -141,20 +141,25 @@ def generate(run: str, prompt: str, max_new_tokens: int = 64, temperature: float
     print(f"[{generation.expert or 'base'}] {prompt}{generation.text}")
 
 
-def demo(out: str = "runs/demo", clusters: int = 8, embedder: str = "minilm",
-         expert: ExpertConfig = ExpertConfig(), eval: EvalConfig = EvalConfig()) -> None:  # noqa: A002
-    """The whole MoIN pipeline on the embedded defaults (stdlib corpus, shipped tiny Llama): cluster, train the
-    experts and the baselines, evaluate, and write the report. Resumable: rerun to continue.
+def demo(out: str = "runs/demo", clusters: int = 8, embedder: str = "minilm", data: str = "stdlib",
+         base: str | None = None, expert: ExpertConfig = ExpertConfig(),
+         eval: EvalConfig = EvalConfig()) -> None:  # noqa: A002
+    """The whole MoIN pipeline, by default on the embedded defaults (stdlib corpus, shipped tiny Llama): cluster,
+    train the experts and the baselines, evaluate, and write the report. Resumable: rerun to continue.
+
+    The real-model demo: `upcycle demo --config recipes/introvert/smollm2-demo.yaml` (after `make real`).
 
     Args:
         out: Run directory.
         clusters: Number of clusters K.
         embedder: minilm, tfidf or hidden.
+        data: Corpus (as for `upcycle cluster`).
+        base: Base causal LM (as for `upcycle cluster`; e.g. smollm2-135m).
         expert: Expert training settings.
         eval: Evaluation settings.
     """
     start = time.perf_counter()
-    cluster(out=out, clusters=clusters, embedder=embedder)
+    cluster(out=out, data=data, base=base, clusters=clusters, embedder=embedder)
     train_experts(out, expert)
     evaluate(out, eval)
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
