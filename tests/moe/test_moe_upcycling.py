@@ -98,6 +98,21 @@ def test_top2_model_exports_as_a_mixtral_that_transformers_loads(dense, batch, t
     assert (_logits(mixtral, batch) - _logits(dense, batch)).abs().max() <= 1e-5
 
 
+def test_grouped_query_attention_and_tied_embeddings_survive_the_mixtral_export(batch, tmp_path, tiny_tokenizer):
+    """SmolLM2's layout (fewer KV heads than query heads, the LM head tied to the embedding) exports as it is."""
+    from tests.conftest import save_tiny_llama
+
+    gqa = AutoModelForCausalLM.from_pretrained(save_tiny_llama(tmp_path / "gqa", tiny_tokenizer,
+                                                               num_key_value_heads=2)).eval()
+    moe = MoEConfig(num_experts=4, router="top2", dispatch="dropless")
+    indices = upcycle_model(gqa, moe, UpcycleConfig(noise=0.1))
+    export_mixtral(gqa, moe, indices, tmp_path / "mixtral", tokenizer=tiny_tokenizer)
+    mixtral = AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
+    assert mixtral.config.num_key_value_heads == 2 and mixtral.config.tie_word_embeddings
+    assert mixtral.lm_head.weight.data_ptr() == mixtral.model.embed_tokens.weight.data_ptr()
+    assert (_logits(mixtral, batch) - _logits(gqa, batch)).abs().max() <= 1e-5
+
+
 @pytest.mark.parametrize(("moe", "every", "match"), [
     (MoEConfig(router="switch"), 1, "only top-2"),
     (MoEConfig(router="expert_choice"), 1, "only top-2"),
