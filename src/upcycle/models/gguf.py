@@ -106,27 +106,60 @@ def read_gguf_metadata(path: Path) -> dict:
 def resolve_gguf_base(base: str) -> str:
     """The cached Hugging Face directory of a GGUF base, converting it on first use."""
     gguf_path = locate_gguf(base)
-    metadata = read_gguf_metadata(gguf_path)
-    gguf_sha = sha256_file(gguf_path)
     try:
         root = ensure_writable_dir(cache_root())
     except UserError:
         raise UserError(f"--base {base}: cannot write the conversion cache {cache_root()}; set UPCYCLE_CACHE to a "
                         "writable directory") from None
-    out = root / f"{gguf_path.stem}-{gguf_sha[:12]}"
-    if _is_complete(out, gguf_sha):
-        return str(out)
+    gguf_sha = _known_sha256(root, gguf_path)
+    if gguf_sha is not None and _is_complete(root / _directory_name(gguf_path, gguf_sha), gguf_sha):
+        return str(root / _directory_name(gguf_path, gguf_sha))
+    metadata = read_gguf_metadata(gguf_path)  # before hashing: a truncated or foreign file fails fast
+    gguf_sha = sha256_file(gguf_path)
+    out = root / _directory_name(gguf_path, gguf_sha)
     from filelock import FileLock
 
     with FileLock(str(root / f".{out.name}.lock")):
         if not _is_complete(out, gguf_sha):  # another process may have converted it while we waited
             convert_gguf(gguf_path, out, gguf_sha=gguf_sha, metadata=metadata, spec=base)
+    write_json(_stamp_path(root, gguf_path), {"stamp": _stamp(gguf_path), "gguf_sha256": gguf_sha})
     return str(out)
+
+
+def _directory_name(gguf_path: Path, gguf_sha: str) -> str:
+    return f"{gguf_path.stem}-{gguf_sha[:12]}"
+
+
+def _stamp(path: Path) -> list:
+    stat = path.stat()
+    return [str(path), stat.st_size, stat.st_mtime_ns]
+
+
+def _stamp_path(root: Path, gguf_path: Path) -> Path:
+    import hashlib
+
+    return root / f".{gguf_path.stem}-{hashlib.sha256(str(gguf_path).encode()).hexdigest()[:12]}.stamp.json"
+
+
+def _known_sha256(root: Path, gguf_path: Path) -> str | None:
+    """The file's sha256 from an earlier resolve, when its path, size and mtime are unchanged (hashing a multi-GB
+    GGUF at every load would cost seconds)."""
+    stamp = _stamp_path(root, gguf_path)
+    if not stamp.is_file():
+        return None
+    try:
+        known = read_json(stamp)
+    except UserError:
+        return None
+    return known.get("gguf_sha256") if known.get("stamp") == _stamp(gguf_path) else None
 
 
 def _is_complete(out: Path, gguf_sha: str) -> bool:
     record = out / CONVERSION_RECORD
-    return record.is_file() and read_json(record).get("gguf_sha256") == gguf_sha
+    try:
+        return record.is_file() and read_json(record).get("gguf_sha256") == gguf_sha
+    except UserError:  # an unreadable record: convert again
+        return False
 
 
 def convert_gguf(gguf_path: Path, out: Path, gguf_sha: str | None = None, metadata: dict | None = None,
