@@ -142,8 +142,8 @@ def generate(run: str, prompt: str, max_new_tokens: int = 64, temperature: float
 
 
 def demo(out: str = "runs/demo", clusters: int = 8, embedder: str = "minilm", data: str = "stdlib",
-         base: str | None = None, expert: ExpertConfig = ExpertConfig(),
-         eval: EvalConfig = EvalConfig()) -> None:  # noqa: A002
+         base: str | None = None, expert: ExpertConfig = ExpertConfig(), eval: EvalConfig = EvalConfig(),  # noqa: A002
+         executor: str = "local", workers: int = 1) -> None:
     """The whole MoIN pipeline, by default on the embedded defaults (stdlib corpus, shipped tiny Llama): cluster,
     train the experts and the baselines, evaluate, and write the report. Resumable: rerun to continue.
 
@@ -157,10 +157,12 @@ def demo(out: str = "runs/demo", clusters: int = 8, embedder: str = "minilm", da
         base: Base causal LM (as for `upcycle cluster`; e.g. smollm2-135m).
         expert: Expert training settings.
         eval: Evaluation settings.
+        executor: Where the experts train: local, process or ray (as for `upcycle train-experts`).
+        workers: Worker processes for --executor process.
     """
     start = time.perf_counter()
     cluster(out=out, data=data, base=base, clusters=clusters, embedder=embedder)
-    train_experts(out, expert)
+    train_experts(out, expert, executor=executor, workers=workers)
     evaluate(out, eval)
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
 
