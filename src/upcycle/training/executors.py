@@ -61,10 +61,14 @@ def _run_local(fn, jobs, description):
 
 
 def _init_worker(threads: int) -> None:
+    import warnings
+
     import torch
 
     torch.set_num_threads(threads)
     os.environ["UPCYCLE_NO_PROGRESS"] = "1"  # only the parent draws bars
+    # as in the CLI's own process: deprecation notices from inside transformers/peft are not for our users
+    warnings.filterwarnings("ignore", category=FutureWarning)
 
 
 def _run_processes(fn, jobs, workers, description):
