@@ -40,6 +40,19 @@ class ExpertConfig:
     seed: int = 0
     """Seed for block sampling; expert i uses seed + i."""
 
+    def __post_init__(self) -> None:
+        # Refused here, while the command line is parsed: later they divide by zero or silently train one step.
+        if self.tokens_per_expert < 1:
+            raise UserError(f"--expert.tokens_per_expert must be >= 1, got {self.tokens_per_expert}")
+        if self.batch_size < 1:
+            raise UserError(f"--expert.batch_size must be >= 1, got {self.batch_size}")
+        if self.block_size < 2:  # a block of one token has nothing to predict
+            raise UserError(f"--expert.block_size must be >= 2, got {self.block_size}")
+        if not self.lr > 0:
+            raise UserError(f"--expert.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise UserError(f"--expert.warmup_steps must be >= 0, got {self.warmup_steps}")
+
     def train_config(self, cluster: int) -> TrainConfig:
         steps = max(1, math.ceil(self.tokens_per_expert / (self.batch_size * self.block_size)))
         return TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr,
