@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from upcycle.data.packing import token_ids, tokenize
 from upcycle.errors import UserError
 from upcycle.eval.perplexity import token_nll
 from upcycle.introvert.baselines import BASELINES, BaselineConfig, load_baseline, train_baselines
@@ -99,7 +100,7 @@ def paired_delta(nll: dict[str, np.ndarray], count: np.ndarray, method: str, ref
 @torch.no_grad()
 def measure_cost(experts: IntrovertExperts, text: str, route_chars: int, repeats: int = 5) -> dict:
     """FLOPs per token and measured latency per token: base vs routed (routing + unmerged LoRA), batch 1."""
-    ids = experts.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :256]
+    ids = torch.from_numpy(token_ids(experts.tokenizer, text, max_tokens=256).astype(np.int64))[None]  # [1, T]
     ids = ids.to(experts.device)
     chosen = experts.route([text[:route_chars]])[0]
 
@@ -141,8 +142,7 @@ def evaluate(run_path: str, config: EvalConfig = EvalConfig(), progress=None) ->
     if not docs:
         raise UserError(f"the {config.split} split is empty; use a larger corpus")
     base_model, tok = load_base(run.base)
-    ids = [seq[: config.max_tokens_per_doc] for seq in tok([d.text for d in docs], add_special_tokens=False)[
-        "input_ids"]]
+    ids = tokenize(tok, [d.text for d in docs], add_eos=False, max_tokens=config.max_tokens_per_doc)
     own = np.array([data.own_cluster[config.split][d.id] for d in docs])
     nll: dict[str, np.ndarray] = {}
 
