@@ -30,7 +30,7 @@ from upcycle.introvert.experts import ExpertConfig
 from upcycle.introvert.model import IntrovertExperts
 from upcycle.introvert.routing import load_sequence_router
 from upcycle.introvert.run import Run, cluster_of, expert_id
-from upcycle.io import read_json, write_json
+from upcycle.io import ensure_writable_dir, read_json, write_json
 from upcycle.models.base import load_base
 
 log = logging.getLogger(__name__)
@@ -130,6 +130,16 @@ def measure_cost(experts: IntrovertExperts, text: str, route_chars: int, repeats
 def evaluate(run_path: str, config: EvalConfig = EvalConfig(), progress=None) -> dict:
     """Score every method on the held-out split and write RUN/eval/results.json. Returns the results."""
     run = Run.open(run_path)
+    with run.lock("evaluate"):
+        # Checked before any scoring: a read-only run used to fail only when the results were written.
+        for folder in (run.eval_dir, *([run.path / "baselines"] if config.baselines else [])):
+            ensure_writable_dir(folder, hint="make the run directory writable, or copy it somewhere writable")
+        for path in run.remove_stale_temporaries():
+            log.info("removed %s, left by an interrupted run", path)
+        return _evaluate(run, config, progress)
+
+
+def _evaluate(run: Run, config: EvalConfig, progress) -> dict:
     meta = run.meta
     expert_ids = run.expert_ids()
     k = meta.get("clusters", {}).get("k", 0)
