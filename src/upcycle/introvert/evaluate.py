@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from upcycle.data.packing import token_ids, tokenize
+from upcycle.data.splits import SPLITS
 from upcycle.errors import UserError
 from upcycle.eval.perplexity import token_nll
 from upcycle.introvert.baselines import BASELINES, BaselineConfig, load_baseline, train_baselines
@@ -60,6 +61,16 @@ class EvalConfig:
     """Seed for random routing and the bootstrap."""
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     """Baseline settings."""
+
+    def __post_init__(self) -> None:
+        # Refused while parsing, before anything is loaded: later they fail mid-way or score nothing.
+        if self.split not in SPLITS:
+            raise UserError(f"--eval.split {self.split}: choose one of {', '.join(SPLITS)}")
+        for name in ("route_chars", "max_tokens_per_doc", "bootstrap"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.best_expert_max_k < 0:
+            raise UserError(f"--eval.best_expert_max_k must be >= 0, got {self.best_expert_max_k}")
 
 
 def _ppl(nll: np.ndarray, count: np.ndarray) -> float:

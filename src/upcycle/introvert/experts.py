@@ -16,7 +16,7 @@ from upcycle.errors import UserError
 from upcycle.introvert.data import load_run_data
 from upcycle.introvert.run import Run, expert_id
 from upcycle.io import ensure_writable_dir, read_json
-from upcycle.training.executors import run_jobs
+from upcycle.training.executors import check_executor, run_jobs
 from upcycle.training.loop import TrainConfig
 from upcycle.training.lora import AdapterJob, LoraSettings, train_lora_adapter
 
@@ -104,6 +104,7 @@ def train_expert(run_path: str, cluster: int, config: ExpertConfig, progress=Non
 def train_experts(run_path: str, config: ExpertConfig, *, executor: str = "local", workers: int = 1,
                   address: str | None = None, clusters: list[int] | None = None) -> list[dict]:
     """Train every cluster's expert (or the listed ones) with the chosen executor; finished ones are skipped."""
+    check_executor(executor, workers)  # before run.json records settings for training that would not start
     run = Run.open(run_path)
     with run.lock("train-experts"):
         ensure_writable_dir(run.experts_dir, hint="make the run directory writable, or copy it somewhere writable")
