@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import sys
@@ -58,7 +59,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("upcycle: interrupted; finished work is saved, rerun the same command to continue", file=sys.stderr)
         return 130
+    except OSError as error:
+        advice = _ENVIRONMENT_ERRORS.get(error.errno)
+        if advice is None:
+            raise  # not the environment's fault: a bug, keep its traceback
+        where = f": {error.filename}" if error.filename else ""
+        print(f"upcycle: error: {error.strerror}{where}; {advice}, then rerun the same command (finished work is "
+              "saved)", file=sys.stderr)
+        return 2
     return 0
+
+
+# Failures of the machine rather than of upcycle or its input: every write is atomic, so after one of these the run
+# on disk is still the previous complete state, and one line saying what to fix is all the user needs.
+_ENVIRONMENT_ERRORS = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free some disk space (quota exceeded)",
+                       errno.EFBIG: "free some disk space or raise the file size limit",
+                       errno.EROFS: "the file system is read-only; use a writable directory",
+                       errno.EACCES: "check the permissions", errno.EPERM: "check the permissions"}
 
 
 if __name__ == "__main__":

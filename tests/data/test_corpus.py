@@ -23,8 +23,51 @@ def test_jsonl_text_field_and_missing_field(tmp_path):
     path.write_text("\n".join(json.dumps({"body": f"row {i}", "n": i}) for i in range(3)))
     docs = load_documents(str(path), text_field="body")
     assert [d.text for d in docs] == ["row 0", "row 1", "row 2"]
-    with pytest.raises(UserError, match="--text-field"):
+    with pytest.raises(UserError, match="set --text_field$"):  # the real flag, not --text-field
         load_documents(str(path), text_field="text")
+
+
+@pytest.mark.parametrize(("value", "kind"), [("12", "number"), ("3.5", "number"), ("true", "boolean"),
+                                             ('{"a": "b"}', "object"), ('["x"]', "array")])
+def test_jsonl_text_that_is_not_a_string_is_refused_naming_the_line(tmp_path, value, kind):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "fine"}\n\n{"text": ' + value + '}\n')
+    with pytest.raises(UserError, match=f"line 3: 'text' is a JSON {kind}, not a string"):
+        load_documents(str(path))
+
+
+@pytest.mark.parametrize(("line", "needle"), [('{"text": "unterminated', "line 2 is not valid JSON"),
+                                              ('"just a string"', "line 2 is a JSON string, not an object")])
+def test_jsonl_bad_line_is_named(tmp_path, line, needle):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "fine"}\n' + line + '\n{"text": "also fine"}\n')
+    with pytest.raises(UserError, match=needle):
+        load_documents(str(path))
+
+
+def test_jsonl_rows_without_text_are_skipped_and_ids_count_rows(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text('{"text": "a"}\n\n{"text": "b"}\n{"text": null}\n{"other": 1}\n{"text": "c"}\n')
+    assert [(d.id, d.text) for d in load_documents(str(path))] == [
+        ("data.jsonl#0", "a"), ("data.jsonl#1", "b"), ("data.jsonl#4", "c")]  # ids as `datasets` numbered rows
+
+
+def test_json_array_file(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"text": "a"}, {"text": "b"}]))
+    assert [d.text for d in load_documents(str(path))] == ["a", "b"]
+    path.write_text(json.dumps([{"text": "a"}, {"text": 7}]))
+    with pytest.raises(UserError, match="row 1: 'text' is a JSON number"):
+        load_documents(str(path))
+
+
+def test_parquet_column_that_is_not_text_is_refused(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "d.parquet")
+    with pytest.raises(UserError, match="row 0: column 'text' holds int values"):
+        load_documents(str(tmp_path / "d.parquet"))
 
 
 def test_parquet_and_txt(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -11,23 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.run_helpers import TINY_EXPERT, make_corpus
 from upcycle.cli import main
 from upcycle.data.corpus import stdlib_root
-
-TOPICS = {"json": ["decoder.py", "encoder.py", "scanner.py"], "email": ["message.py", "utils.py", "header.py"],
-          "asyncio": ["queues.py", "locks.py", "events.py"]}
-TINY_EXPERT = ["--expert.tokens_per_expert", "512", "--expert.batch_size", "2", "--expert.block_size", "64"]
-
-
-def make_corpus(root: Path) -> Path:
-    """~60 documents: chunks of stdlib modules from three packages."""
-    root.mkdir(parents=True, exist_ok=True)
-    for package, files in TOPICS.items():
-        for name in files:
-            lines = (stdlib_root() / package / name).read_text().splitlines()
-            for i in range(0, min(len(lines), 560), 80):
-                (root / f"{package}_{name[:-3]}_{i}.py").write_text("\n".join(lines[i:i + 80]))
-    return root
 
 
 @pytest.fixture(scope="module")
@@ -185,8 +172,6 @@ def test_not_a_run_directory(tmp_path, capsys):
 
 
 def test_corrupt_and_foreign_adapters_are_refused(trained_run, tmp_path, capsys, tiny_tokenizer):
-    import shutil
-
     from tests.conftest import save_tiny_llama
 
     run = tmp_path / "copy"
@@ -224,6 +209,11 @@ def test_ctrl_c_leaves_no_half_written_expert_and_rerun_finishes(tmp_path, corpu
     experts = run / "experts"
     assert sorted(p.name for p in experts.iterdir()) == ["expert-00000"]  # complete ones only, no temp dirs
     assert (experts / "expert-00000" / "adapter_model.safetensors").is_file()
+    # Other settings than expert-00000 was trained with: refused, and run.json still says how it was trained.
+    before = (run / "run.json").read_text()
+    assert main(["train-experts", str(run), *TINY_EXPERT]) == 2
+    assert (run / "run.json").read_text() == before
+    shutil.rmtree(experts)  # what the error suggests to train every expert with the new settings
     assert main(["train-experts", str(run), *TINY_EXPERT]) == 0
     assert len(list((run / "experts").glob("expert-*"))) == 3
 

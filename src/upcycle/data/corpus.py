@@ -10,8 +10,10 @@ Specs understood by `load_documents`:
 
 from __future__ import annotations
 
+import json
 import logging
 import sysconfig
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +100,8 @@ def _read_data_file(path: Path, text_field: str) -> list[Document]:
         if text is None:
             raise UserError(f"--data {path}: not a UTF-8 text file; give a .txt, .jsonl or .parquet file or a folder")
         return [Document(id=path.name, text=text)]
+    if builder == "json":
+        return _read_json_rows(path, text_field)
     import datasets
 
     kwargs = {"sample_by": "paragraph"} if builder == "text" else {}
@@ -121,8 +125,64 @@ def _read_hub_dataset(spec: str, text_field: str) -> list[Document]:
     return _rows_to_documents(table, text_field, name)
 
 
+def _read_json_rows(path: Path, text_field: str) -> list[Document]:
+    """Rows of a JSON Lines file (or of one JSON array), read here rather than by `datasets` so that an error names
+    the line, and a text that is a number, boolean or object is refused instead of silently turned into a string."""
+    try:
+        content = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"--data {path}: not UTF-8 ({error.reason} at byte {error.start})") from None
+    if content.lstrip().startswith("["):  # a .json file holding one array of rows
+        try:
+            rows = [(f"row {i}", row) for i, row in enumerate(json.loads(content))]
+        except json.JSONDecodeError as error:
+            raise UserError(f"--data {path}: not valid JSON (line {error.lineno}: {error.msg})") from None
+    else:
+        rows = list(_json_lines(path, content))
+    docs, columns = [], set()
+    for i, (where, row) in enumerate(rows):
+        if not isinstance(row, dict):
+            raise UserError(f"--data {path}: {where} is a JSON {_json_type(row)}, not an object with a "
+                            f"'{text_field}' field")
+        columns.update(row)
+        text = row.get(text_field)
+        if text is None or text == "":
+            continue  # a row without text is skipped, as `datasets` rows with a null field always were
+        if not isinstance(text, str):
+            raise UserError(f"--data {path}: {where}: '{text_field}' is a JSON {_json_type(text)}, not a string")
+        docs.append(Document(id=f"{path.name}#{i}", text=text))
+    if not docs and text_field not in columns:
+        raise UserError(f"{path.name}: no field '{text_field}' (fields: {', '.join(sorted(columns)) or 'none'}); "
+                        "set --text_field")
+    return docs
+
+
+def _json_lines(path: Path, content: str) -> Iterator[tuple[str, object]]:
+    """("line N", parsed value) for every non-blank line, N counted from 1 as editors do."""
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield f"line {number}", json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"--data {path}: line {number} is not valid JSON ({error.msg} at column "
+                            f"{error.colno})") from None
+
+
+def _json_type(value: object) -> str:
+    """JSON's name for the type of a parsed value, as a user who wrote the file would say it."""
+    if isinstance(value, bool):
+        return "boolean"
+    return {int: "number", float: "number", dict: "object", list: "array", str: "string"}.get(type(value), "null")
+
+
 def _rows_to_documents(table, text_field: str, source: str) -> list[Document]:
     if text_field not in table.column_names:
         raise UserError(f"{source}: no column '{text_field}' (columns: {', '.join(table.column_names)}); "
-                        "set --text-field")
-    return [Document(id=f"{source}#{i}", text=str(t)) for i, t in enumerate(table[text_field]) if t]
+                        "set --text_field")
+    texts = table[text_field]
+    bad = next((i for i, t in enumerate(texts) if t is not None and not isinstance(t, str)), None)
+    if bad is not None:
+        raise UserError(f"{source}: row {bad}: column '{text_field}' holds {type(texts[bad]).__name__} values, not "
+                        "text; set --text_field to a text column")
+    return [Document(id=f"{source}#{i}", text=t) for i, t in enumerate(texts) if t]

@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
+from upcycle.data.packing import token_ids, tokenize
+from upcycle.data.splits import SPLITS
 from upcycle.errors import UserError
 from upcycle.eval.perplexity import token_nll
 from upcycle.introvert.baselines import BASELINES, BaselineConfig, load_baseline, train_baselines
@@ -29,7 +31,7 @@ from upcycle.introvert.experts import ExpertConfig
 from upcycle.introvert.model import IntrovertExperts
 from upcycle.introvert.routing import load_sequence_router
 from upcycle.introvert.run import Run, cluster_of, expert_id
-from upcycle.io import read_json, write_json
+from upcycle.io import ensure_writable_dir, read_json, write_json
 from upcycle.models.base import load_base
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,16 @@ class EvalConfig:
     """Seed for random routing and the bootstrap."""
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     """Baseline settings."""
+
+    def __post_init__(self) -> None:
+        # Refused while parsing, before anything is loaded: later they fail mid-way or score nothing.
+        if self.split not in SPLITS:
+            raise UserError(f"--eval.split {self.split}: choose one of {', '.join(SPLITS)}")
+        for name in ("route_chars", "max_tokens_per_doc", "bootstrap"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.best_expert_max_k < 0:
+            raise UserError(f"--eval.best_expert_max_k must be >= 0, got {self.best_expert_max_k}")
 
 
 def _ppl(nll: np.ndarray, count: np.ndarray) -> float:
@@ -99,7 +111,7 @@ def paired_delta(nll: dict[str, np.ndarray], count: np.ndarray, method: str, ref
 @torch.no_grad()
 def measure_cost(experts: IntrovertExperts, text: str, route_chars: int, repeats: int = 5) -> dict:
     """FLOPs per token and measured latency per token: base vs routed (routing + unmerged LoRA), batch 1."""
-    ids = experts.tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :256]
+    ids = torch.from_numpy(token_ids(experts.tokenizer, text, max_tokens=256).astype(np.int64))[None]  # [1, T]
     ids = ids.to(experts.device)
     chosen = experts.route([text[:route_chars]])[0]
 
@@ -129,6 +141,16 @@ def measure_cost(experts: IntrovertExperts, text: str, route_chars: int, repeats
 def evaluate(run_path: str, config: EvalConfig = EvalConfig(), progress=None) -> dict:
     """Score every method on the held-out split and write RUN/eval/results.json. Returns the results."""
     run = Run.open(run_path)
+    with run.lock("evaluate"):
+        # Checked before any scoring: a read-only run used to fail only when the results were written.
+        for folder in (run.eval_dir, *([run.path / "baselines"] if config.baselines else [])):
+            ensure_writable_dir(folder, hint="make the run directory writable, or copy it somewhere writable")
+        for path in run.remove_stale_temporaries():
+            log.info("removed %s, left by an interrupted run", path)
+        return _evaluate(run, config, progress)
+
+
+def _evaluate(run: Run, config: EvalConfig, progress) -> dict:
     meta = run.meta
     expert_ids = run.expert_ids()
     k = meta.get("clusters", {}).get("k", 0)
@@ -141,8 +163,7 @@ def evaluate(run_path: str, config: EvalConfig = EvalConfig(), progress=None) ->
     if not docs:
         raise UserError(f"the {config.split} split is empty; use a larger corpus")
     base_model, tok = load_base(run.base)
-    ids = [seq[: config.max_tokens_per_doc] for seq in tok([d.text for d in docs], add_special_tokens=False)[
-        "input_ids"]]
+    ids = tokenize(tok, [d.text for d in docs], add_eos=False, max_tokens=config.max_tokens_per_doc)
     own = np.array([data.own_cluster[config.split][d.id] for d in docs])
     nll: dict[str, np.ndarray] = {}
 

@@ -142,9 +142,7 @@ class IntrovertExperts:
         from upcycle.data.packing import pack, tokenize
         from upcycle.eval.perplexity import token_nll
 
-        ids = tokenize(self.tokenizer, texts)
-        if max_tokens is not None:
-            ids = [seq[:max_tokens] for seq in ids]
+        ids = tokenize(self.tokenizer, texts, max_tokens=max_tokens)
         out: list[tuple[float, int]] = [(0.0, 0)] * len(texts)
         order = sorted(range(len(texts)), key=lambda i: str(experts[i]))  # group by expert: one swap per group
         for i in order:

@@ -9,24 +9,43 @@ RUN/
   baselines/<name>/        the comparison models trained by `upcycle evaluate` (PEFT dirs or full checkpoints)
   eval/results.json        every number in the report (schema in docs/run-directory.md)
   report.md, *.png         the readable report
+  .upcycle-lock             held (flock) by the process that writes the run: cluster, train-experts, evaluate
 ```
 Expert ids are `expert-<cluster index, 5 digits>`, so a directory listing sorts by cluster.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import platform
 import re
+import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from upcycle.errors import UserError
-from upcycle.io import read_json, write_json
+from upcycle.io import (
+    Locked,
+    ensure_writable_dir,
+    exclusive_lock,
+    is_temporary,
+    read_json,
+    remove_stale_temporaries,
+    write_json,
+)
 
 RUN_FORMAT = 1
+LOCK_FILE = ".upcycle-lock"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what PEFT needs to load an expert
 _EXPERT_ID = re.compile(r"^expert-(\d{5})$")
+# Artefacts written through upcycle.io's atomic helpers, per folder of the run (regexes of their names): a killed
+# process can leave their temporaries behind, and only these are ever removed.
+_ATOMIC_NAMES = {".": r"run\.json|clusters|report\.md|[\w-]+\.png", "experts": r"expert-\d{5}",
+                 "baselines": r"lora-all|lora-wide|full", "eval": r"[\w-]+\.json"}
 
 
 def expert_id(cluster: int) -> str:
@@ -73,6 +92,23 @@ class Run:
                             f"{path}`")
         return cls(path)
 
+    @staticmethod
+    def check_new_location(path: Path) -> None:
+        """Refuse to start a run in `path` when it holds files and is not a run: the files are someone else's, and a
+        run replaces folders such as clusters/. What an interrupted step of ours left there does not count."""
+        if not path.exists():
+            return
+        if not path.is_dir():
+            raise UserError(f"--out {path} is a file, not a directory; choose another --out")
+        if (path / "run.json").is_file():
+            return
+        ours = lambda name: name == LOCK_FILE or is_temporary(name, _ATOMIC_NAMES["."])  # noqa: E731
+        foreign = sorted(p.name for p in path.iterdir() if not ours(p.name))
+        if foreign:
+            shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+            raise UserError(f"--out {path} is not empty and not a run directory (it holds {shown}); choose a new or "
+                            "empty directory")
+
     # -- run.json -------------------------------------------------------------------------------------------------
     @property
     def meta(self) -> dict[str, Any]:
@@ -89,13 +125,40 @@ class Run:
         self.update_meta(commands=self.meta.get("commands", []) + [command])
 
     @staticmethod
+    def new_meta(**fields: Any) -> dict[str, Any]:
+        """The run.json of a fresh run (format version, creation time, library versions, plus `fields`)."""
+        return {"format": RUN_FORMAT, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "versions": library_versions(), **fields}
+
+    @staticmethod
     def create(path: str | Path, **fields: Any) -> Run:
-        """Write a fresh run.json (format version, creation time, library versions, plus `fields`)."""
+        """Write a fresh run.json (see `new_meta`)."""
         run = Run(Path(path))
-        write_json(run.path / "run.json", {"format": RUN_FORMAT,
-                                           "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                                           "versions": library_versions(), **fields})
+        write_json(run.path / "run.json", Run.new_meta(**fields))
         return run
+
+    # -- one writer at a time -------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, command: str) -> Iterator[None]:
+        """Hold the run's lock for the block, or raise a UserError naming the process that holds it.
+
+        Two writers would both train every expert and the last rename would win; the lock makes the second one
+        stop at once. A lock whose holder died (even by kill -9) is free again: see `upcycle.io.exclusive_lock`.
+        """
+        ensure_writable_dir(self.path, hint="make the run directory writable, or copy it somewhere writable")
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                  "since": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        try:
+            with exclusive_lock(self.path / LOCK_FILE, holder):
+                yield
+        except Locked as locked:
+            raise UserError(f"{self.path} is in use by {_describe_holder(locked.holder)}; wait for it to finish "
+                            "or stop it, then rerun") from None
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove temporaries of atomic writes left by a killed process (call it while holding the lock)."""
+        return [path for folder, names in _ATOMIC_NAMES.items()
+                for path in remove_stale_temporaries(self.path / folder, names)]
 
     @property
     def base(self) -> str:
@@ -123,4 +186,20 @@ class Run:
         if not self.experts_dir.is_dir():
             return []
         return sorted(p.name for p in self.experts_dir.iterdir()
-                      if _EXPERT_ID.match(p.name) and (p / "adapter_model.safetensors").is_file())
+                      if _EXPERT_ID.match(p.name) and self._has(p.name, ADAPTER_FILES))
+
+    def is_trained(self, expert: str) -> bool:
+        """Whether train-experts finished this expert: a loadable adapter plus its train.json. Anything less (a
+        directory damaged after the fact) is trained again."""
+        return self._has(expert, (*ADAPTER_FILES, "train.json"))
+
+    def _has(self, expert: str, names: tuple[str, ...]) -> bool:
+        return all((self.expert_dir(expert) / name).is_file() for name in names)
+
+
+def _describe_holder(holder: dict[str, Any]) -> str:
+    """'process 123 on host (upcycle train-experts runs/x, since ...)' from a lock record, as far as it is known."""
+    if not holder.get("pid"):
+        return "another process"
+    return (f"process {holder['pid']} on {holder.get('host', '?')} ({holder.get('command') or 'upcycle'}, since "
+            f"{holder.get('since', '?')})")

@@ -26,10 +26,7 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], *, executor: str = "
     process: `workers` spawned processes on this machine, torch threads split between them.
     ray: one Ray task per job on the cluster at `address` (None starts a local Ray), one CPU each.
     """
-    if executor not in EXECUTORS:
-        raise UserError(f"--executor {executor}: choose one of {', '.join(EXECUTORS)}")
-    if workers < 1:
-        raise UserError(f"--workers must be >= 1, got {workers}")
+    check_executor(executor, workers)
     if not jobs:
         return []
     if executor == "local":
@@ -37,6 +34,14 @@ def run_jobs(fn: Callable[..., Any], jobs: Sequence[tuple], *, executor: str = "
     if executor == "process":
         return _run_processes(fn, jobs, workers, description)
     return _run_ray(fn, jobs, address, description)
+
+
+def check_executor(executor: str, workers: int) -> None:
+    """Refuse an unknown executor or a worker count below one (callers check before they change anything)."""
+    if executor not in EXECUTORS:
+        raise UserError(f"--executor {executor}: choose one of {', '.join(EXECUTORS)}")
+    if workers < 1:
+        raise UserError(f"--workers must be >= 1, got {workers}")
 
 
 def _progress():
