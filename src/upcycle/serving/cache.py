@@ -303,6 +303,7 @@ class AdapterCache:
         return future.result()
 
     def _load(self, expert: str, entry: _Entry, future: Future[AdapterWeights]) -> None:
+        bad = None
         try:
             bad = self._bad.get(expert)
             if bad is not None and bad[0] == _signature(entry.path):
@@ -320,7 +321,8 @@ class AdapterCache:
                 log.exception("expert %s: unexpected error loading %s", expert, entry.path)
                 error = AdapterError(f"{type(error).__name__}: {error}")
             self.stats.misses.add("disk")
-            log.warning("expert %s: %s", expert, error)
+            if bad is None or error is not bad[1]:  # logged once, not on every request for a known-bad adapter
+                log.warning("expert %s: %s", expert, error)
             with self._lock:
                 self._bad[expert] = (_signature(entry.path), error)
                 self._loading.pop(expert, None)
