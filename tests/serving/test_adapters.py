@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from upcycle.serving.adapters import CONFIG_NAME, WEIGHTS_NAME, read_adapter, read_safetensors, read_spec
 from upcycle.serving.errors import AdapterError
+from upcycle.serving.synthetic import CORRUPTIONS, write_corrupt_adapter
 
 
 def test_fast_reader_equals_safetensors_load_file(fake_run_dir, tmp_path):
@@ -65,3 +66,39 @@ def test_adapter_views_are_the_file_tensors_with_peft_scaling(fake_run_dir):
         assert scaling == 2.0  # lora_alpha 8 / r 4
         assert torch.equal(a, reference[f"base_model.model.{name}.lora_A.weight"])
         assert torch.equal(b, reference[f"base_model.model.{name}.lora_B.weight"])
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_hostile_files_are_adapter_errors_not_crashes(fake_run_dir, tmp_path, kind):
+    """Each of these once escaped as AttributeError / ZeroDivisionError / RecursionError and killed the engine."""
+    expert = write_corrupt_adapter(fake_run_dir / "experts" / "expert-00000", tmp_path / kind, kind)
+    with pytest.raises(AdapterError, match="corrupt|rank 0|nested too deeply"):
+        read_adapter(expert)
+
+
+@pytest.mark.parametrize(("field", "value"), [("shape", [-1, 0]), ("shape", [True, 4]), ("shape", "4"),
+                                              ("data_offsets", [0, 4, 8]), ("data_offsets", [-4, 0]),
+                                              ("dtype", ["F32"])])
+def test_malformed_header_fields_are_adapter_errors(fake_run_dir, tmp_path, field, value):
+    expert = tmp_path / "expert"
+    shutil.copytree(fake_run_dir / "experts" / "expert-00000", expert)
+    raw = (expert / WEIGHTS_NAME).read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8: 8 + size])
+    name = next(n for n in header if n != "__metadata__")
+    header[name][field] = value
+    encoded = json.dumps(header).encode()
+    (expert / WEIGHTS_NAME).write_bytes(len(encoded).to_bytes(8, "little") + encoded + raw[8 + size:])
+    with pytest.raises(AdapterError, match="corrupt"):
+        read_adapter(expert)
+
+
+@pytest.mark.parametrize(("field", "value"), [("r", 0), ("lora_alpha", float("nan")), ("target_modules", "(["),
+                                              ("alpha_pattern", {"([": 2.0}), ("rank_pattern", {"x": "many"})])
+def test_bad_config_values_are_refused(fake_run_dir, tmp_path, field, value):
+    expert = tmp_path / "expert"
+    shutil.copytree(fake_run_dir / "experts" / "expert-00000", expert)
+    config = json.loads((expert / CONFIG_NAME).read_text())
+    (expert / CONFIG_NAME).write_text(json.dumps({**config, field: value}))
+    with pytest.raises(AdapterError):
+        read_spec(expert)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,31 @@ def test_load_test_reports_no_errors_on_a_healthy_server(fake_run_dir, one_torch
         live.stop()
         engine.close()
     assert result["errors"] == 0 and result["outcomes"]["ok"] > 0 and result["generated_tokens"] > 0
+
+
+def test_hostile_calls_get_their_errors_and_cost_valid_calls_nothing(fake_run_dir, tmp_path, one_torch_thread,
+                                                                     live_server):
+    import shutil
+
+    from upcycle.serving.loadtest import HOSTILE_KINDS, run_load
+    from upcycle.serving.synthetic import CORRUPTIONS, write_corrupt_adapter
+
+    run = Path(shutil.copytree(fake_run_dir, tmp_path / "run"))
+    corrupt = [f"expert-{90_000 + i:05d}" for i in range(len(CORRUPTIONS))]
+    for name, kind in zip(corrupt, CORRUPTIONS, strict=True):
+        write_corrupt_adapter(run / "experts" / "expert-00000", run / "experts" / name, kind)
+    engine = Engine.from_run(run, EngineConfig(max_batch=4, max_seq_len=128, torch_threads=1))
+    live = live_server(create_app(engine, ServerConfig(api_key="k", max_body_bytes=4096)))
+    try:
+        result = asyncio.run(run_load(live.base_url + "/v1", "k", clients=6, seconds=3.0, hostile=0.3,
+                                      corrupt_experts=corrupt, max_body_bytes=4096))
+        assert engine.is_running
+    finally:
+        live.stop()
+        engine.close()
+    assert result["errors"] == 0 and result["outcomes"]["ok"] > 0
+    assert result["hostile"]["calls"] > 0 and result["hostile"]["unexpected"] == 0, result["hostile"]
+    assert {k.split(":")[0] for k in result["hostile"]["outcomes"]} <= set(HOSTILE_KINDS)
 
 
 def test_vllm_command_points_the_filesystem_resolver_at_the_experts(fake_run_dir):

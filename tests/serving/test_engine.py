@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 import pytest
 import torch
@@ -12,12 +13,15 @@ from upcycle.serving.engine import Delta, Engine, EngineConfig, Failed, Finished
 from upcycle.serving.errors import (
     AdapterError,
     ExpertRemoved,
+    InvalidRequest,
+    Overloaded,
     PromptTooLong,
     QueueFull,
     RequestTimeout,
     UnknownModel,
 )
 from upcycle.serving.sampling import SamplingParams
+from upcycle.serving.synthetic import CORRUPTIONS, write_corrupt_adapter
 
 PROMPTS = ["def heapify(x):", "import json\n", "class Fraction", "x", "return self._value + other", "# sorted"]
 EXPERTS = ["expert-00000", None, "expert-00001", "expert-00002", "expert-00000", "expert-00003"]
@@ -172,3 +176,73 @@ def test_threaded_engine_generate_and_graceful_stop(engine):
     events, _ = _collect(engine, "a", "expert-00003", _greedy(10))
     engine.stop(drain=True, timeout=30)
     assert isinstance(events[-1], Finished)  # drained, not cut off
+
+
+def test_out_of_range_token_ids_are_refused_at_submit(engine):
+    vocab = engine.vocab_size
+    for ids in ([999_999], [-7], [vocab], [1, 2, 2**70]):
+        with pytest.raises(InvalidRequest, match="out of range"):
+            engine.submit(ids, None, _greedy(2))
+    assert engine.queue_depth == 0
+    engine.submit([vocab - 1], None, _greedy(2))  # the last id is fine
+    engine.run_until_idle()
+
+
+def test_a_request_failing_inside_a_step_fails_alone(engine):
+    """A bad row (here: an id that slipped past validation) fails itself; its batch-mates finish as if alone."""
+    good, good_request = _collect(engine, "def heapify(x):", "expert-00001", _greedy(6))
+    bad, bad_request = _collect(engine, "import json\n", "expert-00002", _greedy(6))
+    bad_request.prompt_ids[-1] = engine.vocab_size + 5  # the embedding lookup of this row raises
+    engine.run_until_idle()
+    assert isinstance(bad[-1], Failed) and bad[-1].error.status == 500
+    assert "internal error" in bad[-1].error.message
+    assert isinstance(good[-1], Finished) and good[-1].reason == "length"
+    assert good_request.generated == _alone(engine, "def heapify(x):", "expert-00001", _greedy(6))
+    assert engine.cache.snapshot()["active_in_use"] == 0
+
+
+@pytest.mark.parametrize("kind", CORRUPTIONS)
+def test_corrupt_adapter_cannot_stop_the_engine_thread(fake_run_dir, tmp_path, kind):
+    shutil.copytree(fake_run_dir, tmp_path / "run")
+    write_corrupt_adapter(fake_run_dir / "experts" / "expert-00000", tmp_path / "run" / "experts" / "expert-00007",
+                          kind)
+    engine = Engine.from_run(tmp_path / "run", EngineConfig(max_batch=4, max_seq_len=64)).start()
+    try:
+        for _ in range(2):  # a second request takes the cached-failure path
+            with pytest.raises(AdapterError, match="expert-00007"):
+                engine.generate("a", "expert-00007", _greedy(3), timeout=20)
+        assert engine.generate("a", "expert-00001", _greedy(3), timeout=20).finish_reason == "length"
+        assert engine.is_running and not engine.is_dead
+    finally:
+        engine.close()
+
+
+def test_a_failing_step_fails_what_is_in_flight_and_three_in_a_row_stop_the_engine(fake_run_dir, monkeypatch):
+    engine = Engine.from_run(fake_run_dir, EngineConfig(max_batch=4, max_seq_len=64))
+    admit, calls = engine._admit, []
+
+    def admit_failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("scheduler bug")
+        admit()
+
+    monkeypatch.setattr(engine, "_admit", admit_failing_once)
+    events, _ = _collect(engine, "a", None, _greedy(3))
+    engine.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not events and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert isinstance(events[-1], Failed) and "RuntimeError" in events[-1].error.message
+        assert engine.generate("a", None, _greedy(3), timeout=20).finish_reason == "length"  # it kept serving
+
+        monkeypatch.setattr(engine, "step", lambda: (_ for _ in ()).throw(RuntimeError("broken for good")))
+        deadline = time.monotonic() + 20
+        while not engine.is_dead and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.is_dead and "broken for good" in engine.failure
+        with pytest.raises(Overloaded, match="restart the server"):
+            engine.submit([5], None, _greedy(2))
+    finally:
+        engine.close()

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
+from pydantic import ValidationError
 
-from upcycle.serving.protocol import FALLBACK_CHAT_STOP, render_chat
+from upcycle.serving.protocol import FALLBACK_CHAT_STOP, CompletionRequest, render_chat
 from upcycle.serving.sampling import SamplingParams, TextStream, sample_tokens
 
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
@@ -45,3 +47,32 @@ def test_top_p_keeps_the_nucleus_only():
     draws = {sample_tokens(logits, [params], [torch.Generator().manual_seed(s)])[0] for s in range(50)}
     assert draws == {0, 1}
     assert sample_tokens(logits, [SamplingParams(temperature=0)], [None]) == [0]
+
+
+@pytest.mark.parametrize("body", [{"model": "base", "prompt": "a\ud800b"},
+                                  {"model": "base", "prompt": ["x", "\udfff"]},
+                                  {"model": "\ud800", "prompt": "x"},
+                                  {"model": "base", "prompt": "x", "stop": "\ud800"},
+                                  {"model": "base", "prompt": "x", "k\ud800": 1}])
+def test_lone_surrogates_are_refused_at_validation(body):
+    with pytest.raises(ValidationError, match="lone surrogate"):
+        CompletionRequest.model_validate(body)
+    assert CompletionRequest.model_validate({"model": "base", "prompt": "h\u00e9llo \U0001f642"}).prompt
+
+
+@pytest.mark.parametrize(("seed", "valid"), [(0, True), (-(2**63), True), (2**64 - 1, True), (2**64, False),
+                                             (2**70, False), (-(2**63) - 1, False)])
+def test_seed_range_is_what_torch_takes(seed, valid):
+    body = {"model": "base", "prompt": "x", "seed": seed}
+    if valid:
+        assert CompletionRequest.model_validate(body).seed == seed
+        SamplingParams(seed=seed)
+    else:
+        with pytest.raises(ValidationError, match="seed"):
+            CompletionRequest.model_validate(body)
+
+
+def test_a_tiny_temperature_samples_the_top_token_instead_of_nan():
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9]])
+    params = [SamplingParams(temperature=1e-300)]
+    assert sample_tokens(logits, params, [torch.Generator().manual_seed(0)]) == [1]

@@ -18,9 +18,16 @@ KEY = "test-key"
 
 
 @pytest.fixture(scope="module")
-def served(fake_run_dir, one_torch_thread, live_server, stub_router):
+def adapters_dir(tmp_path_factory):
+    """A second adapter root, beside the run, that admin may add experts from."""
+    return tmp_path_factory.mktemp("adapters")
+
+
+@pytest.fixture(scope="module")
+def served(fake_run_dir, adapters_dir, one_torch_thread, live_server, stub_router):
     engine = Engine.from_run(fake_run_dir, EngineConfig(max_batch=4, max_seq_len=128, max_waiting=8))
-    app = create_app(engine, ServerConfig(api_key=KEY, max_prompt_tokens=64, max_tokens_limit=100),
+    app = create_app(engine, ServerConfig(api_key=KEY, max_prompt_tokens=64, max_tokens_limit=100,
+                                          adapter_roots=(str(fake_run_dir), str(adapters_dir))),
                      router=stub_router)
     live = live_server(app)
     yield live, engine
@@ -108,8 +115,8 @@ def test_full_queue_answers_429(client, served):
         engine.config.max_waiting = 8
 
 
-def test_admin_adds_a_corrupt_expert_that_fails_alone(client, served, fake_run_dir, tmp_path):
-    broken = tmp_path / "broken"
+def test_admin_adds_a_corrupt_expert_that_fails_alone(client, served, fake_run_dir, adapters_dir):
+    broken = adapters_dir / "broken"
     shutil.copytree(fake_run_dir / "experts" / "expert-00000", broken)
     (broken / WEIGHTS_NAME).write_bytes(b"\x00" * 64)
     added = _post(served, "/admin/experts", json={"id": "expert-00042", "path": str(broken)})
@@ -188,7 +195,8 @@ def test_health_ready_and_metrics(served, client):
     assert httpx.get(base + "/health").json() == {"status": "ok"}
     assert httpx.get(base + "/ready").status_code == 200
     client.completions.create(model="expert-00002", prompt="x", max_tokens=2)
-    text = httpx.get(base + "/metrics").text
+    assert httpx.get(base + "/metrics").status_code == 401  # under the API key: it names every expert
+    text = httpx.get(base + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
     for name in ("upcycle_requests_total", "upcycle_tokens_total", "upcycle_generation_tokens_per_second",
                  "upcycle_queue_depth", "upcycle_adapter_cache_hits_total", "upcycle_adapter_swap_seconds_bucket",
                  'upcycle_http_requests_total{route="/v1/completions",status="200"}'):

@@ -8,6 +8,7 @@ of being served wrongly.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import re
@@ -18,6 +19,7 @@ import torch
 
 from upcycle.serving.errors import AdapterError
 
+log = logging.getLogger(__name__)
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
@@ -110,6 +112,8 @@ def read_spec(path: str | Path) -> AdapterSpec:
         config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise AdapterError(f"{path} has no {CONFIG_NAME}") from None
+    except RecursionError:  # json's C parser recurses once per nesting level
+        raise AdapterError(f"{path / CONFIG_NAME} is unreadable: nested too deeply") from None
     except (OSError, ValueError) as error:
         raise AdapterError(f"{path / CONFIG_NAME} is unreadable: {error}") from None
     if not isinstance(config, dict):
@@ -125,14 +129,21 @@ def read_spec(path: str | Path) -> AdapterSpec:
     if not targets:
         raise AdapterError(f"{path / CONFIG_NAME} has no target_modules")
     try:
-        rank = max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())])
-        return AdapterSpec(target_modules=targets if isinstance(targets, str) else tuple(targets), rank=rank,
+        spec = AdapterSpec(target_modules=targets if isinstance(targets, str) else tuple(map(str, targets)),
+                           rank=max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())]),
                            lora_alpha=float(config.get("lora_alpha", 8)),
                            use_rslora=bool(config.get("use_rslora", False)),
-                           alpha_pattern={k: float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
+                           alpha_pattern={str(k): float(v) for k, v in (config.get("alpha_pattern") or {}).items()},
                            base_model=config.get("base_model_name_or_path"))
-    except (KeyError, TypeError, ValueError) as error:
+        # Patterns are compiled here so a bad one is this adapter's error, not a crash where it is first matched.
+        for pattern in [*spec.alpha_pattern, *([spec.target_modules] if isinstance(targets, str) else [])]:
+            re.compile(pattern)
+    except (KeyError, TypeError, ValueError, AttributeError, re.error) as error:
         raise AdapterError(f"{path / CONFIG_NAME} has a bad field: {error!r}") from None
+    if spec.rank < 1 or not math.isfinite(spec.lora_alpha) or not all(map(math.isfinite, spec.alpha_pattern.values())):
+        raise AdapterError(f"{path / CONFIG_NAME}: r must be >= 1 and lora_alpha finite (r={spec.rank}, "
+                           f"lora_alpha={spec.lora_alpha})")
+    return spec
 
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -154,22 +165,41 @@ def _read_raw(path: Path) -> tuple[bytearray, dict[str, _Entry]]:
     header_len = int.from_bytes(buffer[:8], "little")
     if header_len > size - 8:
         raise ValueError(f"header length {header_len} exceeds the file")
-    header = json.loads(bytes(buffer[8: 8 + header_len]))
+    try:
+        header = json.loads(bytes(buffer[8: 8 + header_len]))
+    except RecursionError:  # json's C parser recurses once per nesting level
+        raise ValueError("header is nested too deeply") from None
     if not isinstance(header, dict):
         raise ValueError("header is not a JSON object")
     start, body = 8 + header_len, size - 8 - header_len
     entries = {}
     for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        dtype = _DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise ValueError(f"{name}: unsupported dtype {info.get('dtype')!r}")
-        shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
-        if not 0 <= begin <= end <= body or end - begin != math.prod(shape) * dtype.itemsize:
-            raise ValueError(f"{name}: data offsets {begin}..{end} do not fit shape {shape} in a {body}-byte body")
-        entries[name] = _Entry(dtype, shape, start + begin, start + end)
+        if name != "__metadata__":
+            entries[name] = _header_entry(name, info, start, body)
     return buffer, entries
+
+
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (bool is an int in Python, but not in a header)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _header_entry(name: str, info: object, start: int, body: int) -> _Entry:
+    """One header entry {dtype, shape, data_offsets}, checked against a `body`-byte data region at `start`."""
+    if not isinstance(info, dict):
+        raise ValueError(f"{name}: header entry is a {type(info).__name__}, not an object")
+    dtype = _DTYPES.get(info.get("dtype")) if isinstance(info.get("dtype"), str) else None
+    if dtype is None:
+        raise ValueError(f"{name}: unsupported dtype {info.get('dtype')!r}")
+    shape, offsets = info.get("shape"), info.get("data_offsets")
+    if not isinstance(shape, list) or not all(map(_is_count, shape)):
+        raise ValueError(f"{name}: shape {shape!r} is not a list of non-negative integers")
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_is_count, offsets)):
+        raise ValueError(f"{name}: data_offsets {offsets!r} is not two non-negative integers")
+    begin, end = offsets
+    if not begin <= end <= body or end - begin != math.prod(shape) * dtype.itemsize:
+        raise ValueError(f"{name}: data offsets {begin}..{end} do not fit shape {shape} in a {body}-byte body")
+    return _Entry(dtype, tuple(shape), start + begin, start + end)
 
 
 def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
@@ -183,8 +213,21 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def read_adapter(path: str | Path, pin_memory: bool = False) -> AdapterWeights:
-    """Load a PEFT LoRA directory into CPU memory, or raise an AdapterError (corrupt or unsupported)."""
-    path = Path(path)
+    """Load a PEFT LoRA directory into CPU memory, or raise an AdapterError (corrupt or unsupported).
+
+    The files may come from anyone who can write to an expert directory, so nothing else may escape: a reader bug
+    on a hostile file must fail that adapter, never the thread that asked for it.
+    """
+    try:
+        return _read_adapter(Path(path), pin_memory)
+    except AdapterError:
+        raise
+    except Exception as error:
+        log.warning("reading the adapter %s failed unexpectedly", path, exc_info=True)
+        raise AdapterError(f"{path} is unreadable: {type(error).__name__}: {error}") from None
+
+
+def _read_adapter(path: Path, pin_memory: bool) -> AdapterWeights:
     spec = read_spec(path)
     try:
         raw, entries = _read_raw(path / WEIGHTS_NAME)
@@ -207,6 +250,8 @@ def read_adapter(path: str | Path, pin_memory: bool = False) -> AdapterWeights:
         a, b = pair["A"], pair["B"]
         if len(a.shape) != 2 or len(b.shape) != 2 or a.shape[0] != b.shape[1]:
             raise AdapterError(f"{path / WEIGHTS_NAME}: {module} has mismatched shapes A {a.shape}, B {b.shape}")
+        if a.shape[0] == 0:
+            raise AdapterError(f"{path / WEIGHTS_NAME}: {module} has rank 0 (A {a.shape}, B {b.shape})")
         layout[module] = (a, b, spec.scaling(module, a.shape[0]))
     _check_finite(path, raw, list(entries.values()))
     if pin_memory:  # page-locked, so copies into accelerator slots can run asynchronously

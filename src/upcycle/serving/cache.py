@@ -95,6 +95,11 @@ class _Entry:
     generation: int = 0
 
 
+def _without_path(error: AdapterError, entry: _Entry) -> str:
+    """The error's message with the adapter's directory left out: clients learn what is wrong, not where files are."""
+    return str(error).replace(f"{entry.path}{os.sep}", "").replace(str(entry.path), "its directory")
+
+
 def _signature(path: Path) -> tuple[int, ...]:
     """(mtime_ns, size) of the config and weights; a change means the adapter was rewritten."""
     out: list[int] = []
@@ -298,23 +303,30 @@ class AdapterCache:
         return future.result()
 
     def _load(self, expert: str, entry: _Entry, future: Future[AdapterWeights]) -> None:
+        bad = None
         try:
             bad = self._bad.get(expert)
             if bad is not None and bad[0] == _signature(entry.path):
-                raise bad[1]  # same files that failed before: fail fast instead of re-reading
+                # same files that failed before: fail fast instead of re-reading (a fresh traceback, or the
+                # stored error's would grow by a few frames each time a client asks again)
+                raise bad[1].with_traceback(None)
             start = time.perf_counter()
             weights = read_adapter(entry.path, pin_memory=self.config.pin_memory)
             if self.check is not None:
                 self.check(expert, weights)
             self.stats.swaps["disk_to_cpu"].observe(time.perf_counter() - start)
             self.stats.hits.add("disk")
-        except AdapterError as error:
+        except Exception as error:  # any failure to read or check one adapter is that adapter's error only
+            if not isinstance(error, AdapterError):
+                log.exception("expert %s: unexpected error loading %s", expert, entry.path)
+                error = AdapterError(f"{type(error).__name__}: {error}")
             self.stats.misses.add("disk")
-            log.warning("expert %s: %s", expert, error)
+            if bad is None or error is not bad[1]:  # logged once, not on every request for a known-bad adapter
+                log.warning("expert %s: %s", expert, error)
             with self._lock:
                 self._bad[expert] = (_signature(entry.path), error)
                 self._loading.pop(expert, None)
-            future.set_exception(AdapterError(f"expert '{expert}' cannot be served: {error}"))
+            future.set_exception(AdapterError(f"expert '{expert}' cannot be served: {_without_path(error, entry)}"))
             return
         except BaseException as error:  # never leave waiters hanging
             with self._lock:

@@ -23,6 +23,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -218,7 +219,11 @@ class Engine:
         self._wake_event = threading.Event()
         self._accepting = True
         self._stop = False
+        self._stop_lock = threading.Lock()  # the shutdown drain and the app's lifespan may both call stop()
         self._thread: threading.Thread | None = None
+        self.failure: str | None = None
+        """Why the scheduler thread died (None while it is healthy); /health reports it."""
+        self.vocab_size = model.get_input_embeddings().num_embeddings
         if cache is not None:
             cache.add_removal_hook(self._on_removed)
 
@@ -288,13 +293,14 @@ class Engine:
                sink: Sink | None = None) -> Request:
         """Queue a generation for `expert` (None: the base model). Raises a ServingError if it cannot be taken."""
         if not self._accepting:
-            raise Overloaded("the server is shutting down")
+            raise self._not_accepting()
         if expert is not None and (self.cache is None or not self.cache.is_registered(expert)):
             raise UnknownModel(f"the model '{expert}' does not exist", param="model")
         if not prompt_ids:
             if self.tokenizer.bos_token_id is None:
                 raise InvalidRequest("the prompt is empty", param="prompt")
             prompt_ids = [self.tokenizer.bos_token_id]
+        self.check_token_ids(prompt_ids)
         params = params or SamplingParams(max_tokens=self.config.default_max_tokens)
         room = self.max_seq_len - len(prompt_ids)
         if room < 1 or params.max_tokens > room:
@@ -305,6 +311,8 @@ class Engine:
         request = Request(list(prompt_ids), expert, params, sink or (lambda event: None),
                           TextStream(self.tokenizer, params.stop), deadline, self._wake)
         with self._lock:
+            if not self._accepting:  # checked again under the lock: stop() and _die() empty the inbox under it
+                raise self._not_accepting()
             if self._queued >= self.config.max_waiting:
                 raise QueueFull(f"{self._queued} requests are already waiting; retry later")
             self._queued += 1
@@ -313,6 +321,19 @@ class Engine:
             self.cache.prefetch(expert)  # disk -> CPU while it queues
         self._wake()
         return request
+
+    def check_token_ids(self, prompt_ids: list[int]) -> None:
+        """400 for ids the embedding cannot look up: caught here, they would fail the forward of a whole batch."""
+        low, high = min(prompt_ids), max(prompt_ids)
+        if low < 0 or high >= self.vocab_size:
+            bad = low if low < 0 else high
+            raise InvalidRequest(f"token id {bad} is out of range: this model's ids are 0..{self.vocab_size - 1}",
+                                 param="prompt")
+
+    def _not_accepting(self) -> Overloaded:
+        if self.failure is not None:
+            return Overloaded(f"the engine stopped after an internal error ({self.failure}); restart the server")
+        return Overloaded("the server is shutting down")
 
     def room_for(self, prompt_tokens: int) -> int:
         """Tokens a request with this prompt may still generate."""
@@ -332,47 +353,57 @@ class Engine:
         if not self.running:
             return False
         start = time.perf_counter()
-        try:
-            self._forward_and_sample()
-        except Exception as error:  # a bug or out-of-memory: fail this batch, keep serving
-            log.exception("forward failed; failing %d running requests", len(self.running))
-            for row in reversed(range(len(self.running))):
-                self._retire(row, failure=ServingError(f"internal error during generation: {error}"))
+        self._forward_and_sample()
         self.stats.latency["step"].observe(time.perf_counter() - start)
         return True
 
     def _forward_and_sample(self) -> None:
-        # Legend: n running rows, T tokens this step (longest prefill chunk, 1 when all decode), V vocab, D hidden.
+        """One forward over every running row, then sampling; a row whose part fails is retired with the error."""
         rows = self.running
         inputs = [r.next_input(self.config.prefill_chunk) for r in rows]
-        counts = [len(x) for x in inputs]
+        logits, failed = _per_row(list(range(len(rows))), lambda idx: self._forward(inputs, idx))
+        for row, request in enumerate(rows):
+            if row in logits and request.prefilled < len(request.prompt_ids):
+                request.prefilled += len(inputs[row])
+        ready = [row for row in logits if rows[row].prefilled >= len(rows[row].prompt_ids)]  # rows that sample now
+        tokens, failed_sampling = _per_row(ready, lambda idx: sample_tokens(
+            torch.stack([logits[row] for row in idx]), [rows[row].params for row in idx],
+            [rows[row].generator for row in idx]))
+        failed |= failed_sampling
+        self.stats.record_tokens(len(tokens))
+        ends: dict[int, str | ServingError] = {row: _internal_error(error) for row, error in failed.items()}
+        for row, token in tokens.items():
+            try:
+                reason = self._accept_token(rows[row], token)
+            except Exception as error:  # e.g. the tokenizer choking on this row's text
+                log.exception("request %s: accepting a token failed", rows[row].id)
+                ends[row] = _internal_error(error)
+                continue
+            if reason is not None:
+                ends[row] = reason
+        for row in sorted(ends, reverse=True):  # from the back, so row moves stay valid
+            end = ends[row]
+            if isinstance(end, ServingError):
+                self._retire(row, failure=end)
+            else:
+                self._retire(row, reason=end)
+
+    def _forward(self, inputs: list[list[int]], rows: list[int]) -> list[torch.Tensor]:
+        """Logits [V] of the last new position of each of `rows` (all running rows, or a single one alone)."""
+        # Legend: n rows, T tokens this step (longest prefill chunk, 1 when all decode), V vocab, D hidden.
+        counts = [len(inputs[row]) for row in rows]
         ids = torch.full((len(rows), max(counts)), self.pad_id, dtype=torch.long)  # [n, T], right-padded
-        for row, tokens in enumerate(inputs):
-            ids[row, : len(tokens)] = torch.tensor(tokens)
+        for i, row in enumerate(rows):
+            ids[i, : counts[i]] = torch.tensor(inputs[row])
         device = self.kv.keys[0].device
-        position_ids, mask = self.kv.plan(counts)
-        with torch.inference_mode(), self._select([r.slot for r in rows]):
+        position_ids, mask = self.kv.plan(counts, first=rows[0])  # rows are contiguous: all of them, or one
+        with torch.inference_mode(), self._select([self.running[row].slot for row in rows]):
             hidden = self.decoder(input_ids=ids.to(device), attention_mask=mask, position_ids=position_ids,
                                   use_cache=True, **{self._cache_kwarg: self.kv}).last_hidden_state  # [n, T, D]
             last = hidden[torch.arange(len(rows), device=device), torch.tensor(counts, device=device) - 1]  # [n, D]
             logits = self.lm_head(last).float()  # [n, V]: the head runs on one position per row only
         self.kv.commit()
-        for request, count in zip(rows, counts, strict=True):
-            if request.prefilled < len(request.prompt_ids):
-                request.prefilled += count
-        ready = [row for row, r in enumerate(rows) if r.prefilled >= len(r.prompt_ids)]  # rows that sample now
-        if not ready:
-            return
-        tokens = sample_tokens(logits[ready], [rows[row].params for row in ready],
-                               [rows[row].generator for row in ready])
-        self.stats.record_tokens(len(tokens))
-        finished: list[tuple[int, str]] = []
-        for row, token in zip(ready, tokens, strict=True):
-            reason = self._accept_token(rows[row], token)
-            if reason is not None:
-                finished.append((row, reason))
-        for row, reason in sorted(finished, reverse=True):  # from the back, so row moves stay valid
-            self._retire(row, reason=reason)
+        return list(logits)
 
     def _accept_token(self, request: Request, token: int) -> str | None:
         """Record one sampled token and stream its text; returns a finish reason or None."""
@@ -441,6 +472,10 @@ class Engine:
                     request.slot = self.cache.acquire(request.expert)
                 except ServingError as error:
                     self._fail_waiting(request, error)
+                    continue
+                except Exception as error:  # a cache bug must fail this request, not the scheduler thread
+                    log.exception("acquiring %s failed", request.expert)
+                    self._fail_waiting(request, _internal_error(error))
                     continue
             self.waiting.remove(request)
             with self._lock:
@@ -511,10 +546,38 @@ class Engine:
         # OpenMP's thread count is per calling thread: without this the engine thread would use the default (all
         # cores) whatever the creating thread chose, and on shared cores those extra threads spin against others.
         torch.set_num_threads(torch_threads)
+        failures = 0  # steps in a row that raised
         while not self._stop:
-            if not self.step():
+            try:
+                busy = self.step()
+                failures = 0
+            except Exception as error:  # a bug outside one request: its state is suspect, so fail what is in flight
+                failures += 1
+                log.exception("engine step failed (%d in a row)", failures)
+                self._fail_in_flight(_internal_error(error))
+                if failures >= MAX_FAILED_STEPS:
+                    self._die(error)
+                    return
+                continue
+            if not busy:
                 self._wake_event.wait(0.05)
                 self._wake_event.clear()
+
+    def _fail_in_flight(self, error: ServingError) -> None:
+        """Fail every waiting and running request (after an error that may have left them half-updated)."""
+        self._take_inbox()
+        for request in list(self.waiting):
+            self._fail_waiting(request, error)
+        for row in reversed(range(len(self.running))):
+            self._retire(row, failure=error)
+
+    def _die(self, error: Exception) -> None:
+        """Give up after repeated failures: refuse new requests with the reason (503) and let /health say so."""
+        with self._lock:
+            self._accepting = False
+            self.failure = f"{type(error).__name__}: {error}"[:300]
+        log.critical("the engine stopped: %s", self.failure)
+        self._fail_in_flight(Overloaded(f"the engine stopped after an internal error ({self.failure})"))
 
     def run_until_idle(self, max_steps: int = 100_000) -> int:
         """Step on the calling thread until nothing waits or runs (tests and benchmarks); returns the step count."""
@@ -529,25 +592,36 @@ class Engine:
         return self._thread is not None and self._thread.is_alive() and not self._stop
 
     @property
+    def is_dead(self) -> bool:
+        """True when the scheduler thread ended without being stopped (it gave up, or was killed)."""
+        started = self._thread is not None
+        return self.failure is not None or (started and not self._stop and not self._thread.is_alive())
+
+    @property
     def idle(self) -> bool:
         return not self.running and self.queue_depth == 0
 
     def stop(self, drain: bool = True, timeout: float = 30.0) -> None:
-        """Stop accepting requests, let queued and running ones finish (up to `timeout` s), then stop the thread."""
-        self._accepting = False
+        """Stop accepting requests, let queued and running ones finish (up to `timeout` s), then stop the thread.
+
+        What is still unfinished then fails with Overloaded (503): clients get an answer, not a cut connection.
+        """
+        with self._lock:
+            self._accepting = False
         deadline = time.monotonic() + timeout
         while drain and self._thread is not None and not self.idle and time.monotonic() < deadline:
             time.sleep(0.01)
-        self._stop = True
-        self._wake()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
-        self._take_inbox()
-        for request in list(self.waiting):
-            self._fail_waiting(request, Overloaded("the server shut down before the request ran"))
-        for row in reversed(range(len(self.running))):
-            self._retire(row, failure=Overloaded("the server shut down during generation"))
+        with self._stop_lock:
+            self._stop = True
+            self._wake()
+            if self._thread is not None:
+                self._thread.join(timeout=10)
+                self._thread = None
+            self._take_inbox()
+            for request in list(self.waiting):
+                self._fail_waiting(request, Overloaded("the server shut down before the request ran"))
+            for row in reversed(range(len(self.running))):
+                self._retire(row, failure=Overloaded("the server shut down during generation"))
 
     def close(self) -> None:
         """Stop (without draining) and release the cache's threads."""
@@ -571,6 +645,41 @@ class Engine:
                 raise event.error
             else:
                 return Completion("".join(text), request.generated, event.reason, event.prompt_tokens, expert)
+
+
+MAX_FAILED_STEPS = 3
+"""Scheduler steps in a row that may raise before the engine gives up (one is a glitch, three are a broken state)."""
+
+T = TypeVar("T")
+
+
+def _per_row(rows: list[int], batched: Callable[[list[int]], list[T]]) -> tuple[dict[int, T], dict[int, Exception]]:
+    """({row: result}, {row: error}) of `batched` over `rows`; if the batch raises, each row is retried on its own,
+    so one request's failure fails that request only (the rare failing step pays one call per row)."""
+    if not rows:
+        return {}, {}
+    try:
+        return dict(zip(rows, batched(rows), strict=True)), {}
+    except Exception as error:
+        if len(rows) <= 1:
+            log.exception("step failed for row %s", rows)
+            return {}, dict.fromkeys(rows, error)
+        log.exception("a batched step over %d rows failed; retrying each row alone", len(rows))
+    results: dict[int, T] = {}
+    failures: dict[int, Exception] = {}
+    for row in rows:
+        try:
+            [results[row]] = batched([row])
+        except Exception as error:
+            failures[row] = error
+    return results, failures
+
+
+def _internal_error(error: Exception) -> ServingError:
+    """What a client is told when its request hit an unexpected error (the traceback stays in the server log)."""
+    if isinstance(error, ServingError):
+        return error
+    return ServingError(f"internal error during generation: {type(error).__name__}: {str(error)[:200]}")
 
 
 def _compatibility_check(lora: MultiLoRA) -> Callable[[str, AdapterWeights], None]:

@@ -84,3 +84,21 @@ class NotFound(ServingError):
     """No such route or resource."""
 
     status, type, code = 404, "invalid_request_error", "not_found"
+
+
+class Forbidden(ServingError):
+    """The caller may not do this (e.g. add an adapter from outside the server's adapter roots)."""
+
+    status, type, code = 403, "permission_error", "forbidden"
+
+
+class ExpertUnavailable(ServingError):
+    """`auto` chose an expert this server no longer serves (removed); another model may still answer."""
+
+    status, type, code = 503, "server_error", "expert_unavailable"
+
+
+class BodyTooLarge(ServingError):
+    """The request body exceeds the server's limit."""
+
+    status, type, code = 413, "invalid_request_error", "body_too_large"

@@ -31,6 +31,7 @@ class SlotKVCache:
         self._rows: torch.Tensor | None = None  # [n, T] row index of each new token
         self._positions: torch.Tensor | None = None  # [n, T] where each new token goes (max_len for padding)
         self._kv_len = 0
+        self._first = 0  # the step's rows are first .. first + n - 1
         self._new: list[int] = []
 
     @classmethod
@@ -46,22 +47,26 @@ class SlotKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def plan(self, new_tokens: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepare a step where row r adds `new_tokens[r]` tokens; returns (position_ids [n, T], mask [n, 1, T, K]).
+    def plan(self, new_tokens: Sequence[int], first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prepare a step where row first + r adds `new_tokens[r]` tokens; returns (position_ids [n, T], mask
+        [n, 1, T, K]). `first` > 0 runs a single row on its own (the engine isolating a failing request).
 
-        Must be followed by the forward (which calls `update` once per layer) and then `commit`.
+        Must be followed by the forward (which calls `update` once per layer) and then `commit`. A forward that
+        fails before `commit` leaves the cache as it was: the next plan writes the same positions again.
         """
         n, steps = len(new_tokens), max(new_tokens)
         device = self.keys[0].device
-        start = torch.tensor(self.lengths[:n], device=device)[:, None]  # [n, 1]
+        lengths = self.lengths[first: first + n]
+        start = torch.tensor(lengths, device=device)[:, None]  # [n, 1]
         offsets = torch.arange(steps, device=device)[None, :]  # [1, T]
         position_ids = start + offsets  # [n, T]
         real = offsets < torch.tensor(new_tokens, device=device)[:, None]  # [n, T]
-        if max(self.lengths[r] + new_tokens[r] for r in range(n)) > self.max_len:
+        if max(length + new for length, new in zip(lengths, new_tokens, strict=True)) > self.max_len:
             raise ValueError("a row would exceed the KV cache's max_len; the engine should have stopped it")
         self._positions = torch.where(real, position_ids, self.max_len)
-        self._rows = torch.arange(n, device=device)[:, None].expand(n, steps)
-        self._kv_len = max(self.lengths[r] + new_tokens[r] for r in range(n))  # K: the longest real row
+        self._rows = torch.arange(first, first + n, device=device)[:, None].expand(n, steps)
+        self._kv_len = max(length + new for length, new in zip(lengths, new_tokens, strict=True))  # K: longest row
+        self._first = first
         keys = torch.arange(self._kv_len, device=device)  # [K]
         mask = keys[None, None, :] <= position_ids[:, :, None]  # [n, T, K]: causal over the row's own prefix
         self._new = list(new_tokens)
@@ -75,11 +80,12 @@ class SlotKVCache:
         # advanced indices on dims 0 and 2 put their [n, T] shape first: the target is [n, T, H, D]
         keys[self._rows, :, self._positions] = key_states.transpose(1, 2).to(keys.dtype)
         values[self._rows, :, self._positions] = value_states.transpose(1, 2).to(values.dtype)
-        return keys[:n, :, : self._kv_len], values[:n, :, : self._kv_len]
+        rows = slice(self._first, self._first + n)
+        return keys[rows, :, : self._kv_len], values[rows, :, : self._kv_len]
 
     def commit(self) -> None:
         """The step's forward finished: advance every row by its real token count."""
-        for row, count in enumerate(self._new):
+        for row, count in enumerate(self._new, start=self._first):
             self.lengths[row] += count
         self._new = []
 

@@ -10,9 +10,38 @@ import json
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from upcycle.serving.errors import InvalidRequest, ServingError
+from upcycle.serving.sampling import SEED_MAX, SEED_MIN
+
+
+def lone_surrogate_at(value: Any) -> str | None:
+    """Dotted path of the first string in a parsed JSON value that holds a lone surrogate, or None.
+
+    JSON may escape one ("\\ud800") though it is no Unicode character: the tokenizer and the UTF-8 encoder both refuse
+    it, so it is refused at the edge. Iterative, so a deeply nested body cannot exhaust the stack.
+    """
+    stack: list[tuple[str, Any]] = [("", value)]
+    while stack:
+        where, item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                # a key on the path may hold one too: the path itself must be printable
+                return (where or "the body").encode("ascii", "backslashreplace").decode()
+        elif isinstance(item, dict):
+            stack.extend((_child(where, key), v) for key, v in item.items())
+            stack.extend((f"a key of {where or 'the body'}", key) for key in item)
+        elif isinstance(item, list):
+            stack.extend((_child(where, i), v) for i, v in enumerate(item))
+    return None
+
+
+def _child(where: str, key: object) -> str:
+    return f"{where}.{key}" if where else str(key)
 
 
 class StreamOptions(BaseModel):
@@ -22,6 +51,15 @@ class StreamOptions(BaseModel):
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="allow")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        where = lone_surrogate_at(data)
+        if where is not None:
+            raise PydanticCustomError("unicode", "{where} holds a lone surrogate (\\ud800-\\udfff), which is not "
+                                      "valid Unicode text; send UTF-8 text", {"where": where})
+        return data
+
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
@@ -29,7 +67,7 @@ class _Sampling(BaseModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=SEED_MIN, le=SEED_MAX)
     n: int = 1
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks, load tests)

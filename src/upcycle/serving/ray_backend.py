@@ -28,7 +28,8 @@ def build_app(run: str, engine_config: EngineConfig | None = None, server_config
     engine_config = engine_config or EngineConfig()
     server_config = server_config or ServerConfig()
     # Serve owns the replica's lifetime and the directory watch would race across replicas: keep both simple.
-    server_config = replace(server_config, watch_dir=None)
+    # Admin may add adapters from the run only, unless the caller named other roots.
+    server_config = replace(server_config, watch_dir=None, adapter_roots=server_config.adapter_roots or (run,))
 
     @serve.deployment(num_replicas=num_replicas, ray_actor_options=ray_actor_options or {"num_cpus": 1})
     @serve.ingress()

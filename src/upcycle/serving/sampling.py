@@ -7,6 +7,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""The seeds `torch.Generator.manual_seed` takes."""
+
 
 @dataclass
 class SamplingParams:
@@ -34,6 +37,8 @@ class SamplingParams:
             raise ValueError("top_p must be in (0, 1]")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must not be empty")
+        if self.seed is not None and not SEED_MIN <= self.seed <= SEED_MAX:
+            raise ValueError(f"seed must be between {SEED_MIN} and {SEED_MAX}")
 
     @property
     def greedy(self) -> bool:
@@ -51,7 +56,10 @@ def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
 
 
 def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    probs = torch.softmax(logits / params.temperature, dim=-1)  # [V]
+    # In float64 and from the max, a tiny temperature (1e-300) stays finite: the best token gets 0, the rest -inf
+    # (in float32 the temperature itself would round to 0 and every probability to NaN).
+    logits = logits.double()
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)  # [V]
     if params.top_p < 1:
         sorted_probs, order = probs.sort(descending=True)
         before = sorted_probs.cumsum(0) - sorted_probs  # mass of strictly more likely tokens

@@ -1,7 +1,8 @@
 """OpenAI-compatible HTTP server over the batching engine (FastAPI + uvicorn).
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (SSE when `stream`), GET /health, /ready,
-/metrics (Prometheus), and /admin/experts (list, add, remove at runtime).
+/metrics (Prometheus, under the API key), and /admin/experts (list, add, remove at runtime; see `admin_check`).
+/docs, /redoc and /openapi.json exist only with `ServerConfig.docs`.
 
 `model` picks the adapter: "base" uses none, "auto" asks the `SequenceRouter` (whole request text, one expert),
 an expert id forces that expert. Every answer names the expert that produced it: header `x-upcycle-expert` and the
@@ -11,7 +12,8 @@ Chat prompts use the tokenizer's chat template when it has one; otherwise this d
     "{role}: {content}\n" per message, then "assistant:", and generation also stops at "\nuser:".
 
 Errors are OpenAI error objects with the status of `upcycle.serving.errors` (400 malformed / too long, 401 key,
-404 unknown model, 410 expert removed, 429 queue full, 500 corrupt adapter, 503 shutting down, 504 timeout).
+403 forbidden path, 404 unknown model, 410 expert removed, 413 body too large, 429 queue full, 500 corrupt adapter,
+503 shutting down / engine stopped / auto chose a removed expert, 504 timeout). No answer carries a traceback.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import asyncio
 import hmac
 import json
 import logging
+import math
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -36,7 +40,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from upcycle.serving.admin import admin_routes
 from upcycle.serving.engine import Delta, Engine, Event, Failed, Finished
 from upcycle.serving.errors import (
+    BodyTooLarge,
     Cancelled,
+    ExpertUnavailable,
     InvalidRequest,
     NotFound,
     Overloaded,
@@ -73,7 +79,18 @@ class ServerConfig:
     """HTTP-side limits and switches (the engine has its own: batch, queue, context)."""
 
     api_key: str | None = None
-    """Bearer key required on /v1 and /admin routes; None disables auth (allowed only on localhost)."""
+    """Bearer key required on /v1 and /metrics; None disables auth (allowed only on localhost)."""
+    admin_key: str | None = None
+    """Bearer key of /admin (a separate key: an inference client must not manage experts). Without it /admin is
+    served only when `local_only`, under `api_key`."""
+    local_only: bool = True
+    """The server listens on a loopback interface only (`upcycle serve` sets it from --host)."""
+    adapter_roots: tuple[str, ...] = ()
+    """Directories /admin/experts may add adapters from (symlinks leading out are refused); empty: none."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body accepted; a bigger one gets 413 before any of it is parsed."""
+    docs: bool = False
+    """Serve /docs, /redoc and /openapi.json (they list every route, admin included)."""
     max_prompt_tokens: int | None = None
     """Longest prompt accepted (tokens); None: the engine's context minus one."""
     max_tokens_limit: int = 4096
@@ -81,7 +98,7 @@ class ServerConfig:
     request_timeout_s: float = 300.0
     """A request unfinished after this long is cancelled and answered 504."""
     enable_admin: bool = True
-    """Serve /admin/experts (add / remove experts at runtime)."""
+    """Serve /admin/experts (add / remove experts at runtime), subject to `admin_key` / `local_only`."""
     watch_dir: str | None = None
     """Directory of expert dirs to keep in sync with (new ones registered, removed ones unregistered)."""
     watch_interval_s: float = 2.0
@@ -146,9 +163,170 @@ class _HttpMetrics:
         await self.app(scope, receive, counting_send)
 
 
+class _BodyLimit:
+    """Pure ASGI middleware answering 413 to a body over `max_bytes`, before the app parses (or buffers) any of it.
+
+    It reads the body itself (ours are small JSON) and replays it to the app, so the limit holds with or without a
+    Content-Length. Past the limit the rest is read and dropped, up to `DISCARD_BYTES`, so that the client, which
+    is still sending, gets to read the 413 instead of a reset connection.
+    """
+
+    DISCARD_BYTES = 64 << 20
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size, more = 0, True
+        while more and size <= self.max_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return  # the client left before sending its body: nobody to answer
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            more = message.get("more_body", False)
+        if size > self.max_bytes:
+            chunks.clear()
+            while more and size <= self.DISCARD_BYTES:
+                message = await receive()
+                size += len(message.get("body", b""))
+                more = message["type"] == "http.request" and message.get("more_body", False)
+            error = BodyTooLarge(f"the request body is larger than this server's limit of {self.max_bytes} bytes "
+                                 "(upcycle serve --max_body_bytes)")
+            await _error_response(error)(scope, receive, send)
+            return
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()  # later calls wait for a disconnect, as they would without us
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+class _AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message quoting a client's string can never fail to encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
 def _error_response(error: ServingError) -> JSONResponse:
     headers = {"Retry-After": "1"} if error.status == 429 else None
-    return JSONResponse(error_body(error), status_code=error.status, headers=headers)
+    return _AsciiJSONResponse(error_body(error), status_code=error.status, headers=headers)
+
+
+def _bearer_check(key: str | None, what: str) -> Callable[[Request], None]:
+    """A FastAPI dependency accepting `Authorization: Bearer <key>` (anything when `key` is None)."""
+
+    def check(http: Request) -> None:
+        if key is None:
+            return
+        scheme, _, token = http.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+            raise Unauthorized(f"missing or incorrect {what} (send 'Authorization: Bearer <key>')")
+
+    return check
+
+
+def admin_check(config: ServerConfig) -> Callable[[Request], None] | None:
+    """The dependency guarding /admin, or None when /admin must not be served.
+
+    With `admin_key` it takes that key only. Without it, admin is served only to a server listening on localhost,
+    and takes the API key as before (none when there is none): elsewhere, anyone with an inference key could
+    otherwise delete experts or point one at any file the server can read.
+    """
+    if not config.enable_admin:
+        return None
+    if config.admin_key:
+        return _bearer_check(config.admin_key, "admin key")
+    if config.local_only:
+        return _bearer_check(config.api_key, "API key")
+    return None
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    """Every error becomes an OpenAI error object; unexpected ones a 500 naming the exception type, never a trace."""
+
+    @app.exception_handler(ServingError)
+    async def _serving_error(_: Request, error: ServingError) -> JSONResponse:
+        return _error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
+        first = error.errors()[0] if error.errors() else {}
+        if first.get("type") == "json_invalid":
+            return _error_response(InvalidRequest(f"the body is not valid JSON: {first.get('ctx', {}).get('error')}"))
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        message = f"{where}: {first.get('msg', 'invalid')}" if where else first.get("msg", "the body is invalid")
+        return _error_response(InvalidRequest(message, param=where or None))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        if error.status_code == 404:
+            return _error_response(NotFound("no such route"))
+        detail = str(error.detail)
+        if error.status_code == 400 and "parsing the body" in detail:  # FastAPI's answer to e.g. a RecursionError
+            detail = "the body could not be parsed as JSON (nested too deeply?)"
+        body = ServingError(detail)
+        body.status, body.type = error.status_code, "invalid_request_error"
+        return _error_response(body)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _error_response(ServingError(f"internal error: {type(error).__name__}"))
+
+
+def _health_routes(app: FastAPI, engine: Engine, registry, require_key: Callable) -> None:
+    """/health (is the engine alive?), /ready (may traffic come?) and /metrics (under the API key)."""
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if engine.is_dead:
+            reason = engine.failure or "the engine thread is not running"
+            return JSONResponse({"status": "error", "reason": reason}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        if engine.is_dead:
+            return JSONResponse({"status": "dead", "reason": engine.failure or "the engine thread is not running"},
+                                status_code=503)
+        if app.state.draining or not engine.is_running:
+            return JSONResponse({"status": "draining" if app.state.draining else "starting"}, status_code=503)
+        return JSONResponse({"status": "ready", "queue_depth": engine.queue_depth, "running": len(engine.running)})
+
+    @app.get("/metrics", dependencies=[Depends(require_key)])
+    async def metrics() -> PlainTextResponse:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+
+def _encode_completion(engine: Engine, prompts: list[str | list[int]]) -> tuple[list[list[int]], str]:
+    """Token ids of each prompt and the text the router reads. Slow for long texts: call it off the event loop."""
+    for p in prompts:
+        if not isinstance(p, str) and p:
+            engine.check_token_ids(p)  # before decode, which cannot take a negative or huge id either
+    ids = [engine.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
+    return ids, "\n".join(texts)
+
+
+def _encode_chat(engine: Engine, messages: list[dict[str, str]]) -> tuple[list[int], list[str], str]:
+    """(prompt ids, extra stop strings, text the router reads) of a chat. Slow: call it off the event loop."""
+    prompt, extra_stop, templated = render_chat(engine.tokenizer, messages)
+    # a chat template writes its own BOS and role markers; the fallback text gets the usual special tokens
+    ids = engine.tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
+    return ids, extra_stop, "\n".join(m["content"] for m in messages)  # the words, not the template's scaffolding
 
 
 def create_app(engine: Engine, config: ServerConfig | None = None, router: SequenceRouter | None = None,
@@ -175,62 +353,15 @@ def create_app(engine: Engine, config: ServerConfig | None = None, router: Seque
             watcher.stop()
         await asyncio.to_thread(engine.stop, True, config.drain_timeout_s)
 
-    app = FastAPI(title="upcycle introvert experts", lifespan=lifespan)
+    docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="upcycle introvert experts", lifespan=lifespan, **docs)
     app.state.draining = False
     app.state.engine = engine
-    app.add_middleware(_HttpMetrics, counter=http_counter)
-
-    # -- errors -----------------------------------------------------------------------------------------------------
-    @app.exception_handler(ServingError)
-    async def _serving_error(_: Request, error: ServingError) -> JSONResponse:
-        return _error_response(error)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        first = error.errors()[0] if error.errors() else {}
-        if first.get("type") == "json_invalid":
-            return _error_response(InvalidRequest(f"the body is not valid JSON: {first.get('ctx', {}).get('error')}"))
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return _error_response(InvalidRequest(f"{where or 'body'}: {first.get('msg', 'invalid')}",
-                                              param=where or None))
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
-        if error.status_code == 404:
-            return _error_response(NotFound("no such route"))
-        body = ServingError(str(error.detail))
-        body.status, body.type = error.status_code, "invalid_request_error"
-        return _error_response(body)
-
-    @app.exception_handler(Exception)
-    async def _unexpected(_: Request, error: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return _error_response(ServingError(f"internal error: {type(error).__name__}"))
-
-    # -- auth -------------------------------------------------------------------------------------------------------
-    def require_key(http: Request) -> None:
-        if config.api_key is None:
-            return
-        scheme, _, token = http.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
-            raise Unauthorized("missing or incorrect API key (send 'Authorization: Bearer <key>')")
-
-    # -- health -----------------------------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get("/ready")
-    async def ready() -> JSONResponse:
-        if app.state.draining or not engine.is_running:
-            return JSONResponse({"status": "draining" if app.state.draining else "starting"}, status_code=503)
-        return JSONResponse({"status": "ready", "queue_depth": engine.queue_depth, "running": len(engine.running)})
-
-    @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-
-        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
+    app.add_middleware(_HttpMetrics, counter=http_counter)  # outermost: it also counts the 413s
+    _install_error_handlers(app)
+    require_key = _bearer_check(config.api_key, "API key")
+    _health_routes(app, engine, registry, require_key)
 
     # -- models -----------------------------------------------------------------------------------------------------
     def experts() -> list[str]:
@@ -259,7 +390,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, router: Seque
                                    param="model")
             [expert] = await asyncio.to_thread(router.route, [text])
             if engine.cache is None or not engine.cache.is_registered(expert):
-                raise ServingError(f"the router chose '{expert}', which this server does not serve")
+                raise _routed_to_removed(expert)
             return expert
         if engine.cache is not None and engine.cache.is_registered(model):
             return model
@@ -279,6 +410,14 @@ def create_app(engine: Engine, config: ServerConfig | None = None, router: Seque
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               stop=body.stop_list() + extra_stop, seed=body.seed, ignore_eos=body.ignore_eos)
 
+    def submit(ids: list[int], expert: str | None, params: SamplingParams, client: _Client, model: str) -> None:
+        try:
+            client.request = engine.submit(ids, expert, params, client.sink)
+        except UnknownModel:
+            if model == AUTO and expert is not None:  # removed between routing and queueing
+                raise _routed_to_removed(expert) from None
+            raise
+
     async def run(http: Request, body, prompts: list[list[int]], route_text: str, extra_stop: list[str],
                   chat: bool):
         if app.state.draining:
@@ -294,7 +433,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, router: Seque
         try:
             for ids, p in zip(prompts, params, strict=True):
                 client = _Client(loop)
-                client.request = engine.submit(ids, expert, p, client.sink)
+                submit(ids, expert, p, client, body.model)
                 clients.append(client)
             headers = {EXPERT_HEADER: expert or BASE}
             meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": now(),
@@ -307,7 +446,7 @@ def create_app(engine: Engine, config: ServerConfig | None = None, router: Seque
                 stream = _sse(http, clients[0], first, deadline, meta, chat, include_usage)
                 clients = []  # the stream owns the request now
                 return _EventStream(stream, media_type="text/event-stream",
-                                         headers={**headers, "Cache-Control": "no-cache"})
+                                    headers={**headers, "Cache-Control": "no-cache"})
             results = [await _collect(http, c, deadline) for c in clients]
             return JSONResponse(completion_body(meta, results, chat), headers=headers)
         finally:
@@ -320,24 +459,27 @@ def create_app(engine: Engine, config: ServerConfig | None = None, router: Seque
         prompts = body.prompts()
         if body.stream and len(prompts) != 1:
             raise InvalidRequest("streaming takes a single prompt", param="prompt")
-        ids = [engine.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-        texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
-        return await run(http, body, ids, "\n".join(texts), [], chat=False)
+        ids, route_text = await asyncio.to_thread(_encode_completion, engine, prompts)  # keeps /health responsive
+        return await run(http, body, ids, route_text, [], chat=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
     async def chat_completions(http: Request, body: ChatCompletionRequest):
         body.refuse_unsupported("logprobs", "top_logprobs", "tools", "tool_choice", "logit_bias", "functions")
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        prompt, extra_stop, templated = render_chat(engine.tokenizer, messages)
-        # a chat template writes its own BOS and role markers; the fallback text gets the usual special tokens
-        ids = engine.tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
-        route_text = "\n".join(m["content"] for m in messages)  # the words, not the template's scaffolding
+        ids, extra_stop, route_text = await asyncio.to_thread(_encode_chat, engine, messages)
         return await run(http, body, [ids], route_text, extra_stop, chat=True)
 
-    if config.enable_admin:
-        app.include_router(admin_routes(engine, require_key))
+    admin = admin_check(config)
+    if admin is not None:
+        app.include_router(admin_routes(engine, admin, config.adapter_roots))
 
     return app
+
+
+def _routed_to_removed(expert: str) -> ExpertUnavailable:
+    return ExpertUnavailable(f"model 'auto' chose '{expert}', which this server no longer serves (it was removed); "
+                             "send the request to another model, such as 'base', or add the expert back",
+                             param="model")
 
 
 async def _collect(http: Request, client: _Client, deadline: float) -> tuple[str, str, int, int]:
@@ -397,26 +539,45 @@ class _EventStream(StreamingResponse):
             await self.body_iterator.aclose()
 
 
-class UpcycleServer(uvicorn.Server):
-    """uvicorn.Server that turns /ready to 503 as soon as shutdown begins (before connections drain)."""
+SHUTDOWN_GRACE_S = 5
+"""Seconds uvicorn waits beyond the drain timeout, so the 503s of requests cut by the drain reach their clients."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+
+class UpcycleServer(uvicorn.Server):
+    """uvicorn.Server whose shutdown (SIGTERM, Ctrl-C, `begin_shutdown`) drains the engine itself.
+
+    /ready turns 503 at once; running requests get `drain_timeout_s` to finish; then the engine fails what is left
+    with a 503 (a JSON body, or a last SSE error event on a stream), which is written before uvicorn's own, later
+    deadline would cut the connections (a bare plain-text 500, or a stream ending without a word).
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, drain_timeout_s: float) -> None:
         super().__init__(config)
         self._app = app
+        self.drain_timeout_s = drain_timeout_s
+        self._drain: threading.Thread | None = None
 
     def handle_exit(self, sig, frame) -> None:
-        self._app.state.draining = True
+        self._begin_drain()
         super().handle_exit(sig, frame)
 
     def begin_shutdown(self) -> None:
         """What SIGTERM does, callable from another thread (tests, embedding)."""
-        self._app.state.draining = True
+        self._begin_drain()
         self.should_exit = True
+
+    def _begin_drain(self) -> None:
+        self._app.state.draining = True
+        if self._drain is None:  # a second signal must not start a second drain
+            engine: Engine = self._app.state.engine
+            self._drain = threading.Thread(target=engine.stop, args=(True, self.drain_timeout_s), daemon=True,
+                                           name="upcycle-drain")
+            self._drain.start()
 
 
 def make_server(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, drain_timeout_s: float = 30.0,
                 log_level: str = "info") -> UpcycleServer:
     """A uvicorn server for `app` that drains in-flight requests for up to `drain_timeout_s` on shutdown."""
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=int(drain_timeout_s), lifespan="on")
-    return UpcycleServer(config, app)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on",
+                            timeout_graceful_shutdown=math.ceil(drain_timeout_s) + SHUTDOWN_GRACE_S)
+    return UpcycleServer(config, app, drain_timeout_s)

@@ -94,3 +94,45 @@ def write_synthetic_run(run_dir: str | Path, base_dir: str | Path, n_experts: in
             save_file(_randomise(layout, generator, b_std), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
     shutil.rmtree(template)
     return run
+
+
+CORRUPTIONS = ("non_object_entry", "rank_zero", "nested_header", "nested_config")
+"""Ways `write_corrupt_adapter` damages an adapter: each once escaped the reader and stopped the server."""
+
+
+def write_corrupt_adapter(good: str | Path, out: str | Path, kind: str) -> Path:
+    """Copy the PEFT adapter `good` to `out`, damaged as `kind` says (one of CORRUPTIONS); for hostile-input tests.
+
+    non_object_entry: a safetensors header entry that is a number; rank_zero: every LoRA matrix with rank 0 (and a
+    well-formed file); nested_header / nested_config: JSON nested 100,000 deep in the header / adapter_config.json.
+    """
+    import json
+    import struct
+
+    good, out = Path(good), Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    shutil.copytree(good, out)
+    weights = out / WEIGHTS_NAME
+    raw = weights.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    header, body = json.loads(raw[8: 8 + header_len]), raw[8 + header_len:]
+    names = [name for name in header if name != "__metadata__"]
+    deep = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
+    if kind == "non_object_entry":  # first, so no other check trips before it; the data stays in place
+        new_header = json.dumps({names[0]: 5, **{name: header[name] for name in names[1:]}}).encode()
+    elif kind == "rank_zero":  # A [0, I] and B [O, 0]: no bytes at all
+        body = b""
+        zero = {name: {"dtype": header[name]["dtype"], "data_offsets": [0, 0],
+                       "shape": [0, header[name]["shape"][1]] if ".lora_A." in name else [header[name]["shape"][0], 0]}
+                for name in names}
+        new_header = json.dumps(zero).encode()
+    elif kind == "nested_header":
+        new_header, body = deep, b""
+    elif kind == "nested_config":
+        (out / CONFIG_NAME).write_bytes(deep)
+        return out
+    else:
+        raise ValueError(f"unknown corruption {kind!r}; one of {CORRUPTIONS}")
+    weights.write_bytes(struct.pack("<Q", len(new_header)) + new_header + body)
+    return out
