@@ -12,6 +12,9 @@ RECIPE_COMMANDS = {
     "introvert/demo.yaml": ["demo"],
     "introvert/tinyllama.yaml": ["train-experts", "runs/x"],
     "moe/flan.yaml": ["moe-experiment"],
+    "introvert/smollm2.yaml": ["demo"],
+    "introvert/smollm2-demo.yaml": ["demo"],
+    "moe/smollm2.yaml": ["moe-experiment"],
 }
 
 
