@@ -20,8 +20,8 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from tests.serving.conftest import KeywordRouter, LiveServer
 
+from tests.serving.conftest import KeywordRouter, LiveServer
 from upcycle.serving.engine import Engine, EngineConfig
 from upcycle.serving.server import ServerConfig, admin_check, create_app
 from upcycle.serving.synthetic import CORRUPTIONS, write_corrupt_adapter, write_synthetic_run
