@@ -207,7 +207,8 @@ def test_graceful_shutdown_drains_in_flight_streams(fake_run_dir, one_torch_thre
     engine = Engine.from_run(fake_run_dir, EngineConfig(max_batch=2, max_seq_len=128))
     step = engine.step
     monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.01), step())[1])
-    live = live_server(create_app(engine, ServerConfig()))  # no key: fine on localhost
+    # no key: fine on localhost; a drain long enough for 40 slow steps on a starved CPU
+    live = live_server(create_app(engine, ServerConfig()), drain_timeout_s=60)
     lines: list[str] = []
     body = {"model": "expert-00000", "prompt": "x", "max_tokens": 40, "stream": True, "ignore_eos": True}
 
