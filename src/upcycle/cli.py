@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import sys
 import warnings
 
@@ -59,13 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("upcycle: interrupted; finished work is saved, rerun the same command to continue", file=sys.stderr)
         return 130
-    except OSError as error:
-        advice = _ENVIRONMENT_ERRORS.get(error.errno)
-        if advice is None:
-            raise  # not the environment's fault: a bug, keep its traceback
-        where = f": {error.filename}" if error.filename else ""
-        print(f"upcycle: error: {error.strerror}{where}; {advice}, then rerun the same command (finished work is "
-              "saved)", file=sys.stderr)
+    except Exception as error:
+        message = _environment_failure(error)
+        if message is None:
+            raise  # not the machine's fault: a bug, keep its traceback
+        print(f"upcycle: error: {message}", file=sys.stderr)
         return 2
     return 0
 
@@ -76,6 +75,25 @@ _ENVIRONMENT_ERRORS = {errno.ENOSPC: "free some disk space", errno.EDQUOT: "free
                        errno.EFBIG: "free some disk space or raise the file size limit",
                        errno.EROFS: "the file system is read-only; use a writable directory",
                        errno.EACCES: "check the permissions", errno.EPERM: "check the permissions"}
+# Libraries written in Rust report the OS error inside their own exception: safetensors raises
+# SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)") for a full disk.
+_WRAPPED_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def _environment_failure(error: Exception) -> str | None:
+    """One line for a full disk, a read-only file system or missing permissions (raised directly or wrapped by a
+    library); None for anything else."""
+    if isinstance(error, OSError):
+        code, reason, filename = error.errno, error.strerror, error.filename
+    elif match := _WRAPPED_OS_ERROR.search(str(error)):
+        code, filename = int(match.group(1)), None
+        reason = os.strerror(code)
+    else:
+        return None
+    if code not in _ENVIRONMENT_ERRORS:
+        return None
+    where = f": {filename}" if filename else ""
+    return f"{reason}{where}; {_ENVIRONMENT_ERRORS[code]}, then rerun the same command (finished work is saved)"
 
 
 if __name__ == "__main__":

@@ -50,7 +50,8 @@ def check_writable(path: str | Path, hint: str = "choose another output director
             raise NotADirectoryError(errno.ENOTDIR, "a file is in the way", str(existing))
         _probe(existing)
     except OSError as error:
-        raise UserError(f"cannot write to {path}: {error.strerror} ({existing}); {hint}") from None
+        where = "" if existing == path else f" ({existing} is where it would be created)"
+        raise UserError(f"cannot write to {path}: {error.strerror}{where}; {hint}") from None
 
 
 def _probe(directory: Path) -> None:

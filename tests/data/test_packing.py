@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import small_corpus_texts
-from upcycle.data.packing import pack, text_pieces, token_ids, tokenize
+from upcycle.data.packing import BATCH_CHARS, PIECE_CHARS, pack, text_pieces, token_ids, tokenize
 
 
 def _one_line(chars: int) -> str:
@@ -39,18 +39,21 @@ def test_piecewise_ids_equal_whole_text_ids(tiny_tokenizer, monkeypatch):
         assert ids.tolist() == whole
 
 
-def test_tokenize_never_hands_the_tokenizer_more_than_a_piece(tiny_tokenizer):
-    seen = []
+def test_tokenize_hands_the_tokenizer_bounded_pieces(tiny_tokenizer):
+    calls = []
 
-    def spy(text, **kwargs):
-        seen.append(len(text))
-        return tiny_tokenizer(text, **kwargs)
+    def spy(texts, **kwargs):
+        calls.append([len(t) for t in ([texts] if isinstance(texts, str) else texts)])
+        return tiny_tokenizer(texts, **kwargs)
 
     spy.eos_token_id = tiny_tokenizer.eos_token_id
-    text = _one_line(300_000)
-    [ids] = tokenize(spy, [text])
-    assert max(seen) <= 1 << 16 and ids[-1] == tiny_tokenizer.eos_token_id
-    assert ids[:-1].tolist() == tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    texts = [_one_line(700_000), "def f():\n    return 1\n", small_corpus_texts()[0]]
+    ids = tokenize(spy, texts)
+    assert max(max(c) for c in calls) <= PIECE_CHARS and max(sum(c) for c in calls) < BATCH_CHARS + PIECE_CHARS
+    assert len(calls) > 2  # the long text took several calls
+    for text, seq in zip(texts, ids):
+        assert seq[-1] == tiny_tokenizer.eos_token_id
+        assert seq[:-1].tolist() == tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_max_tokens_equals_slicing_and_stops_early(tiny_tokenizer):

@@ -223,6 +223,17 @@ def disk_fills_saving_an_expert(ctx: Ctx) -> None:
     disk_full_in("upcycle.training.lora.write_json", "train.json")(ctx)
 
 
+def disk_fills_saving_safetensors(ctx: Ctx) -> None:
+    """safetensors reports a full disk as its own error type, with the OS error inside the message."""
+    from safetensors import SafetensorError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    delete("experts/expert-00001")(ctx)
+    ctx.monkeypatch.setattr("peft.peft_model.safe_save_file", full)
+
+
 def expert_config_kept(ctx: Ctx) -> None:
     assert json.loads((ctx.run / "run.json").read_text())["experts"]["config"]["tokens_per_expert"] == 512
 
@@ -307,6 +318,8 @@ CASES = [
     Case("train-rerun-same", TRAIN, code=0, prepare=snapshot, check=expert_config_kept),
     Case("train-disk-full-saving-expert", TRAIN, needle="No space left on device",
          prepare=disk_fills_saving_an_expert, check=no_temporaries),
+    Case("train-disk-full-in-safetensors", TRAIN, needle="No space left on device; free some disk space",
+         prepare=disk_fills_saving_safetensors, check=no_temporaries),
     # evaluate, generate, report, ablate
     Case("evaluate-before-training", ("evaluate", "{run}"), needle="experts missing", start="clustered"),
     Case("evaluate-read-only", ("evaluate", "{run}"), needle="cannot write", prepare=read_only, check=untouched),

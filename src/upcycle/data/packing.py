@@ -13,6 +13,7 @@ IGNORE_INDEX = -100  # label value that Hugging Face losses skip
 # returns: one 21 MB single-line document took train-experts from 0.5 to 3.6 GB. Texts are therefore tokenized in
 # pieces of at most this many characters (about 16k tokens of code), and ids are kept as int32 arrays, not lists.
 PIECE_CHARS = 1 << 16
+BATCH_CHARS = 1 << 18  # characters per tokenizer call (several pieces or short documents)
 
 
 def text_pieces(text: str, size: int = PIECE_CHARS) -> Iterator[str]:
@@ -59,12 +60,38 @@ def tokenize(tokenizer, texts: Sequence[str], add_eos: bool = True,
 
     With `max_tokens`, each text keeps its first `max_tokens` ids, EOS included, as slicing the full ids would.
     """
-    eos = [tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else []
-    out = []
-    for text in texts:
-        ids = np.concatenate([token_ids(tokenizer, text, max_tokens), np.asarray(eos, dtype=np.int32)])
-        out.append(ids if max_tokens is None else ids[:max_tokens])
-    return out
+    if max_tokens is None:
+        ids = _batched_token_ids(tokenizer, texts)
+    else:  # only a prefix is needed: piece by piece, stopping early
+        ids = [token_ids(tokenizer, text, max_tokens) for text in texts]
+    eos = np.asarray([tokenizer.eos_token_id] if add_eos and tokenizer.eos_token_id is not None else [],
+                     dtype=np.int32)
+    return [np.concatenate([seq, eos])[:max_tokens] for seq in ids]
+
+
+def _batched_token_ids(tokenizer, texts: Sequence[str]) -> list[np.ndarray]:
+    """int32 ids of every text: the pieces of all texts go to the tokenizer in calls of about BATCH_CHARS
+    characters, so that a fast tokenizer still works on many short documents in parallel within one call."""
+    parts: list[list[np.ndarray]] = [[] for _ in texts]
+    batch: list[tuple[int, str]] = []
+
+    def flush() -> None:
+        if batch:
+            encoded = tokenizer([piece for _, piece in batch], add_special_tokens=False)["input_ids"]
+            for (index, _), seq in zip(batch, encoded):
+                parts[index].append(np.asarray(seq, dtype=np.int32))
+            batch.clear()
+
+    size = 0
+    for index, text in enumerate(texts):
+        for piece in text_pieces(text):
+            batch.append((index, piece))
+            size += len(piece)
+            if size >= BATCH_CHARS:
+                flush()
+                size = 0
+    flush()
+    return [np.concatenate(p) if p else np.zeros(0, dtype=np.int32) for p in parts]
 
 
 def pack(token_lists: Sequence[Sequence[int]], block_size: int, pad_id: int = 0,
