@@ -85,6 +85,11 @@ def _read_text_file(path: Path) -> str | None:
         raw = path.read_bytes()
     except OSError:
         return None
+    return decode_text(raw)
+
+
+def decode_text(raw: bytes) -> str | None:
+    """`raw` as UTF-8 text, or None when it looks binary (a NUL in its first 8 KiB) or is not UTF-8."""
     if b"\x00" in raw[:8192]:
         return None
     try:

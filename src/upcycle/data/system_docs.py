@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
+from upcycle.data.corpus import decode_text
 from upcycle.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -329,12 +330,7 @@ def _read_doc(path: Path) -> str | None:
         raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
     except (OSError, EOFError):
         return None
-    if b"\x00" in raw[:8192]:
-        return None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
+    return decode_text(raw)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------------
