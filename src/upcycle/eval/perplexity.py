@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -31,3 +33,34 @@ def perplexity(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: in
     """exp(mean token NLL) over blocks [N, L]."""
     total, count = token_nll(model, inputs, labels, batch_size)
     return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def document_nll(model, documents: Sequence[Sequence[int]], pad_id: int, block_size: int = 256,
+                 batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL sum, predicted tokens) of each document, every document cut into blocks of its own.
+
+    The same numbers as `token_nll` on `pack([doc], block_size)` one document at a time, but blocks of different
+    documents share a forward: they are sorted by length and right-padded only to the longest block of their batch.
+    Right padding cannot change a real token's logits in a causal LM whose tokens interact only through attention,
+    so this is not for capacity-routed MoE layers (pad tokens would take expert capacity).
+    """
+    device = next(model.parameters()).device
+    blocks = [(doc, seq[start:start + block_size]) for doc, seq in enumerate(documents)
+              for start in range(0, len(seq), block_size)]
+    blocks = sorted((b for b in blocks if len(b[1]) > 1), key=lambda b: len(b[1]))  # one token predicts nothing
+    nll, count = np.zeros(len(documents)), np.zeros(len(documents), dtype=np.int64)
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start:start + batch_size]
+        width = len(batch[-1][1])
+        inputs = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
+        for row, (_, seq) in enumerate(batch):
+            inputs[row, :len(seq)] = labels[row, :len(seq)] = torch.as_tensor(seq, dtype=torch.long)
+        logits = model(input_ids=inputs.to(device)).logits[:, :-1].float()
+        target = labels[:, 1:].to(device)
+        per_token = F.cross_entropy(logits.transpose(1, 2), target, ignore_index=IGNORE_INDEX, reduction="none")
+        rows = np.array([doc for doc, _ in batch])
+        np.add.at(nll, rows, per_token.sum(1).double().cpu().numpy())
+        np.add.at(count, rows, (target != IGNORE_INDEX).sum(1).cpu().numpy())
+    return nll, count

@@ -24,7 +24,7 @@ import torch
 from upcycle.data.packing import token_ids, tokenize
 from upcycle.data.splits import SPLITS
 from upcycle.errors import UserError
-from upcycle.eval.perplexity import token_nll
+from upcycle.eval.perplexity import document_nll
 from upcycle.introvert.baselines import BASELINES, BaselineConfig, load_baseline, train_baselines
 from upcycle.introvert.data import load_run_data
 from upcycle.introvert.experts import ExpertConfig
@@ -53,6 +53,8 @@ class EvalConfig:
     """Tokens scored per document (its beginning), so long files do not dominate and evaluation stays fast."""
     baselines: bool = True
     """Train (if needed) and score the lora-all, lora-wide and full baselines."""
+    batch_size: int = 16
+    """Document blocks scored per forward (lower it if the logits of a large vocabulary do not fit in memory)."""
     best_expert_max_k: int = 32
     """Score every expert on every document (the 'best' upper bound) only up to this many clusters."""
     bootstrap: int = 1000
@@ -66,7 +68,7 @@ class EvalConfig:
         # Refused while parsing, before anything is loaded: later they fail mid-way or score nothing.
         if self.split not in SPLITS:
             raise UserError(f"--eval.split {self.split}: choose one of {', '.join(SPLITS)}")
-        for name in ("route_chars", "max_tokens_per_doc", "bootstrap"):
+        for name in ("route_chars", "max_tokens_per_doc", "batch_size", "bootstrap"):
             if getattr(self, name) < 1:
                 raise UserError(f"--eval.{name} must be >= 1, got {getattr(self, name)}")
         if self.best_expert_max_k < 0:
@@ -87,12 +89,6 @@ def summarise(nll: np.ndarray, count: np.ndarray, clusters: np.ndarray, k: int, 
             "per_cluster": {str(c): _ppl(nll[clusters == c], count[clusters == c]) if (clusters == c).any() else None
                             for c in range(k)},
             "tokens": int(count.sum())}
-
-
-def _score_model(model, ids: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """(NLL sum, predicted tokens) of each document under one model."""
-    pairs = [token_nll(model, *_pack_one(seq, pad_id)) for seq in ids]
-    return np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
 
 
 def paired_delta(nll: dict[str, np.ndarray], count: np.ndarray, method: str, reference: str, bootstrap: int,
@@ -175,7 +171,8 @@ def _evaluate(run: Run, config: EvalConfig, progress) -> dict:
         baselines_meta = train_baselines(run, expert_config, total_tokens, config.baseline, base_model, tok, progress)
         for name in BASELINES:
             if name in baselines_meta:
-                nll[name], _ = _score_model(load_baseline(run, name, base_model), ids, tok.pad_token_id)
+                nll[name], _ = document_nll(load_baseline(run, name, base_model), ids, tok.pad_token_id,
+                                            batch_size=config.batch_size)
 
     experts = IntrovertExperts(run, base_model, tok, load_sequence_router(run), max_loaded=k + 1)
     t0 = time.perf_counter()
@@ -190,18 +187,18 @@ def _evaluate(run: Run, config: EvalConfig, progress) -> dict:
         for c in ({int(own[i]), int(routed[i]), int(random_choice[i])} if k > config.best_expert_max_k
                   else range(k)):
             needed[c].add(i)
+    with experts.using(None) as model:
+        nll["base"], counts = document_nll(model, ids, tok.pad_token_id, batch_size=config.batch_size)
     expert_nll = np.full((k, len(docs)), np.nan)
-    counts = np.zeros(len(docs))
     for c in range(k):
         with experts.using(expert_id(c)) as model:
-            for i in sorted(needed[c]):
-                expert_nll[c, i], counts[i] = token_nll(model, *_pack_one(ids[i], tok.pad_token_id))
+            chosen = sorted(needed[c])
+            expert_nll[c, chosen], _ = document_nll(model, [ids[i] for i in chosen], tok.pad_token_id,
+                                                    batch_size=config.batch_size)
     pick = lambda choice: expert_nll[choice, np.arange(len(docs))]  # noqa: E731
     nll |= {"routed": pick(routed), "oracle": pick(own), "random": pick(random_choice)}
     if k <= config.best_expert_max_k:
         nll["best"] = np.nanmin(expert_nll / np.maximum(counts, 1), axis=0) * counts
-    with experts.using(None) as model:
-        nll["base"], _ = _score_model(model, ids, tok.pad_token_id)
 
     methods = {name: summarise(values, counts, own, k, config.bootstrap, config.seed) for name, values in nll.items()}
     expert_train = [read_json(run.expert_dir(e) / "train.json") for e in expert_ids]
@@ -229,13 +226,6 @@ def _evaluate(run: Run, config: EvalConfig, progress) -> dict:
     }
     write_json(run.eval_dir / "results.json", results)
     return results
-
-
-def _pack_one(seq: list[int], pad_id: int, block_size: int = 256):
-    """One document as its own blocks, so no block mixes two documents (each is routed on its own)."""
-    from upcycle.data.packing import pack
-
-    return pack([seq], block_size, pad_id)
 
 
 def _expert_config_dict(meta: dict) -> dict:

@@ -139,16 +139,17 @@ class IntrovertExperts:
     def token_nll(self, texts: list[str], experts: list[str | None], block_size: int = 256,
                   max_tokens: int | None = None) -> list[tuple[float, int]]:
         """(sum of next-token NLL, predicted tokens) per text, each text run with its own expert."""
-        from upcycle.data.packing import pack, tokenize
-        from upcycle.eval.perplexity import token_nll
+        from upcycle.data.packing import tokenize
+        from upcycle.eval.perplexity import document_nll
 
         ids = tokenize(self.tokenizer, texts, max_tokens=max_tokens)
         out: list[tuple[float, int]] = [(0.0, 0)] * len(texts)
-        order = sorted(range(len(texts)), key=lambda i: str(experts[i]))  # group by expert: one swap per group
-        for i in order:
-            with self.using(experts[i]) as model:
-                blocks = pack([ids[i]], block_size, self.tokenizer.pad_token_id)
-                out[i] = token_nll(model, *blocks)
+        for expert in sorted(set(experts), key=str):  # one adapter swap per expert, its texts batched
+            group = [i for i in range(len(texts)) if experts[i] == expert]
+            with self.using(expert) as model:
+                nll, count = document_nll(model, [ids[i] for i in group], self.tokenizer.pad_token_id, block_size)
+            for i, total, n in zip(group, nll, count):
+                out[i] = (float(total), int(n))
         return out
 
     def perplexity(self, texts: list[str], expert: str | None = AUTO, block_size: int = 256) -> list[float]:
