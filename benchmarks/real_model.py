@@ -63,7 +63,7 @@ def main() -> None:
     from peft import get_peft_model
 
     from upcycle.models.base import load_base
-    from upcycle.training.lora import LoraSettings
+    from upcycle.training.config import LoraSettings
 
     load_start = time.perf_counter()
     model, tokenizer = load_base(args.base, device="cpu")

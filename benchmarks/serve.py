@@ -38,8 +38,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from upcycle.serving.cache import CacheConfig, CacheStats  # noqa: E402
-from upcycle.serving.engine import Engine, EngineConfig, EngineStats  # noqa: E402
+from upcycle.serving.cache import CacheStats  # noqa: E402
+from upcycle.serving.config import CacheConfig, EngineConfig
+from upcycle.serving.engine import Engine, EngineStats  # noqa: E402
 from upcycle.serving.errors import ServingError  # noqa: E402
 from upcycle.serving.sampling import SamplingParams  # noqa: E402
 

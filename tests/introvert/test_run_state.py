@@ -26,7 +26,7 @@ from tests.run_helpers import (
 )
 from upcycle.cli import main
 from upcycle.errors import UserError
-from upcycle.introvert.experts import ExpertConfig
+from upcycle.introvert.config import ExpertConfig
 
 
 @pytest.mark.parametrize(("field", "value"), [("tokens_per_expert", 0), ("tokens_per_expert", -5), ("batch_size", 0),

@@ -7,9 +7,11 @@ import torch
 from torch import nn
 
 from upcycle.errors import UserError
+from upcycle.masks.config import LagrangianConfig
 from upcycle.masks.hard_concrete import HardConcreteGate
-from upcycle.masks.lagrangian import Lagrangian, LagrangianConfig
-from upcycle.training.loop import TrainConfig, train
+from upcycle.masks.lagrangian import Lagrangian
+from upcycle.training.config import TrainConfig
+from upcycle.training.loop import train
 
 
 class ToyGates(nn.Module):

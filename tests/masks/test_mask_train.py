@@ -9,9 +9,9 @@ import torch
 from mask_helpers import corpus_dir, tiny_decoder
 
 from upcycle.errors import UserError
-from upcycle.masks.config import MaskConfig
-from upcycle.masks.train import MaskTrainConfig, train_masks
-from upcycle.training.loop import TrainConfig
+from upcycle.masks.config import MaskConfig, MaskTrainConfig
+from upcycle.masks.train import train_masks
+from upcycle.training.config import TrainConfig
 
 
 def tiny_config(steps: int, **overrides) -> MaskTrainConfig:

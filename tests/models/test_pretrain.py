@@ -4,8 +4,9 @@ import pytest
 
 from tests.conftest import small_corpus_texts
 from upcycle.io import sha256_file
-from upcycle.models.pretrain import PretrainConfig, TinyLlamaShape, pretrain
-from upcycle.training.loop import TrainConfig
+from upcycle.models.config import PretrainConfig, TinyLlamaShape
+from upcycle.models.pretrain import pretrain
+from upcycle.training.config import TrainConfig
 
 
 def test_recipe_runs_a_few_steps_and_saves_a_loadable_hf_model(tmp_path):

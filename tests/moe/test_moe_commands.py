@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from upcycle.data.corpus import stdlib_root
 from upcycle.moe.commands import moe_export_mixtral, moe_inspect, moe_train, moe_upcycle
 from upcycle.moe.train import real_token_mask
-from upcycle.training.loop import TrainConfig
+from upcycle.training.config import TrainConfig
 
 
 def test_real_token_mask_keeps_prompts_and_drops_trailing_padding():

@@ -11,8 +11,9 @@ from tests.conftest import stdlib_code_dir
 from upcycle.data.instructions import MixtureConfig
 from upcycle.data.splits import SplitConfig
 from upcycle.errors import UserError
-from upcycle.moe.experiment import CONDITIONS, ExperimentConfig, mean_ci, run_experiment
-from upcycle.training.loop import TrainConfig
+from upcycle.moe.config import ExperimentConfig
+from upcycle.moe.experiment import CONDITIONS, mean_ci, run_experiment
+from upcycle.training.config import TrainConfig
 
 MODULES = ["json/decoder.py", "textwrap.py", "heapq.py", "fractions.py", "shutil.py", "glob.py", "base64.py"]
 

@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.serving.conftest import KeywordRouter, LiveServer
-from upcycle.serving.engine import Engine, EngineConfig
-from upcycle.serving.server import ServerConfig, admin_check, create_app
+from upcycle.serving.config import EngineConfig, ServerConfig
+from upcycle.serving.engine import Engine
+from upcycle.serving.server import admin_check, create_app
 from upcycle.serving.synthetic import CORRUPTIONS, write_corrupt_adapter, write_synthetic_run
 
 KEY, ADMIN = "inference-key", "admin-key"

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from upcycle.serving.engine import Engine, EngineConfig
-from upcycle.serving.server import ServerConfig, create_app
+from upcycle.serving.config import EngineConfig, ServerConfig
+from upcycle.serving.engine import Engine
+from upcycle.serving.server import create_app
 
 
 def test_load_test_reports_no_errors_on_a_healthy_server(fake_run_dir, one_torch_thread, live_server):

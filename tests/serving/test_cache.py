@@ -11,7 +11,8 @@ import torch
 
 from upcycle.introvert.run import Run
 from upcycle.serving.adapters import WEIGHTS_NAME
-from upcycle.serving.cache import AdapterCache, CacheConfig
+from upcycle.serving.cache import AdapterCache
+from upcycle.serving.config import CacheConfig
 from upcycle.serving.errors import AdapterError, ExpertRemoved, Overloaded, UnknownModel
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from upcycle.serving.adapters import WEIGHTS_NAME
-from upcycle.serving.engine import Delta, Engine, EngineConfig, Failed, Finished
+from upcycle.serving.config import EngineConfig
+from upcycle.serving.engine import Delta, Engine, Failed, Finished
 from upcycle.serving.errors import (
     AdapterError,
     ExpertRemoved,

@@ -14,8 +14,9 @@ pytestmark = [pytest.mark.real,
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, live_server, stub_router):
     from upcycle.models.base import resolve_base
-    from upcycle.serving.engine import Engine, EngineConfig
-    from upcycle.serving.server import ServerConfig, create_app
+    from upcycle.serving.config import EngineConfig, ServerConfig
+    from upcycle.serving.engine import Engine
+    from upcycle.serving.server import create_app
     from upcycle.serving.synthetic import write_synthetic_run
 
     run = tmp_path_factory.mktemp("smollm2-run")

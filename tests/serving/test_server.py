@@ -11,8 +11,9 @@ import openai
 import pytest
 
 from upcycle.serving.adapters import WEIGHTS_NAME
-from upcycle.serving.engine import Engine, EngineConfig
-from upcycle.serving.server import EXPERT_HEADER, ServerConfig, create_app
+from upcycle.serving.config import EngineConfig, ServerConfig
+from upcycle.serving.engine import Engine
+from upcycle.serving.server import EXPERT_HEADER, create_app
 
 KEY = "test-key"
 

@@ -52,7 +52,7 @@ def tiny_moe(seed: int = 0):
 
 
 def train_config(steps: int, lr: float):
-    from upcycle.training.loop import TrainConfig
+    from upcycle.training.config import TrainConfig
 
     return TrainConfig(steps=steps, batch_size=4, lr=lr, warmup_steps=1, min_lr_ratio=1.0, seed=3)
 
@@ -83,7 +83,8 @@ def record_run(build, loss_fn, lr: float) -> dict:
 
 
 def run(out: Path, rank: int) -> None:
-    from upcycle.masks.train import MaskTrainConfig, train_masks
+    from upcycle.masks.config import MaskTrainConfig
+    from upcycle.masks.train import train_masks
     from upcycle.moe.train import moe_loss_fn
     from upcycle.training.loop import causal_lm_loss
 

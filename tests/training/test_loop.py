@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from upcycle.errors import UserError
-from upcycle.training.loop import TrainConfig, lr_at, train
+from upcycle.training.config import TrainConfig
+from upcycle.training.loop import lr_at, train
 
 
 def _blocks(tokenizer, n=24, length=32):

@@ -11,9 +11,10 @@ from dataclasses import replace
 
 import numpy as np
 
-from upcycle.introvert.clustering_step import ClusterConfig, refit_clusters
-from upcycle.introvert.evaluate import EvalConfig, evaluate
-from upcycle.introvert.experts import ExpertConfig, train_experts
+from upcycle.introvert.clustering_step import refit_clusters
+from upcycle.introvert.config import ClusterConfig, EvalConfig, ExpertConfig
+from upcycle.introvert.evaluate import evaluate
+from upcycle.introvert.experts import train_experts
 from upcycle.introvert.run import Run
 from upcycle.io import read_json, write_json
 

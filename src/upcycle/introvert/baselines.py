@@ -10,33 +10,21 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
 
 from upcycle.data.packing import pack, tokenize
+from upcycle.introvert.config import BaselineConfig, ExpertConfig
 from upcycle.introvert.data import load_run_data
-from upcycle.introvert.experts import ExpertConfig
 from upcycle.introvert.run import Run
 from upcycle.io import atomic_directory, read_json, write_json
-from upcycle.training.loop import TrainConfig, train
+from upcycle.training.config import TrainConfig
+from upcycle.training.loop import train
 from upcycle.training.lora import AdapterJob, train_lora_adapter
 
 BASELINES = ("lora-all", "lora-wide", "full")
-
-
-@dataclass
-class BaselineConfig:
-    """Settings of the baselines that are not copied from the experts' config."""
-
-    lora_all_lr: float | None = 1e-3
-    """Peak learning rate of the compute-matched single LoRA (None: the experts' lr). Each default below was the
-    best of a validation sweep on the shipped base (docs/tuning.md), so every method gets its own tuned lr."""
-    full_lr: float = 1e-4
-    """Peak learning rate of continued full training."""
-    wide_lr: float = 5e-4
-    """Peak learning rate of the parameter-matched LoRA of rank K x r."""
 
 
 def baseline_dir(run: Run, name: str) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,35 +18,13 @@ import numpy as np
 from upcycle.data import SplitConfig, load_documents, split_documents
 from upcycle.data.splits import SPLITS
 from upcycle.errors import UserError
+from upcycle.introvert.config import ClusterConfig
 from upcycle.introvert.data import DOCUMENT_CLUSTERS
 from upcycle.introvert.run import Run
 from upcycle.io import atomic_directory, check_writable, ensure_writable_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
 EMBEDDINGS = "embeddings"  # clusters/embeddings/{train,validation,test}.npy
-
-
-@dataclass
-class ClusterConfig:
-    """How documents are embedded and clustered."""
-
-    clusters: int = 8
-    """Number of clusters K (one expert each)."""
-    embedder: str = "minilm"
-    """Document embedding: 'minilm' (all-MiniLM-L6-v2), 'tfidf' (tf-idf + SVD, as c-BTM) or 'hidden' (the base's
-    mean-pooled hidden states)."""
-    metric: str = "cosine"
-    """Distance for k-means and routing: 'cosine' or 'l2'."""
-    balanced: bool = False
-    """Cap every cluster at ceil(N / K) documents (balanced assignment, as c-BTM)."""
-    seed: int = 0
-    """k-means seed."""
-
-    def __post_init__(self) -> None:
-        if self.clusters < 1:
-            raise UserError(f"--clusters must be >= 1, got {self.clusters}")
-        if self.metric not in ("cosine", "l2"):
-            raise UserError(f"--metric {self.metric}: choose cosine or l2")
 
 
 def cluster_corpus(out: str | Path, data: str, base: str, config: ClusterConfig, splits: SplitConfig,

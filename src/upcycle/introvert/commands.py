@@ -7,9 +7,7 @@ import sys
 import time
 
 from upcycle.data.splits import SplitConfig
-from upcycle.introvert.clustering_step import ClusterConfig
-from upcycle.introvert.evaluate import EvalConfig
-from upcycle.introvert.experts import ExpertConfig
+from upcycle.introvert.config import ClusterConfig, EvalConfig, ExpertConfig
 
 log = logging.getLogger(__name__)
 

@@ -16,18 +16,17 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import torch
 
 from upcycle.data.packing import token_ids, tokenize
-from upcycle.data.splits import SPLITS
 from upcycle.errors import UserError
 from upcycle.eval.perplexity import document_nll
-from upcycle.introvert.baselines import BASELINES, BaselineConfig, load_baseline, train_baselines
+from upcycle.introvert.baselines import BASELINES, load_baseline, train_baselines
+from upcycle.introvert.config import EvalConfig, ExpertConfig
 from upcycle.introvert.data import load_run_data
-from upcycle.introvert.experts import ExpertConfig
 from upcycle.introvert.model import IntrovertExperts
 from upcycle.introvert.routing import load_sequence_router
 from upcycle.introvert.run import Run, cluster_of, expert_id
@@ -39,40 +38,6 @@ RESULTS_SCHEMA = 1
 # (method, reference) pairs reported with paired bootstrap intervals
 PAIRED_COMPARISONS = [("routed", "base"), ("routed", "lora-all"), ("routed", "lora-wide"), ("routed", "full"),
                       ("routed", "random"), ("full", "base"), ("lora-all", "base")]
-
-
-@dataclass
-class EvalConfig:
-    """What `upcycle evaluate` measures."""
-
-    split: str = "test"
-    """Split scored for the headline numbers ('validation' when choosing settings)."""
-    route_chars: int = 1000
-    """Characters of each document's beginning that the router sees (the 'prompt')."""
-    max_tokens_per_doc: int = 1024
-    """Tokens scored per document (its beginning), so long files do not dominate and evaluation stays fast."""
-    baselines: bool = True
-    """Train (if needed) and score the lora-all, lora-wide and full baselines."""
-    batch_size: int = 16
-    """Document blocks scored per forward (lower it if the logits of a large vocabulary do not fit in memory)."""
-    best_expert_max_k: int = 32
-    """Score every expert on every document (the 'best' upper bound) only up to this many clusters."""
-    bootstrap: int = 1000
-    """Bootstrap resamples of documents for the 95% confidence intervals."""
-    seed: int = 0
-    """Seed for random routing and the bootstrap."""
-    baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    """Baseline settings."""
-
-    def __post_init__(self) -> None:
-        # Refused while parsing, before anything is loaded: later they fail mid-way or score nothing.
-        if self.split not in SPLITS:
-            raise UserError(f"--eval.split {self.split}: choose one of {', '.join(SPLITS)}")
-        for name in ("route_chars", "max_tokens_per_doc", "batch_size", "bootstrap"):
-            if getattr(self, name) < 1:
-                raise UserError(f"--eval.{name} must be >= 1, got {getattr(self, name)}")
-        if self.best_expert_max_k < 0:
-            raise UserError(f"--eval.best_expert_max_k must be >= 0, got {self.best_expert_max_k}")
 
 
 def _ppl(nll: np.ndarray, count: np.ndarray) -> float:
@@ -229,7 +194,7 @@ def _evaluate(run: Run, config: EvalConfig, progress) -> dict:
 
 
 def _expert_config_dict(meta: dict) -> dict:
-    from upcycle.training.lora import LoraSettings
+    from upcycle.training.config import LoraSettings
 
     raw = dict(meta.get("experts", {}).get("config", {}))
     if "lora" in raw:

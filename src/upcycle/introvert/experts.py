@@ -8,57 +8,18 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from functools import lru_cache
 
 from upcycle.errors import UserError
+from upcycle.introvert.config import ExpertConfig
 from upcycle.introvert.data import load_run_data
 from upcycle.introvert.run import Run, expert_id
 from upcycle.io import ensure_writable_dir, read_json
 from upcycle.training.executors import check_executor, run_jobs
-from upcycle.training.loop import TrainConfig
-from upcycle.training.lora import AdapterJob, LoraSettings, train_lora_adapter
+from upcycle.training.lora import AdapterJob, train_lora_adapter
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class ExpertConfig:
-    """How each expert is trained. Defaults were chosen on validation data for the shipped tiny base."""
-
-    lora: LoraSettings = field(default_factory=LoraSettings)
-    """Adapter shape (rank, alpha, target modules)."""
-    tokens_per_expert: int = 98_304
-    """Training tokens per expert (a cluster smaller than this is seen several times)."""
-    batch_size: int = 8
-    """Blocks per optimizer step."""
-    block_size: int = 256
-    """Tokens per block."""
-    lr: float = 2e-3
-    """Peak learning rate (validation sweep on the shipped base, docs/tuning.md: 2e-3 beat 1e-3, 5e-3 and 1e-2)."""
-    warmup_steps: int = 5
-    """Linear warm-up steps."""
-    seed: int = 0
-    """Seed for block sampling; expert i uses seed + i."""
-
-    def __post_init__(self) -> None:
-        # Refused here, while the command line is parsed: later they divide by zero or silently train one step.
-        if self.tokens_per_expert < 1:
-            raise UserError(f"--expert.tokens_per_expert must be >= 1, got {self.tokens_per_expert}")
-        if self.batch_size < 1:
-            raise UserError(f"--expert.batch_size must be >= 1, got {self.batch_size}")
-        if self.block_size < 2:  # a block of one token has nothing to predict
-            raise UserError(f"--expert.block_size must be >= 2, got {self.block_size}")
-        if not self.lr > 0:
-            raise UserError(f"--expert.lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise UserError(f"--expert.warmup_steps must be >= 0, got {self.warmup_steps}")
-
-    def train_config(self, cluster: int) -> TrainConfig:
-        steps = max(1, math.ceil(self.tokens_per_expert / (self.batch_size * self.block_size)))
-        return TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr,
-                           warmup_steps=min(self.warmup_steps, steps - 1) or 1, seed=self.seed + cluster)
 
 
 @lru_cache(maxsize=1)

@@ -9,9 +9,9 @@ from upcycle.data.splits import SplitConfig
 
 def _config(target: float, experts: int, top_k: int, routing: str, steps: int, batch_size: int, lr: float,
             block_size: int, warmup_fraction: float, lambda_lr: float, seed: int, init: str, train_routers: bool):
-    from upcycle.masks.config import MaskConfig
-    from upcycle.masks.train import MaskTrainConfig, _default_train
-    from upcycle.training.loop import TrainConfig
+    from upcycle.masks.config import MaskConfig, MaskTrainConfig
+    from upcycle.masks.train import _default_train
+    from upcycle.training.config import TrainConfig
 
     defaults = _default_train()
     train = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=min(defaults.warmup_steps, steps),
@@ -134,7 +134,8 @@ def sweep(base: str = "default", targets: list[float] = [0.25, 0.5, 0.75], exper
         latency_threads: torch threads while timing (1 is the steadiest on a small shared machine).
         splits: Held-out fractions.
     """
-    from upcycle.masks.sweep import BaselineSettings, sweep_runs
+    from upcycle.masks.config import BaselineSettings
+    from upcycle.masks.sweep import sweep_runs
 
     # built for every target first: validates them all before the first run starts
     configs = [_config(t, experts, top_k, routing, steps, batch_size, lr, block_size, warmup_fraction, lambda_lr,

@@ -1,10 +1,12 @@
-"""How a dense FFN is turned into mask experts: a typed config, importable without torch."""
+"""Typed settings of the mask experts (MoM), importable without torch: how a dense FFN is turned into mask experts,
+how they train (the Lagrangian steering the active ratio), and the baselines of a sweep."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from upcycle.errors import UserError
+from upcycle.training.config import TrainConfig
 
 ROUTINGS = ("topk", "soft")
 INITS = ("clusters", "open")
@@ -52,3 +54,95 @@ class MaskConfig:
             raise UserError(f"--rank_spread must be >= 0, got {self.rank_spread}")
         if self.init_noise < 0:
             raise UserError(f"--init_noise must be >= 0, got {self.init_noise}")
+
+
+@dataclass
+class LagrangianConfig:
+    """Target and multiplier settings."""
+
+    target: float = 0.5
+    """Final expected active ratio t of the FFN neurons, in (0, 1]."""
+    warmup_steps: int = 100
+    """Steps over which t ramps linearly from 1 to `target` (0: the full target from the start)."""
+    lr: float = 0.05
+    """Step size of the multipliers' gradient ascent."""
+    initial_lambda2: float = 100.0
+    """λ2 at step 0: the strength of the quadratic restoring force that damps the approach to the target."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.target <= 1.0:
+            raise UserError(f"--target is an active ratio and must be in (0, 1], got {self.target}")
+        if self.warmup_steps < 0:
+            raise UserError(f"the target warm-up must be >= 0 steps, got {self.warmup_steps}")
+        if not self.lr > 0:
+            raise UserError(f"the Lagrange multipliers' learning rate must be > 0, got {self.lr}")
+        if self.initial_lambda2 < 0:
+            raise UserError(f"the initial λ2 must be >= 0, got {self.initial_lambda2}")
+
+
+def _default_train() -> TrainConfig:
+    # Masks move log α by ~lr per step under Adam: 0.1 lets a gate cross from open (3) to closed (< −2.4) in ~50
+    # steps. A constant rate after warm-up keeps the Lagrangian's response the same late in training. Steps, lr and
+    # the target warm-up were chosen on the validation split of the tiny base (docs/masks.md): slower rates leave
+    # gates half-open (the test-time gate then scales neurons down instead of switching them off).
+    return TrainConfig(steps=2400, batch_size=8, lr=0.1, warmup_steps=10, min_lr_ratio=1.0, eval_blocks=64)
+
+
+@dataclass
+class MaskTrainConfig:
+    """Everything mask training needs besides the base model and the data."""
+
+    target: float = 0.5
+    """Target active ratio: the fraction of FFN neurons a token uses, in (0, 1]."""
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    """Experts per layer, routing and gate initialisation."""
+    warmup_fraction: float = 0.3
+    """Fraction of the steps over which the target ramps linearly from 1 (all open) to `target`."""
+    lambda_lr: float = 0.05
+    """Step size of the Lagrange multipliers' gradient ascent."""
+    initial_lambda2: float = 100.0
+    """λ2 at step 0: the quadratic penalty that damps the approach to the target (see upcycle.masks.lagrangian)."""
+    block_size: int = 128
+    """Tokens per training block."""
+    train_routers: bool = False
+    """Train the routers along with the gates (at `train.lr`). Off by default: the 'clusters' init already routes each
+    token to its nearest centroid, and training the routers at the gates' rate scrambled that split (validation
+    perplexity +40 % vs +19 % over dense with them fixed, E = 8; docs/masks.md). The 'open' init needs it on."""
+    cluster_tokens: int = 32768
+    """Training tokens whose FFN inputs the 'clusters' init clusters."""
+    train: TrainConfig = field(default_factory=_default_train)
+    """Optimisation settings of the shared loop; `train.lr` is the masks' and routers' learning rate."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.warmup_fraction <= 1.0:
+            raise UserError(f"--warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+        if self.block_size < 2:
+            raise UserError(f"--block_size must be >= 2 tokens, got {self.block_size}")
+        if self.masks.init == "open" and not self.train_routers:
+            raise UserError("--masks.init open starts from random routers; train them too (--train_routers true)")
+        if self.cluster_tokens < 1:
+            raise UserError(f"--cluster_tokens must be >= 1, got {self.cluster_tokens}")
+        self.lagrangian()  # validates target, lambda_lr and initial_lambda2
+
+    def lagrangian(self) -> LagrangianConfig:
+        """The controller's settings, with the warm-up in steps."""
+        return LagrangianConfig(target=self.target, warmup_steps=round(self.warmup_fraction * self.train.steps),
+                                lr=self.lambda_lr, initial_lambda2=self.initial_lambda2)
+
+
+@dataclass
+class BaselineSettings:
+    """Settings of the baselines that the mask run's config does not fix."""
+
+    moefication_experts: int = 8
+    """Neuron clusters per FFN for MoEfication; a token uses round(target · experts) of them."""
+    pruning_lr: float = 1e-3
+    """Learning rate of the pruned FFNs' fine-tuning (same steps, batch and blocks as the mask run)."""
+    calibration_tokens: int = 8192
+    """Training tokens TEAL's thresholds are calibrated on."""
+
+    def __post_init__(self) -> None:
+        if self.moefication_experts < 1:
+            raise UserError(f"--moefication_experts must be >= 1, got {self.moefication_experts}")
+        if not self.pruning_lr > 0:
+            raise UserError(f"--pruning_lr must be > 0, got {self.pruning_lr}")

@@ -18,35 +18,11 @@ first step. On the toy problem in the tests, λ2 = 0 undershoots a 0.5 target to
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import torch
 
-from upcycle.errors import UserError
-
-
-@dataclass
-class LagrangianConfig:
-    """Target and multiplier settings."""
-
-    target: float = 0.5
-    """Final expected active ratio t of the FFN neurons, in (0, 1]."""
-    warmup_steps: int = 100
-    """Steps over which t ramps linearly from 1 to `target` (0: the full target from the start)."""
-    lr: float = 0.05
-    """Step size of the multipliers' gradient ascent."""
-    initial_lambda2: float = 100.0
-    """λ2 at step 0: the strength of the quadratic restoring force that damps the approach to the target."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.target <= 1.0:
-            raise UserError(f"--target is an active ratio and must be in (0, 1], got {self.target}")
-        if self.warmup_steps < 0:
-            raise UserError(f"the target warm-up must be >= 0 steps, got {self.warmup_steps}")
-        if not self.lr > 0:
-            raise UserError(f"the Lagrange multipliers' learning rate must be > 0, got {self.lr}")
-        if self.initial_lambda2 < 0:
-            raise UserError(f"the initial λ2 must be >= 0, got {self.initial_lambda2}")
+from upcycle.masks.config import LagrangianConfig
 
 
 class Lagrangian:

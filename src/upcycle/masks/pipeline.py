@@ -19,6 +19,7 @@ from upcycle.io import atomic_write_text, ensure_writable_dir, write_json
 from upcycle.masks.analysis import MaskAnalysis, analysis_table, analyze_masks, plot_experts
 from upcycle.masks.calibrate import calibrate_gates
 from upcycle.masks.compact import compact_model, packed_rows
+from upcycle.masks.config import MaskTrainConfig
 from upcycle.masks.data import mask_blocks
 from upcycle.masks.export import save_compact
 from upcycle.masks.run import (
@@ -34,7 +35,7 @@ from upcycle.masks.run import (
     write_meta,
 )
 from upcycle.masks.surgery import find_ffns, masked_ffns
-from upcycle.masks.train import MaskTrainConfig, train_masks
+from upcycle.masks.train import train_masks
 from upcycle.ops.flops import DecoderShape, decoder_flops
 from upcycle.training.loop import is_main_process
 

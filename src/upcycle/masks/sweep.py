@@ -36,37 +36,19 @@ from upcycle.data.packing import IGNORE_INDEX
 from upcycle.errors import UserError
 from upcycle.io import atomic_write_text, ensure_writable_dir, write_json
 from upcycle.masks.compact import CompactFFN
+from upcycle.masks.config import BaselineSettings, MaskTrainConfig
 from upcycle.masks.data import mask_blocks
 from upcycle.masks.pipeline import held_out_perplexities, train_run
 from upcycle.masks.run import COMPACT
 from upcycle.masks.surgery import find_ffns, is_swiglu_ffn
-from upcycle.masks.train import MaskTrainConfig
 from upcycle.ops.flops import DecoderShape, decoder_flops
-from upcycle.training.loop import TrainConfig
+from upcycle.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 METHODS = ("masks", "moefication", "pruning", "teal")
 LABELS = {"dense": "dense", "masks": "mask experts (MoM)", "moefication": "MoEfication",
           "pruning": "magnitude pruning + fine-tune", "teal": "TEAL thresholds"}
-
-
-@dataclass
-class BaselineSettings:
-    """Settings of the baselines that the mask run's config does not fix."""
-
-    moefication_experts: int = 8
-    """Neuron clusters per FFN for MoEfication; a token uses round(target · experts) of them."""
-    pruning_lr: float = 1e-3
-    """Learning rate of the pruned FFNs' fine-tuning (same steps, batch and blocks as the mask run)."""
-    calibration_tokens: int = 8192
-    """Training tokens TEAL's thresholds are calibrated on."""
-
-    def __post_init__(self) -> None:
-        if self.moefication_experts < 1:
-            raise UserError(f"--moefication_experts must be >= 1, got {self.moefication_experts}")
-        if not self.pruning_lr > 0:
-            raise UserError(f"--pruning_lr must be > 0, got {self.pruning_lr}")
 
 
 @dataclass

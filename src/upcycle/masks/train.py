@@ -9,20 +9,18 @@ else stay frozen.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from upcycle.errors import UserError
 from upcycle.io import read_json, write_json
 from upcycle.masks.active import collect_expected_active
 from upcycle.masks.cluster_init import apply_cluster_starts, cluster_starts
-from upcycle.masks.config import MaskConfig
-from upcycle.masks.lagrangian import Lagrangian, LagrangianConfig
+from upcycle.masks.config import MaskTrainConfig
+from upcycle.masks.lagrangian import Lagrangian
 from upcycle.masks.surgery import add_masks, mask_parameters, mask_state_dict, masked_ffns
-from upcycle.training.loop import TrainConfig, TrainResult, is_main_process, train
+from upcycle.training.loop import TrainResult, is_main_process, train
 
 log = logging.getLogger(__name__)
 
@@ -30,56 +28,6 @@ LAGRANGIAN_STATE = "lagrangian.json"
 ROUTERS_STATE = "routers.safetensors"
 """Fixed routers of a resumable run: the loop's checkpoint holds only what trains, and a resumed run must route
 exactly as before rather than trust k-means to come out bit-identical a second time."""
-
-
-def _default_train() -> TrainConfig:
-    # Masks move log α by ~lr per step under Adam: 0.1 lets a gate cross from open (3) to closed (< −2.4) in ~50
-    # steps. A constant rate after warm-up keeps the Lagrangian's response the same late in training. Steps, lr and
-    # the target warm-up were chosen on the validation split of the tiny base (docs/masks.md): slower rates leave
-    # gates half-open (the test-time gate then scales neurons down instead of switching them off).
-    return TrainConfig(steps=2400, batch_size=8, lr=0.1, warmup_steps=10, min_lr_ratio=1.0, eval_blocks=64)
-
-
-@dataclass
-class MaskTrainConfig:
-    """Everything mask training needs besides the base model and the data."""
-
-    target: float = 0.5
-    """Target active ratio: the fraction of FFN neurons a token uses, in (0, 1]."""
-    masks: MaskConfig = field(default_factory=MaskConfig)
-    """Experts per layer, routing and gate initialisation."""
-    warmup_fraction: float = 0.3
-    """Fraction of the steps over which the target ramps linearly from 1 (all open) to `target`."""
-    lambda_lr: float = 0.05
-    """Step size of the Lagrange multipliers' gradient ascent."""
-    initial_lambda2: float = 100.0
-    """λ2 at step 0: the quadratic penalty that damps the approach to the target (see upcycle.masks.lagrangian)."""
-    block_size: int = 128
-    """Tokens per training block."""
-    train_routers: bool = False
-    """Train the routers along with the gates (at `train.lr`). Off by default: the 'clusters' init already routes each
-    token to its nearest centroid, and training the routers at the gates' rate scrambled that split (validation
-    perplexity +40 % vs +19 % over dense with them fixed, E = 8; docs/masks.md). The 'open' init needs it on."""
-    cluster_tokens: int = 32768
-    """Training tokens whose FFN inputs the 'clusters' init clusters."""
-    train: TrainConfig = field(default_factory=_default_train)
-    """Optimisation settings of the shared loop; `train.lr` is the masks' and routers' learning rate."""
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.warmup_fraction <= 1.0:
-            raise UserError(f"--warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
-        if self.block_size < 2:
-            raise UserError(f"--block_size must be >= 2 tokens, got {self.block_size}")
-        if self.masks.init == "open" and not self.train_routers:
-            raise UserError("--masks.init open starts from random routers; train them too (--train_routers true)")
-        if self.cluster_tokens < 1:
-            raise UserError(f"--cluster_tokens must be >= 1, got {self.cluster_tokens}")
-        self.lagrangian()  # validates target, lambda_lr and initial_lambda2
-
-    def lagrangian(self) -> LagrangianConfig:
-        """The controller's settings, with the warm-up in steps."""
-        return LagrangianConfig(target=self.target, warmup_steps=round(self.warmup_fraction * self.train.steps),
-                                lr=self.lambda_lr, initial_lambda2=self.initial_lambda2)
 
 
 def prepare_masked_model(model: nn.Module, config: MaskTrainConfig, train_inputs: torch.Tensor | None = None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from upcycle.models.pretrain import PretrainConfig
+from upcycle.models.config import PretrainConfig
 
 
 def pretrain(out: str = "runs/tiny-base", recipe: PretrainConfig = PretrainConfig()) -> None:

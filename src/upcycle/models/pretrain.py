@@ -13,54 +13,19 @@ import math
 import platform
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
-from upcycle.data import SplitConfig, load_documents, split_documents
+from upcycle.data import load_documents, split_documents
 from upcycle.data.packing import pack, tokenize
 from upcycle.errors import UserError
 from upcycle.io import atomic_directory, ensure_writable_dir, sha256_file, write_json
-from upcycle.training.loop import TrainConfig, is_main_process, train
+from upcycle.models.config import PretrainConfig, TinyLlamaShape
+from upcycle.training.loop import is_main_process, train
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TinyLlamaShape:
-    """Architecture of the tiny base (a LlamaConfig subset)."""
-
-    vocab_size: int = 4096
-    """BPE vocabulary size, special tokens included."""
-    hidden_size: int = 128
-    """Model width."""
-    intermediate_size: int = 384
-    """SwiGLU FFN width."""
-    num_hidden_layers: int = 4
-    """Decoder blocks."""
-    num_attention_heads: int = 4
-    """Attention heads (no grouped-query attention at this size)."""
-    max_position_embeddings: int = 1024
-    """Longest sequence the rotary embedding is configured for."""
-
-
-@dataclass
-class PretrainConfig:
-    """Everything `upcycle pretrain` needs; the defaults rebuild the shipped base."""
-
-    data: str = "stdlib"
-    """Corpus spec (see upcycle.data.corpus)."""
-    shape: TinyLlamaShape = field(default_factory=TinyLlamaShape)
-    """Model architecture."""
-    block_size: int = 256
-    """Tokens per training block."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(
-        steps=4000, batch_size=16, lr=3e-3, warmup_steps=100, weight_decay=0.1, eval_every=200, eval_blocks=256,
-        checkpoint_every=200, seed=0))
-    """Optimisation settings."""
-    splits: SplitConfig = field(default_factory=SplitConfig)
-    """Held-out fractions."""
 
 
 def build_model(shape: TinyLlamaShape, tokenizer, seed: int):

@@ -9,9 +9,8 @@ from pathlib import Path
 
 from upcycle.data.instructions import MixtureConfig
 from upcycle.data.splits import SplitConfig
-from upcycle.moe.config import MoEConfig, UpcycleConfig
-from upcycle.moe.experiment import ExperimentConfig, default_moe
-from upcycle.training.loop import TrainConfig
+from upcycle.moe.config import ExperimentConfig, MoEConfig, UpcycleConfig, default_moe
+from upcycle.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 

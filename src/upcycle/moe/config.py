@@ -1,11 +1,16 @@
-"""Typed settings of an MoE layer and of sparse upcycling (importable without torch)."""
+"""Typed settings of an MoE layer, of sparse upcycling and of the Flan-MoE experiment (importable without torch)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+import logging
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from upcycle.data.instructions import MixtureConfig
 from upcycle.errors import UserError
+from upcycle.training.config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 ROUTERS = ("switch", "gshard", "st_moe", "expert_choice")
 ROUTER_ALIASES = {"top1": "switch", "top2": "gshard"}
@@ -123,3 +128,50 @@ class UpcycleConfig:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+def default_moe() -> MoEConfig:
+    """Switch top-1 over 4 upcycled experts, token dropping at capacity factor 1.25 (2.0 in evaluation)."""
+    return MoEConfig(num_experts=4, router="switch", dispatch="capacity", capacity_factor=1.25,
+                     eval_capacity_factor=2.0, balance_loss_coef=0.01)
+
+
+@dataclass
+class ExperimentConfig:
+    """Everything that sets the experiment's numbers."""
+
+    base: str | None = None
+    """Dense base (default: the shipped tiny Llama)."""
+    mixture: MixtureConfig = field(default_factory=MixtureConfig)
+    """Instruction data, training and held-out task types."""
+    moe: MoEConfig = field(default_factory=default_moe)
+    """MoE layers of the sparse model (keep top-1 with full-size experts for equal FLOPs per token)."""
+    every: int = 2
+    """Upcycle every N-th MLP (2: layers 1, 3, ...; as in Switch / GShard / Flan-MoE)."""
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    """Seeds; each sets the router initialisation and the order of training rows of every stage."""
+    block_size: int = 128
+    """Tokens per training row (whole examples packed, longer examples dropped)."""
+    instruct: TrainConfig = field(default_factory=lambda: TrainConfig(steps=300, batch_size=8, lr=1e-3,
+                                                                      warmup_steps=30, checkpoint_every=100))
+    """Instruction tuning on the mixture's training task types."""
+    finetune: TrainConfig = field(default_factory=lambda: TrainConfig(steps=100, batch_size=8, lr=1e-3,
+                                                                      warmup_steps=10, checkpoint_every=50))
+    """Fine-tuning on the held-out task types (their training split)."""
+    eval_examples: int = 150
+    """Test-split examples of each held-out task type that are scored."""
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise UserError("give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise UserError(f"seeds must be distinct, got {self.seeds}")
+        if not self.mixture.held_out:
+            raise UserError("the experiment needs held-out task types (--mixture.held_out)")
+        if self.block_size < 16:
+            raise UserError(f"block_size must be >= 16, got {self.block_size}")
+        if self.eval_examples < 1:
+            raise UserError(f"eval_examples must be >= 1, got {self.eval_examples}")
+        if self.moe.token_choice and self.moe.top_k != 1:
+            log.warning("top_k=%d with full-size experts costs %d times the dense FFN FLOPs per token",
+                        self.moe.top_k, self.moe.top_k)

@@ -16,7 +16,8 @@ from torch import nn
 from upcycle.data.instructions import Example, encode_examples, pack_examples, pad_examples
 from upcycle.data.packing import IGNORE_INDEX
 from upcycle.moe.config import MoEConfig, UpcycleConfig
-from upcycle.training.loop import TrainConfig, TrainResult, train
+from upcycle.training.config import TrainConfig
+from upcycle.training.loop import TrainResult, train
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,8 @@ from torch import nn
 from upcycle.data.packing import IGNORE_INDEX
 from upcycle.moe.collector import collect_routing
 from upcycle.moe.config import MoEConfig
-from upcycle.training.loop import TrainConfig, TrainResult, train
+from upcycle.training.config import TrainConfig
+from upcycle.training.loop import TrainResult, train
 
 log = logging.getLogger(__name__)
 

@@ -29,6 +29,7 @@ from typing import Protocol
 import torch
 
 from upcycle.serving.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterWeights, read_adapter
+from upcycle.serving.config import CacheConfig
 from upcycle.serving.errors import AdapterError, ExpertRemoved, Overloaded, UnknownModel
 from upcycle.serving.stats import Counters, LatencyStats
 
@@ -44,28 +45,6 @@ class SlotWriter(Protocol):
     n_slots: int
 
     def load_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None: ...
-
-
-@dataclass
-class CacheConfig:
-    """Capacities of the CPU tier and how disk loads run (the active tier's size is the model's slot count)."""
-
-    cpu_max_adapters: int = 512
-    """Most adapters kept loaded in CPU memory."""
-    cpu_max_bytes: int | None = None
-    """Optional cap on the bytes of those adapters (whichever limit binds first evicts)."""
-    prefetch_workers: int = 1
-    """Threads loading queued requests' adapters from disk ahead of their turn."""
-    pin_memory: bool = False
-    """Keep CPU copies in page-locked memory (worth it only with a CUDA model: asynchronous host-to-device copies)."""
-
-    def __post_init__(self) -> None:
-        if self.cpu_max_adapters < 1:
-            raise ValueError("cpu_max_adapters must be >= 1")
-        if self.cpu_max_bytes is not None and self.cpu_max_bytes < 1:
-            raise ValueError("cpu_max_bytes must be positive or None")
-        if self.prefetch_workers < 1:
-            raise ValueError("prefetch_workers must be >= 1")
 
 
 @dataclass

@@ -136,10 +136,10 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     check_serve_flags(locals())  # every argument, by its flag name
 
     from upcycle.introvert.run import Run
-    from upcycle.serving.cache import CacheConfig
-    from upcycle.serving.engine import Engine, EngineConfig
+    from upcycle.serving.config import CacheConfig, EngineConfig, ServerConfig
+    from upcycle.serving.engine import Engine
     from upcycle.serving.router import load_router
-    from upcycle.serving.server import ServerConfig, admin_check, create_app, make_server
+    from upcycle.serving.server import admin_check, create_app, make_server
 
     logging.basicConfig(level=log_level.upper())
     local = is_loopback(host)

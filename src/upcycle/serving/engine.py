@@ -29,7 +29,8 @@ import torch
 
 from upcycle.ops.batched_lora import MultiLoRA, attach_multi_lora, matches_target
 from upcycle.serving.adapters import AdapterWeights, read_spec
-from upcycle.serving.cache import AdapterCache, CacheConfig
+from upcycle.serving.cache import AdapterCache
+from upcycle.serving.config import CacheConfig, EngineConfig
 from upcycle.serving.errors import (
     AdapterError,
     Cancelled,
@@ -47,49 +48,6 @@ from upcycle.serving.sampling import SamplingParams, TextStream, sample_tokens
 from upcycle.serving.stats import Counters, LatencyStats
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    """Capacities and limits of the batching engine."""
-
-    max_batch: int = 16
-    """Rows (requests) generating together; also the KV cache's row count."""
-    max_waiting: int = 256
-    """Requests allowed to wait for a row; beyond it `submit` raises QueueFull (HTTP 429)."""
-    max_seq_len: int | None = None
-    """Prompt plus generated tokens per request; None: the model's max positions, at most 2048."""
-    prefill_chunk: int = 256
-    """Most prompt tokens a row feeds per step, so a long prompt cannot stall everyone's decoding."""
-    n_slots: int | None = None
-    """Active adapter slots in the model; None: 2 x max_batch. Must be >= max_batch so a free row always finds one."""
-    max_rank: int | None = None
-    """Largest adapter rank servable; None: the largest among the experts at startup (at least 8)."""
-    target_modules: list[str] | None = None
-    """Layers to wrap (PEFT rule); None: those targeted by any expert at startup, else every linear in the blocks."""
-    merge_single_adapter: bool = False
-    """When all running rows use one adapter, run merged weights (base-model speed for a lone request); costs one
-    extra copy of every wrapped weight."""
-    request_timeout_s: float | None = 300.0
-    """A request still unfinished after this many seconds fails with a timeout; None: no limit."""
-    default_max_tokens: int = 256
-    """max_tokens for requests that give none (clipped to the context left)."""
-    dtype: str = "float32"
-    """Model and adapter dtype (float32, bfloat16, float16)."""
-    device: str = "cpu"
-    """Torch device of the model and the active slots."""
-    torch_threads: int | None = None
-    """If set, `torch.set_num_threads` for the process (1 is best for small models on shared CPU cores)."""
-    cache: CacheConfig = field(default_factory=CacheConfig)
-    """CPU/disk tiers of the adapter cache."""
-
-    def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_waiting < 0 or self.prefill_chunk < 1:
-            raise ValueError("max_batch and prefill_chunk must be >= 1, max_waiting >= 0")
-        if self.n_slots is not None and self.n_slots < self.max_batch:
-            raise ValueError(f"n_slots ({self.n_slots}) must be >= max_batch ({self.max_batch})")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"unsupported dtype {self.dtype!r}")
 
 
 # -- events sent to a request's sink --------------------------------------------------------------------------------

@@ -191,8 +191,9 @@ def _serve_and_load(args, tmp: Path) -> dict:
 
     import torch
 
-    from upcycle.serving.engine import Engine, EngineConfig
-    from upcycle.serving.server import ServerConfig, create_app, make_server
+    from upcycle.serving.config import EngineConfig, ServerConfig
+    from upcycle.serving.engine import Engine
+    from upcycle.serving.server import create_app, make_server
     from upcycle.serving.synthetic import save_tiny_base, write_synthetic_run
 
     torch.set_num_threads(1)

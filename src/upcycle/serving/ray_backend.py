@@ -16,8 +16,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import replace
 
-from upcycle.serving.engine import EngineConfig
-from upcycle.serving.server import ServerConfig
+from upcycle.serving.config import EngineConfig, ServerConfig
 
 
 def build_app(run: str, engine_config: EngineConfig | None = None, server_config: ServerConfig | None = None,

@@ -28,7 +28,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
@@ -38,6 +37,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from upcycle.serving.admin import admin_routes
+from upcycle.serving.config import ServerConfig
 from upcycle.serving.engine import Delta, Engine, Event, Failed, Finished
 from upcycle.serving.errors import (
     BodyTooLarge,
@@ -72,39 +72,6 @@ log = logging.getLogger(__name__)
 
 BASE, AUTO = "base", "auto"
 EXPERT_HEADER = "x-upcycle-expert"
-
-
-@dataclass
-class ServerConfig:
-    """HTTP-side limits and switches (the engine has its own: batch, queue, context)."""
-
-    api_key: str | None = None
-    """Bearer key required on /v1 and /metrics; None disables auth (allowed only on localhost)."""
-    admin_key: str | None = None
-    """Bearer key of /admin (a separate key: an inference client must not manage experts). Without it /admin is
-    served only when `local_only`, under `api_key`."""
-    local_only: bool = True
-    """The server listens on a loopback interface only (`upcycle serve` sets it from --host)."""
-    adapter_roots: tuple[str, ...] = ()
-    """Directories /admin/experts may add adapters from (symlinks leading out are refused); empty: none."""
-    max_body_bytes: int = 1 << 20
-    """Largest request body accepted; a bigger one gets 413 before any of it is parsed."""
-    docs: bool = False
-    """Serve /docs, /redoc and /openapi.json (they list every route, admin included)."""
-    max_prompt_tokens: int | None = None
-    """Longest prompt accepted (tokens); None: the engine's context minus one."""
-    max_tokens_limit: int = 4096
-    """Largest max_tokens a request may ask for."""
-    request_timeout_s: float = 300.0
-    """A request unfinished after this long is cancelled and answered 504."""
-    enable_admin: bool = True
-    """Serve /admin/experts (add / remove experts at runtime), subject to `admin_key` / `local_only`."""
-    watch_dir: str | None = None
-    """Directory of expert dirs to keep in sync with (new ones registered, removed ones unregistered)."""
-    watch_interval_s: float = 2.0
-    """How often `watch_dir` is scanned."""
-    drain_timeout_s: float = 30.0
-    """On shutdown, how long running requests may take to finish."""
 
 
 class _Client:

@@ -20,44 +20,11 @@ import torch
 from torch import nn
 
 from upcycle.errors import UserError
+from upcycle.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, dict[str, float]]]
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation settings shared by every method."""
-
-    steps: int = 200
-    """Optimizer steps."""
-    batch_size: int = 16
-    """Blocks per step on each process."""
-    lr: float = 3e-3
-    """Peak learning rate (AdamW)."""
-    min_lr_ratio: float = 0.1
-    """Cosine decay ends at lr * min_lr_ratio."""
-    warmup_steps: int = 20
-    """Linear warm-up steps."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0 disables)."""
-    eval_every: int = 0
-    """Evaluate on the held-out blocks every this many steps (0: only at the end)."""
-    eval_blocks: int = 64
-    """Held-out blocks used for each evaluation."""
-    checkpoint_every: int = 0
-    """Save a resumable checkpoint every this many steps when a checkpoint dir is given (0: never)."""
-    seed: int = 0
-    """Seed for block sampling and any randomness in the model."""
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise UserError("steps and batch_size must be >= 1")
-        if not self.lr > 0:
-            raise UserError(f"learning rate must be > 0, got {self.lr}")
 
 
 @dataclass

@@ -8,33 +8,9 @@ from pathlib import Path
 
 import torch
 
-from upcycle.errors import UserError
 from upcycle.io import atomic_directory, write_json
-from upcycle.training.loop import TrainConfig, TrainResult, train
-
-
-@dataclass
-class LoraSettings:
-    """The adapter's shape. Defaults: rank 8 on every linear layer of the decoder (not the LM head)."""
-
-    rank: int = 8
-    """LoRA rank r."""
-    alpha: float = 16.0
-    """LoRA scaling numerator: the update is (alpha / r) * B A."""
-    dropout: float = 0.0
-    """Dropout on the LoRA input (0: deterministic experts)."""
-    target_modules: list[str] | str = "all-linear"
-    """Module names to adapt, or PEFT's 'all-linear' (every nn.Linear except the output head)."""
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise UserError(f"LoRA rank must be >= 1, got {self.rank}")
-
-    def peft_config(self):
-        from peft import LoraConfig
-
-        return LoraConfig(r=self.rank, lora_alpha=self.alpha, lora_dropout=self.dropout,
-                          target_modules=self.target_modules, bias="none", task_type="CAUSAL_LM")
+from upcycle.training.config import LoraSettings, TrainConfig
+from upcycle.training.loop import TrainResult, train
 
 
 @dataclass

@@ -25,7 +25,8 @@ from upcycle.masks.ffn_inputs import collect_ffn_inputs, intermediate
 from upcycle.masks.router import TokenRouter
 from upcycle.masks.surgery import find_ffns, set_module
 from upcycle.ops.sparse_ffn import SparseFFN
-from upcycle.training.loop import TrainConfig, train
+from upcycle.training.config import TrainConfig
+from upcycle.training.loop import train
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,8 @@ from torch import nn
 
 from upcycle.errors import UserError
 from upcycle.masks.surgery import find_ffns
-from upcycle.training.loop import TrainConfig, TrainResult, train
+from upcycle.training.config import TrainConfig
+from upcycle.training.loop import TrainResult, train
 
 
 def neuron_importance(mlp: nn.Module) -> torch.Tensor:

@@ -1,0 +1,119 @@
+"""Typed settings of the introvert-experts (MoIN) pipeline: clustering, expert training, baselines and evaluation
+(importable without torch)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from upcycle.data.splits import SPLITS
+from upcycle.errors import UserError
+from upcycle.training.config import LoraSettings, TrainConfig
+
+
+@dataclass
+class ClusterConfig:
+    """How documents are embedded and clustered."""
+
+    clusters: int = 8
+    """Number of clusters K (one expert each)."""
+    embedder: str = "minilm"
+    """Document embedding: 'minilm' (all-MiniLM-L6-v2), 'tfidf' (tf-idf + SVD, as c-BTM) or 'hidden' (the base's
+    mean-pooled hidden states)."""
+    metric: str = "cosine"
+    """Distance for k-means and routing: 'cosine' or 'l2'."""
+    balanced: bool = False
+    """Cap every cluster at ceil(N / K) documents (balanced assignment, as c-BTM)."""
+    seed: int = 0
+    """k-means seed."""
+
+    def __post_init__(self) -> None:
+        if self.clusters < 1:
+            raise UserError(f"--clusters must be >= 1, got {self.clusters}")
+        if self.metric not in ("cosine", "l2"):
+            raise UserError(f"--metric {self.metric}: choose cosine or l2")
+
+
+@dataclass
+class ExpertConfig:
+    """How each expert is trained. Defaults were chosen on validation data for the shipped tiny base."""
+
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """Adapter shape (rank, alpha, target modules)."""
+    tokens_per_expert: int = 98_304
+    """Training tokens per expert (a cluster smaller than this is seen several times)."""
+    batch_size: int = 8
+    """Blocks per optimizer step."""
+    block_size: int = 256
+    """Tokens per block."""
+    lr: float = 2e-3
+    """Peak learning rate (validation sweep on the shipped base, docs/tuning.md: 2e-3 beat 1e-3, 5e-3 and 1e-2)."""
+    warmup_steps: int = 5
+    """Linear warm-up steps."""
+    seed: int = 0
+    """Seed for block sampling; expert i uses seed + i."""
+
+    def __post_init__(self) -> None:
+        # Refused here, while the command line is parsed: later they divide by zero or silently train one step.
+        if self.tokens_per_expert < 1:
+            raise UserError(f"--expert.tokens_per_expert must be >= 1, got {self.tokens_per_expert}")
+        if self.batch_size < 1:
+            raise UserError(f"--expert.batch_size must be >= 1, got {self.batch_size}")
+        if self.block_size < 2:  # a block of one token has nothing to predict
+            raise UserError(f"--expert.block_size must be >= 2, got {self.block_size}")
+        if not self.lr > 0:
+            raise UserError(f"--expert.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise UserError(f"--expert.warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    def train_config(self, cluster: int) -> TrainConfig:
+        steps = max(1, math.ceil(self.tokens_per_expert / (self.batch_size * self.block_size)))
+        return TrainConfig(steps=steps, batch_size=self.batch_size, lr=self.lr,
+                           warmup_steps=min(self.warmup_steps, steps - 1) or 1, seed=self.seed + cluster)
+
+
+@dataclass
+class BaselineConfig:
+    """Settings of the baselines that are not copied from the experts' config."""
+
+    lora_all_lr: float | None = 1e-3
+    """Peak learning rate of the compute-matched single LoRA (None: the experts' lr). Each default below was the
+    best of a validation sweep on the shipped base (docs/tuning.md), so every method gets its own tuned lr."""
+    full_lr: float = 1e-4
+    """Peak learning rate of continued full training."""
+    wide_lr: float = 5e-4
+    """Peak learning rate of the parameter-matched LoRA of rank K x r."""
+
+
+@dataclass
+class EvalConfig:
+    """What `upcycle evaluate` measures."""
+
+    split: str = "test"
+    """Split scored for the headline numbers ('validation' when choosing settings)."""
+    route_chars: int = 1000
+    """Characters of each document's beginning that the router sees (the 'prompt')."""
+    max_tokens_per_doc: int = 1024
+    """Tokens scored per document (its beginning), so long files do not dominate and evaluation stays fast."""
+    baselines: bool = True
+    """Train (if needed) and score the lora-all, lora-wide and full baselines."""
+    batch_size: int = 16
+    """Document blocks scored per forward (lower it if the logits of a large vocabulary do not fit in memory)."""
+    best_expert_max_k: int = 32
+    """Score every expert on every document (the 'best' upper bound) only up to this many clusters."""
+    bootstrap: int = 1000
+    """Bootstrap resamples of documents for the 95% confidence intervals."""
+    seed: int = 0
+    """Seed for random routing and the bootstrap."""
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    """Baseline settings."""
+
+    def __post_init__(self) -> None:
+        # Refused while parsing, before anything is loaded: later they fail mid-way or score nothing.
+        if self.split not in SPLITS:
+            raise UserError(f"--eval.split {self.split}: choose one of {', '.join(SPLITS)}")
+        for name in ("route_chars", "max_tokens_per_doc", "batch_size", "bootstrap"):
+            if getattr(self, name) < 1:
+                raise UserError(f"--eval.{name} must be >= 1, got {getattr(self, name)}")
+        if self.best_expert_max_k < 0:
+            raise UserError(f"--eval.best_expert_max_k must be >= 0, got {self.best_expert_max_k}")

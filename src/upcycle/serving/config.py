@@ -1,0 +1,103 @@
+"""Typed settings of the server: the adapter cache, the batching engine and the HTTP side (importable without torch)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CacheConfig:
+    """Capacities of the CPU tier and how disk loads run (the active tier's size is the model's slot count)."""
+
+    cpu_max_adapters: int = 512
+    """Most adapters kept loaded in CPU memory."""
+    cpu_max_bytes: int | None = None
+    """Optional cap on the bytes of those adapters (whichever limit binds first evicts)."""
+    prefetch_workers: int = 1
+    """Threads loading queued requests' adapters from disk ahead of their turn."""
+    pin_memory: bool = False
+    """Keep CPU copies in page-locked memory (worth it only with a CUDA model: asynchronous host-to-device copies)."""
+
+    def __post_init__(self) -> None:
+        if self.cpu_max_adapters < 1:
+            raise ValueError("cpu_max_adapters must be >= 1")
+        if self.cpu_max_bytes is not None and self.cpu_max_bytes < 1:
+            raise ValueError("cpu_max_bytes must be positive or None")
+        if self.prefetch_workers < 1:
+            raise ValueError("prefetch_workers must be >= 1")
+
+
+@dataclass
+class EngineConfig:
+    """Capacities and limits of the batching engine."""
+
+    max_batch: int = 16
+    """Rows (requests) generating together; also the KV cache's row count."""
+    max_waiting: int = 256
+    """Requests allowed to wait for a row; beyond it `submit` raises QueueFull (HTTP 429)."""
+    max_seq_len: int | None = None
+    """Prompt plus generated tokens per request; None: the model's max positions, at most 2048."""
+    prefill_chunk: int = 256
+    """Most prompt tokens a row feeds per step, so a long prompt cannot stall everyone's decoding."""
+    n_slots: int | None = None
+    """Active adapter slots in the model; None: 2 x max_batch. Must be >= max_batch so a free row always finds one."""
+    max_rank: int | None = None
+    """Largest adapter rank servable; None: the largest among the experts at startup (at least 8)."""
+    target_modules: list[str] | None = None
+    """Layers to wrap (PEFT rule); None: those targeted by any expert at startup, else every linear in the blocks."""
+    merge_single_adapter: bool = False
+    """When all running rows use one adapter, run merged weights (base-model speed for a lone request); costs one
+    extra copy of every wrapped weight."""
+    request_timeout_s: float | None = 300.0
+    """A request still unfinished after this many seconds fails with a timeout; None: no limit."""
+    default_max_tokens: int = 256
+    """max_tokens for requests that give none (clipped to the context left)."""
+    dtype: str = "float32"
+    """Model and adapter dtype (float32, bfloat16, float16)."""
+    device: str = "cpu"
+    """Torch device of the model and the active slots."""
+    torch_threads: int | None = None
+    """If set, `torch.set_num_threads` for the process (1 is best for small models on shared CPU cores)."""
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    """CPU/disk tiers of the adapter cache."""
+
+    def __post_init__(self) -> None:
+        if self.max_batch < 1 or self.max_waiting < 0 or self.prefill_chunk < 1:
+            raise ValueError("max_batch and prefill_chunk must be >= 1, max_waiting >= 0")
+        if self.n_slots is not None and self.n_slots < self.max_batch:
+            raise ValueError(f"n_slots ({self.n_slots}) must be >= max_batch ({self.max_batch})")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"unsupported dtype {self.dtype!r}")
+
+
+@dataclass
+class ServerConfig:
+    """HTTP-side limits and switches (the engine has its own: batch, queue, context)."""
+
+    api_key: str | None = None
+    """Bearer key required on /v1 and /metrics; None disables auth (allowed only on localhost)."""
+    admin_key: str | None = None
+    """Bearer key of /admin (a separate key: an inference client must not manage experts). Without it /admin is
+    served only when `local_only`, under `api_key`."""
+    local_only: bool = True
+    """The server listens on a loopback interface only (`upcycle serve` sets it from --host)."""
+    adapter_roots: tuple[str, ...] = ()
+    """Directories /admin/experts may add adapters from (symlinks leading out are refused); empty: none."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body accepted; a bigger one gets 413 before any of it is parsed."""
+    docs: bool = False
+    """Serve /docs, /redoc and /openapi.json (they list every route, admin included)."""
+    max_prompt_tokens: int | None = None
+    """Longest prompt accepted (tokens); None: the engine's context minus one."""
+    max_tokens_limit: int = 4096
+    """Largest max_tokens a request may ask for."""
+    request_timeout_s: float = 300.0
+    """A request unfinished after this long is cancelled and answered 504."""
+    enable_admin: bool = True
+    """Serve /admin/experts (add / remove experts at runtime), subject to `admin_key` / `local_only`."""
+    watch_dir: str | None = None
+    """Directory of expert dirs to keep in sync with (new ones registered, removed ones unregistered)."""
+    watch_interval_s: float = 2.0
+    """How often `watch_dir` is scanned."""
+    drain_timeout_s: float = 30.0
+    """On shutdown, how long running requests may take to finish."""
