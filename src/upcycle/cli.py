@@ -11,8 +11,12 @@ import warnings
 
 from upcycle.errors import UserError
 
+log = logging.getLogger(__name__)
+
 
 def _commands() -> dict:
+    """The command tree: a group per method, plus the commands that are not one method's. Building it imports only
+    the command modules and their torch-free configs, so `--help` answers at once."""
     from upcycle.data import commands as data
     from upcycle.introvert import commands as introvert
     from upcycle.masks import commands as masks
@@ -20,38 +24,60 @@ def _commands() -> dict:
     from upcycle.moe import commands as moe
     from upcycle.serving import commands as serving
 
-    table: dict = {
-        "pretrain": models.pretrain,
-        "make-corpus": data.make_corpus,
-        "demo": introvert.demo,
-        "cluster": introvert.cluster,
-        "train-experts": introvert.train_experts,
-        "evaluate": introvert.evaluate,
-        "ablate": introvert.ablate,
-        "report": introvert.report,
-        "generate": introvert.generate,
-        "serve": serving.serve,
-        "moe-upcycle": moe.moe_upcycle,
-        "moe-train": moe.moe_train,
-        "moe-export-mixtral": moe.moe_export_mixtral,
-        "moe-inspect": moe.moe_inspect,
-        "moe-experiment": moe.moe_experiment,
+    return {
+        "introvert": {"_help": "Introvert experts (MoIN): a LoRA expert per document cluster, a sequence router.",
+                      "cluster": introvert.cluster, "train-experts": introvert.train_experts,
+                      "evaluate": introvert.evaluate, "ablate": introvert.ablate, "report": introvert.report,
+                      "generate": introvert.generate},
+        "moe": {"_help": "Sparse mixtures of experts (Flan-MoE): upcycle, train, export, inspect, experiment.",
+                "upcycle": moe.moe_upcycle, "train": moe.moe_train, "export-mixtral": moe.moe_export_mixtral,
+                "inspect": moe.moe_inspect, "experiment": moe.moe_experiment},
         "masks": {"_help": "Experts as learned masks (MoM): train, analyze, sweep.",
                   "train": masks.train, "analyze": masks.analyze, "sweep": masks.sweep},
+        "demo": introvert.demo,
+        "serve": serving.serve,
+        "pretrain": models.pretrain,
+        "make-corpus": data.make_corpus,
     }
-    return table
+
+
+# Names before the command tree; they still work for one release, hidden from --help.
+_ALIASES = {
+    "cluster": ("introvert", "cluster"), "train-experts": ("introvert", "train-experts"),
+    "evaluate": ("introvert", "evaluate"), "ablate": ("introvert", "ablate"), "report": ("introvert", "report"),
+    "generate": ("introvert", "generate"), "moe-upcycle": ("moe", "upcycle"), "moe-train": ("moe", "train"),
+    "moe-export-mixtral": ("moe", "export-mixtral"), "moe-inspect": ("moe", "inspect"),
+    "moe-experiment": ("moe", "experiment"),
+}
+
+
+def _resolve_alias(argv: list[str]) -> list[str]:
+    """`argv` with an old command name (the first word that is not an option) spelled as its place in the tree."""
+    for i, word in enumerate(argv):
+        if word.startswith("-"):
+            continue
+        if i > 0 and argv[i - 1] == "--config":
+            continue
+        if word in _ALIASES:
+            path = _ALIASES[word]
+            log.warning("`upcycle %s` is now `upcycle %s`; the old name goes in the next release", word, " ".join(path))
+            return [*argv[:i], *path, *argv[i + 1:]]
+        return argv
+    return argv
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run, and turn UserError / Ctrl-C into one line and a non-zero exit code."""
-    from jsonargparse import auto_cli
+    from jsonargparse import auto_cli, set_parsing_settings
 
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)  # config fields' docstrings are their --help
     logging.basicConfig(level=os.environ.get("UPCYCLE_LOG", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Our own rich bars show progress of long work; per-file "Loading weights" bars from HF are noise here.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     # Deprecation notices from inside transformers/peft are for their developers, not for our users.
     warnings.filterwarnings("ignore", category=FutureWarning)
+    argv = _resolve_alias(sys.argv[1:] if argv is None else list(argv))
     try:
         auto_cli(_commands(), args=argv, as_positional=True)
     except UserError as error:

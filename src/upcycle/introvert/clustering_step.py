@@ -43,8 +43,8 @@ def cluster_corpus(out: str | Path, data: str, base: str, config: ClusterConfig,
     embedder = make_embedder(config.embedder, **({"base": base} if config.embedder == "hidden" else {}))
     docs = split_documents(load_documents(data, text_field=text_field), splits)
     if len(docs["train"]) < config.clusters:
-        raise UserError(f"--data {data}: {len(docs['train'])} training documents but --clusters {config.clusters}; "
-                        f"use --clusters <= {len(docs['train'])} or add data")
+        raise UserError(f"--data {data}: {len(docs['train'])} training documents but --clustering.clusters "
+                        f"{config.clusters}; use --clustering.clusters <= {len(docs['train'])} or add data")
     run = Run(ensure_writable_dir(out, hint="choose another --out"))
     settings = {"data": data, "text_field": text_field, "base": base, "splits": asdict(splits)}
     with run.lock("cluster"):

@@ -7,6 +7,7 @@ import sys
 import time
 
 from upcycle.data.splits import SplitConfig
+from upcycle.errors import UserError
 from upcycle.introvert.config import ClusterConfig, EvalConfig, ExpertConfig
 
 log = logging.getLogger(__name__)
@@ -16,28 +17,22 @@ def _command_line() -> str:
     return "upcycle " + " ".join(sys.argv[1:])
 
 
-def cluster(out: str = "runs/demo", data: str = "stdlib", base: str | None = None, clusters: int = 8,
-            embedder: str = "minilm", metric: str = "cosine", balanced: bool = False, seed: int = 0,
-            text_field: str = "text", splits: SplitConfig = SplitConfig()) -> None:
+def cluster(out: str = "runs/demo", data: str = "stdlib", base: str | None = None, text_field: str = "text",
+            clustering: ClusterConfig = ClusterConfig(), splits: SplitConfig = SplitConfig()) -> None:
     """Embed the corpus, fit K cluster centroids on its training split, and start a run directory.
 
     Args:
         out: Run directory to create (or reuse when the settings match).
         data: Corpus: a folder of text files, a .txt/.jsonl/.parquet file, 'hf:NAME[:CONFIG][@SPLIT]', or 'stdlib'.
         base: Base causal LM: a Hugging Face directory or hub id (default: the shipped tiny Llama).
-        clusters: Number of clusters K, one expert each.
-        embedder: Document embedding: minilm, tfidf or hidden.
-        metric: cosine or l2, for k-means and routing.
-        balanced: Cap clusters at ceil(N/K) documents.
-        seed: k-means seed.
         text_field: Column holding the text in .jsonl/.parquet/hub data.
+        clustering: Embedding and k-means settings (K, embedder, metric...).
         splits: Held-out fractions (the split is by a hash of each document's text).
     """
     from upcycle.introvert.clustering_step import cluster_corpus
     from upcycle.models.base import resolve_base
 
-    config = ClusterConfig(clusters=clusters, embedder=embedder, metric=metric, balanced=balanced, seed=seed)
-    run = cluster_corpus(out, data, resolve_base(base), config, splits, text_field, command=_command_line())
+    run = cluster_corpus(out, data, resolve_base(base), clustering, splits, text_field, command=_command_line())
     sizes = run.meta["clusters"]["sizes"]
     print(f"{run.path}: {len(sizes)} clusters, training documents per cluster {sizes}; summary in "
           f"{run.clusters_dir / 'summary.md'}")
@@ -48,7 +43,7 @@ def train_experts(run: str, expert: ExpertConfig = ExpertConfig(), executor: str
     """Train one LoRA expert per cluster on the frozen base; finished experts are skipped, so reruns resume.
 
     Args:
-        run: Run directory made by `upcycle cluster`.
+        run: Run directory made by `upcycle introvert cluster`.
         expert: Expert training settings (LoRA shape, tokens per expert, learning rate...).
         executor: local (this process), process (local worker processes) or ray (a Ray cluster).
         workers: Worker processes for --executor process.
@@ -89,7 +84,7 @@ def ablate(run: str, clusters: list[int] = [1, 2, 4, 8, 16], seeds: list[int] = 
     """Number-of-clusters ablation at equal total training tokens, with seeds and 95% confidence intervals.
 
     Args:
-        run: A run made by `upcycle cluster` (its embeddings are reused).
+        run: A run made by `upcycle introvert cluster` (its embeddings are reused).
         clusters: Values of K to try.
         seeds: Seeds per K (k-means and expert training).
         total_tokens: Training tokens shared by all experts of one K (default: K_run x tokens per expert).
@@ -102,6 +97,8 @@ def ablate(run: str, clusters: list[int] = [1, 2, 4, 8, 16], seeds: list[int] = 
     from upcycle.introvert.report import write_report
     from upcycle.introvert.run import Run
 
+    if any(k < 1 for k in clusters):  # ClusterConfig refuses it too, but names the flag of `introvert cluster`
+        raise UserError(f"--clusters must be >= 1, got {min(clusters)}")
     meta = Run.open(run).meta
     total = total_tokens or meta["clusters"]["k"] * expert.tokens_per_expert
     ablation = ablate_clusters(run, clusters, seeds, total, expert, eval, executor, workers)
@@ -139,27 +136,27 @@ def generate(run: str, prompt: str, max_new_tokens: int = 64, temperature: float
     print(f"[{generation.expert or 'base'}] {prompt}{generation.text}")
 
 
-def demo(out: str = "runs/demo", clusters: int = 8, embedder: str = "minilm", data: str = "stdlib",
-         base: str | None = None, expert: ExpertConfig = ExpertConfig(), eval: EvalConfig = EvalConfig(),  # noqa: A002
-         executor: str = "local", workers: int = 1) -> None:
-    """The whole MoIN pipeline, by default on the embedded defaults (stdlib corpus, shipped tiny Llama): cluster,
-    train the experts and the baselines, evaluate, and write the report. Resumable: rerun to continue.
+def demo(out: str = "runs/demo", data: str = "stdlib", base: str | None = None,
+         clustering: ClusterConfig = ClusterConfig(), expert: ExpertConfig = ExpertConfig(),
+         eval: EvalConfig = EvalConfig(), executor: str = "local", workers: int = 1) -> None:  # noqa: A002
+    """The whole MoIN pipeline: cluster, train the experts and the baselines, evaluate, and write the report.
+
+    By default on the embedded defaults (stdlib corpus, shipped tiny Llama). Resumable: rerun to continue.
 
     The real-model demo: `upcycle demo --config recipes/introvert/smollm2-demo.yaml` (after `make real`).
 
     Args:
         out: Run directory.
-        clusters: Number of clusters K.
-        embedder: minilm, tfidf or hidden.
-        data: Corpus (as for `upcycle cluster`).
-        base: Base causal LM (as for `upcycle cluster`; e.g. smollm2-135m).
+        data: Corpus (as for `upcycle introvert cluster`).
+        base: Base causal LM (as for `upcycle introvert cluster`; e.g. smollm2-135m).
+        clustering: Embedding and k-means settings (K, embedder, metric...).
         expert: Expert training settings.
         eval: Evaluation settings.
-        executor: Where the experts train: local, process or ray (as for `upcycle train-experts`).
+        executor: Where the experts train: local, process or ray (as for `upcycle introvert train-experts`).
         workers: Worker processes for --executor process.
     """
     start = time.perf_counter()
-    cluster(out=out, data=data, base=base, clusters=clusters, embedder=embedder)
+    cluster(out=out, data=data, base=base, clustering=clustering)
     train_experts(out, expert, executor=executor, workers=workers)
     evaluate(out, eval)
     print(f"demo finished in {time.perf_counter() - start:.0f} s")

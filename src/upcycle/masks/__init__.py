@@ -2,7 +2,8 @@
 
 Reading order:
 - `hard_concrete`  L0 gates: sampled in training, deterministic at eval, expected L0 for the penalty
-- `config`         MaskConfig (experts, top-k, routing, initialisation)
+- `config`         MaskConfig (experts, top-k, routing, initialisation), MaskTrainConfig, LagrangianConfig,
+                   BaselineSettings: every setting, importable without torch
 - `router`, `layer`, `surgery`   the token router, MaskedFFN, and the functions that install it in a HF decoder
 - `active`, `lagrangian`, `train`   expected active ratio, the CoFi-style controller, training through the shared loop
 - `analysis`, `compact`, `export`   shared / token-specific / inactive experts, exact compaction, save / load

@@ -58,7 +58,8 @@ def cluster_starts(model: nn.Module, inputs: torch.Tensor, experts: int, max_tok
     starts = {}
     for name, x in collect_ffn_inputs(model, inputs, max_tokens=max_tokens).items():
         if x.shape[0] < experts:
-            raise UserError(f"the cluster init needs at least --experts ({experts}) training tokens, got {x.shape[0]}")
+            raise UserError(f"the cluster init needs at least --recipe.masks.experts ({experts}) training tokens, "
+                            f"got {x.shape[0]}")
         x = x.float()
         clusters = fit_kmeans(x.numpy(), experts, metric="l2", seed=seed)
         labels = torch.from_numpy(np.asarray(clusters.assignments)).long()  # [T]

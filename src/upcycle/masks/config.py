@@ -41,19 +41,21 @@ class MaskConfig:
 
     def __post_init__(self) -> None:
         if self.experts < 1:
-            raise UserError(f"--experts must be >= 1, got {self.experts}")
+            raise UserError(f"--recipe.masks.experts must be >= 1, got {self.experts}")
         if self.routing not in ROUTINGS:
-            raise UserError(f"--routing must be one of {', '.join(ROUTINGS)}, got '{self.routing}'")
+            raise UserError(f"--recipe.masks.routing must be one of {', '.join(ROUTINGS)}, got '{self.routing}'")
         if not 1 <= self.top_k <= self.experts:
-            raise UserError(f"--top_k must be between 1 and --experts ({self.experts}), got {self.top_k}")
+            raise UserError(f"--recipe.masks.top_k must be between 1 and --recipe.masks.experts ({self.experts}), "
+                            f"got {self.top_k}")
         if self.init not in INITS:
-            raise UserError(f"--init must be one of {', '.join(INITS)}, got '{self.init}'")
+            raise UserError(f"--recipe.masks.init must be one of {', '.join(INITS)}, got '{self.init}'")
         if self.init == "clusters" and not self.router_bias:
-            raise UserError("--init clusters needs --router_bias true (the nearest-centroid rule has a bias)")
+            raise UserError("--recipe.masks.init clusters needs --recipe.masks.router_bias true (the nearest-centroid "
+                            "rule has a bias)")
         if self.rank_spread < 0:
-            raise UserError(f"--rank_spread must be >= 0, got {self.rank_spread}")
+            raise UserError(f"--recipe.masks.rank_spread must be >= 0, got {self.rank_spread}")
         if self.init_noise < 0:
-            raise UserError(f"--init_noise must be >= 0, got {self.init_noise}")
+            raise UserError(f"--recipe.masks.init_noise must be >= 0, got {self.init_noise}")
 
 
 @dataclass
@@ -71,7 +73,7 @@ class LagrangianConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.target <= 1.0:
-            raise UserError(f"--target is an active ratio and must be in (0, 1], got {self.target}")
+            raise UserError(f"--recipe.target is an active ratio and must be in (0, 1], got {self.target}")
         if self.warmup_steps < 0:
             raise UserError(f"the target warm-up must be >= 0 steps, got {self.warmup_steps}")
         if not self.lr > 0:
@@ -84,8 +86,10 @@ def _default_train() -> TrainConfig:
     # Masks move log α by ~lr per step under Adam: 0.1 lets a gate cross from open (3) to closed (< −2.4) in ~50
     # steps. A constant rate after warm-up keeps the Lagrangian's response the same late in training. Steps, lr and
     # the target warm-up were chosen on the validation split of the tiny base (docs/masks.md): slower rates leave
-    # gates half-open (the test-time gate then scales neurons down instead of switching them off).
-    return TrainConfig(steps=2400, batch_size=8, lr=0.1, warmup_steps=10, min_lr_ratio=1.0, eval_blocks=64)
+    # gates half-open (the test-time gate then scales neurons down instead of switching them off). A resumable
+    # checkpoint every tenth of the run.
+    return TrainConfig(steps=2400, batch_size=8, lr=0.1, warmup_steps=10, min_lr_ratio=1.0, eval_blocks=64,
+                       checkpoint_every=240)
 
 
 @dataclass
@@ -115,13 +119,14 @@ class MaskTrainConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.warmup_fraction <= 1.0:
-            raise UserError(f"--warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
+            raise UserError(f"--recipe.warmup_fraction must be in [0, 1], got {self.warmup_fraction}")
         if self.block_size < 2:
-            raise UserError(f"--block_size must be >= 2 tokens, got {self.block_size}")
+            raise UserError(f"--recipe.block_size must be >= 2 tokens, got {self.block_size}")
         if self.masks.init == "open" and not self.train_routers:
-            raise UserError("--masks.init open starts from random routers; train them too (--train_routers true)")
+            raise UserError("--recipe.masks.init open starts from random routers; train them too "
+                            "(--recipe.train_routers true)")
         if self.cluster_tokens < 1:
-            raise UserError(f"--cluster_tokens must be >= 1, got {self.cluster_tokens}")
+            raise UserError(f"--recipe.cluster_tokens must be >= 1, got {self.cluster_tokens}")
         self.lagrangian()  # validates target, lambda_lr and initial_lambda2
 
     def lagrangian(self) -> LagrangianConfig:
@@ -143,6 +148,6 @@ class BaselineSettings:
 
     def __post_init__(self) -> None:
         if self.moefication_experts < 1:
-            raise UserError(f"--moefication_experts must be >= 1, got {self.moefication_experts}")
+            raise UserError(f"--baselines.moefication_experts must be >= 1, got {self.moefication_experts}")
         if not self.pruning_lr > 0:
-            raise UserError(f"--pruning_lr must be > 0, got {self.pruning_lr}")
+            raise UserError(f"--baselines.pruning_lr must be > 0, got {self.pruning_lr}")

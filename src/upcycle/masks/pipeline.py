@@ -152,8 +152,8 @@ def compact_export(model: nn.Module, analysis: MaskAnalysis, blocks: torch.Tenso
     if ratio > SKIP_COMPACT_ABOVE[0] and size > SKIP_COMPACT_ABOVE[1]:
         message = (f"compact export skipped: it would hold {ratio:.0f}x the dense FFNs' weights ({size / 2**30:.1f} "
                    "GiB), because every expert keeps its own copy of the neurons it shares with others; the masks "
-                   "are saved and load onto the base (upcycle.masks.run.apply_masks); use fewer --experts for a "
-                   "compact model")
+                   "are saved and load onto the base (upcycle.masks.run.apply_masks); use fewer --recipe.masks.experts "
+                   "for a compact model")
         log.warning(message)
         return {"skipped": message, "packed_rows_ratio": ratio}
     gap = compact_and_check(model, analysis, blocks)

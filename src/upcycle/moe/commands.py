@@ -15,28 +15,18 @@ from upcycle.training.config import TrainConfig
 log = logging.getLogger(__name__)
 
 
-def moe_upcycle(base: str | None = None, out: str = "runs/moe", experts: int = 8, router: str = "top2",
-                every: int = 1, top_k: int | None = None, noise: float = 0.0, dispatch: str = "dropless",
-                capacity_factor: float = 1.25, eval_capacity_factor: float = 2.0, jitter_noise: float = 0.0,
-                balance_loss_coef: float = 0.01, z_loss_coef: float | None = None, seed: int = 0,
-                dtype: str = "float32") -> Path:
+def moe_upcycle(base: str | None = None, out: str = "runs/moe", moe: MoEConfig | None = None,
+                upcycle: UpcycleConfig = UpcycleConfig(), dtype: str = "float32") -> Path:
     """Sparse-upcycle a dense causal LM: every N-th MLP becomes E copies of itself plus a new router.
 
     Args:
         base: Dense Llama / Mistral / Qwen2 base: a Hugging Face directory or hub id (default: the shipped tiny Llama).
-        out: Directory for the upcycled checkpoint (our format; see `moe-export-mixtral` for a Mixtral one).
-        experts: Experts per MoE layer (E).
-        router: switch (top1), gshard (top2), st_moe (top-2 + router z-loss) or expert_choice.
-        every: Upcycle every N-th MLP (1: all; 2: layers 1, 3, 5, ...).
-        top_k: Experts per token for token-choice routers (default 1 for switch, 2 otherwise).
-        noise: Relative Gaussian noise added to each expert copy (0 keeps the dense model's logits at step 0).
-        dispatch: capacity (token dropping) or dropless.
-        capacity_factor: Training capacity factor cf, C = ceil(cf * k * T / E).
-        eval_capacity_factor: Evaluation capacity factor.
-        jitter_noise: Multiplicative router-input jitter while training (Switch).
-        balance_loss_coef: Weight alpha of the load-balancing loss.
-        z_loss_coef: Weight beta of the router z-loss (default 1e-3 for st_moe, else 0).
-        seed: Seed of the router initialisation and the copy noise.
+        out: Directory for the upcycled checkpoint (our format; see `upcycle moe export-mixtral` for a Mixtral one).
+        moe: The MoE layers: experts, router, dispatch, capacity and auxiliary-loss weights (default: MoEConfig()'s
+            8 experts, top-2; `--moe.help` lists the fields). Optional rather than a MoEConfig() default because
+            MoEConfig fills top_k, normalize_gates and z_loss_coef from the router: a filled-in default would keep
+            top-2 after `--moe.router switch`.
+        upcycle: Which MLPs become MoE layers, and the copies' noise and seed.
         dtype: Weights dtype: float32 or bfloat16.
     """
     import torch
@@ -45,20 +35,17 @@ def moe_upcycle(base: str | None = None, out: str = "runs/moe", experts: int = 8
     from upcycle.moe.checkpoint import save_moe_model
     from upcycle.moe.upcycling import upcycle_model
 
-    moe = MoEConfig(num_experts=experts, router=router, top_k=top_k, dispatch=dispatch,
-                    capacity_factor=capacity_factor, eval_capacity_factor=eval_capacity_factor,
-                    jitter_noise=jitter_noise, balance_loss_coef=balance_loss_coef, z_loss_coef=z_loss_coef)
-    upcycle = UpcycleConfig(every=every, noise=noise, seed=seed)
+    moe = moe or MoEConfig()
     model, tokenizer = load_base(base, dtype=dtype)
-    probe = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(seed))
+    probe = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(upcycle.seed))
     probe = probe.to(next(model.parameters()).device)
     with torch.no_grad():
         dense_logits = model(input_ids=probe).logits
         indices = upcycle_model(model, moe, upcycle)
         drift = float((model(input_ids=probe).logits - dense_logits).abs().max())
     path = save_moe_model(model, out, moe, indices, upcycle, tokenizer=tokenizer)
-    print(f"{path}: {len(indices)} MoE layers {indices} of {experts} experts, router {moe.router} (k={moe.top_k}); "
-          f"max |logit - dense logit| at step 0 = {drift:.2e}")
+    print(f"{path}: {len(indices)} MoE layers {indices} of {moe.num_experts} experts, router {moe.router} "
+          f"(k={moe.top_k}); max |logit - dense logit| at step 0 = {drift:.2e}")
     return path
 
 
@@ -69,7 +56,7 @@ def moe_train(checkpoint: str, out: str, data: str = "stdlib", block_size: int =
     """Train an upcycled checkpoint on a corpus with the shared loop; aux losses and routing stats every step.
 
     Args:
-        checkpoint: Checkpoint made by `moe-upcycle` (or a previous `moe-train`).
+        checkpoint: Checkpoint made by `upcycle moe upcycle` (or a previous `upcycle moe train`).
         out: Directory for the trained checkpoint, with train.json (per-step loss, aux losses, routing statistics).
         data: Corpus: a folder of text files, a .txt/.jsonl/.parquet file, 'hf:NAME[:CONFIG][@SPLIT]', or 'stdlib'.
         block_size: Tokens per training block.
@@ -119,7 +106,7 @@ def moe_export_mixtral(checkpoint: str, out: str) -> Path:
     """Export a top-2, every-layer checkpoint as a Mixtral that transformers loads with no custom code.
 
     Args:
-        checkpoint: Checkpoint made by `moe-upcycle` or `moe-train`.
+        checkpoint: Checkpoint made by `upcycle moe upcycle` or `upcycle moe train`.
         out: Directory for the Mixtral checkpoint (config.json, safetensors, tokenizer).
     """
     from transformers import AutoTokenizer
@@ -151,8 +138,8 @@ def moe_inspect(checkpoint: str, data: str = "stdlib", blocks: int = 16, block_s
     """Routing statistics of a checkpoint on held-out blocks: tokens per expert, utilisation, drops, entropy.
 
     Args:
-        checkpoint: Checkpoint made by `moe-upcycle` or `moe-train`.
-        data: Corpus spec, as for `moe-train`.
+        checkpoint: Checkpoint made by `upcycle moe upcycle` or `upcycle moe train`.
+        data: Corpus spec, as for `upcycle moe train`.
         blocks: Held-out blocks to route (one batch).
         block_size: Tokens per block.
         split: train, validation or test.

@@ -1,6 +1,7 @@
 """Serving introvert experts: one base model, thousands of LoRA experts, one OpenAI-compatible endpoint.
 
 ```
+config.py     CacheConfig, EngineConfig, ServerConfig: the typed settings (`upcycle serve --engine.* --server.*`)
 adapters.py   read a PEFT LoRA dir into tensors (refusing what cannot be served)
 cache.py      three tiers: active slots in the model / CPU LRU / disk, with pinning, prefetch, eviction hooks
 kv_cache.py   fixed-capacity per-row KV cache for continuous batching

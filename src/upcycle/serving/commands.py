@@ -8,22 +8,16 @@ import logging
 import os
 import re
 import socket
-from typing import Any
+from dataclasses import replace
 
 from upcycle.errors import UserError
+from upcycle.serving.config import EngineConfig, ServerConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_ROUTER = "upcycle.introvert.routing:router_for_run"
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
 """What `pip install 'upcycle[serve]'` brings that the server imports."""
 
-# Flag -> smallest value it takes (None means "not set", always allowed); compared as `not value >= low` so NaN fails.
-_MINIMUMS: dict[str, float] = {
-    "port": 1, "max_batch": 1, "max_waiting": 0, "prefill_chunk": 1, "n_slots": 1, "max_rank": 1, "cpu_adapters": 1,
-    "cpu_bytes": 1, "max_seq_len": 2, "max_prompt_tokens": 1, "max_tokens_limit": 1, "drain_timeout": 0,
-    "threads": 1, "max_body_bytes": 1,
-}
-_DTYPES = ("float32", "bfloat16", "float16")
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 _DEVICE = re.compile(r"^(cpu|mps|cuda(:\d+)?)$")
 
@@ -54,117 +48,75 @@ def require_serve_extra() -> None:
                         "pip install 'upcycle[serve]'")
 
 
-def check_serve_flags(flags: dict[str, Any]) -> None:
-    """UserError naming the first bad `upcycle serve` flag, before any model is loaded."""
-    for name, low in _MINIMUMS.items():
-        value = flags[name]
-        if value is not None and not value >= low:
-            raise UserError(f"--{name} must be at least {low:g}, got {value}")
-    if not flags["port"] <= 65535:
-        raise UserError(f"--port must be a TCP port (1-65535), got {flags['port']}")
-    if not flags["request_timeout"] > 0:
-        raise UserError(f"--request_timeout must be positive seconds, got {flags['request_timeout']}")
-    if flags["n_slots"] is not None and flags["n_slots"] < flags["max_batch"]:
-        raise UserError(f"--n_slots ({flags['n_slots']}) must be at least --max_batch ({flags['max_batch']}): every "
-                        "running request holds an adapter slot")
-    if flags["dtype"] not in _DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(_DTYPES)}, got {flags['dtype']!r}")
-    if flags["log_level"].lower() not in _LOG_LEVELS:
-        raise UserError(f"--log_level must be one of {', '.join(_LOG_LEVELS)}, got {flags['log_level']!r}")
-    device = flags["device"]
+def check_serve_flags(port: int, log_level: str, engine: EngineConfig, server: ServerConfig) -> None:
+    """UserError naming the first bad `upcycle serve` flag that its config dataclass cannot judge alone, before any
+    model is loaded (the dataclasses refuse their own bad values while the command line is parsed)."""
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be a TCP port (1-65535), got {port}")
+    if log_level.lower() not in _LOG_LEVELS:
+        raise UserError(f"--log_level must be one of {', '.join(_LOG_LEVELS)}, got {log_level!r}")
+    device = engine.device
     if not _DEVICE.match(device):
-        raise UserError(f"--device must be cpu, mps, cuda or cuda:N, got {device!r}")
+        raise UserError(f"--engine.device must be cpu, mps, cuda or cuda:N, got {device!r}")
     if device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise UserError(f"--device {device}: this machine's PyTorch sees no CUDA device; use --device cpu")
+            raise UserError(f"--engine.device {device}: this machine's PyTorch sees no CUDA device; use "
+                            "--engine.device cpu")
         index = int(device.partition(":")[2] or 0)
         if index >= torch.cuda.device_count():
-            raise UserError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
-    if flags["admin_key"] is not None and flags["admin_key"] == flags["api_key"]:
-        raise UserError("--admin_key must differ from --api_key: inference clients must not manage experts")
+            raise UserError(f"--engine.device {device}: only {torch.cuda.device_count()} CUDA device(s) are visible")
+    if server.admin_key is not None and server.admin_key == server.api_key:
+        raise UserError("--server.admin_key must differ from --server.api_key: inference clients must not manage "
+                        "experts")
 
 
-def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          admin_key: str | None = None, adapter_root: list[str] | None = None, max_body_bytes: int = 1 << 20,
-          docs: bool = False, router: str | None = None, max_batch: int = 16, max_waiting: int = 256,
-          max_seq_len: int | None = None, prefill_chunk: int = 256, n_slots: int | None = None,
-          max_rank: int | None = None, cpu_adapters: int = 512, cpu_bytes: int | None = None,
-          max_prompt_tokens: int | None = None, max_tokens_limit: int = 4096, request_timeout: float = 300.0,
-          watch: bool = False, drain_timeout: float = 30.0, dtype: str = "float32", device: str = "cpu",
-          threads: int | None = None, merge_single_adapter: bool = False, log_level: str = "info") -> None:
+def serve(run: str, host: str = "127.0.0.1", port: int = 8000, router: str | None = None, watch: bool = False,
+          log_level: str = "info", engine: EngineConfig = EngineConfig(), server: ServerConfig = ServerConfig()
+          ) -> None:
     """Serve a run's base model and all its introvert experts behind one OpenAI-compatible endpoint.
 
     Clients use model "base", "auto" (routed by content; needs --router) or an expert id such as expert-00003.
 
     Args:
         run: Run directory (its run.json names the base model; experts/ holds the PEFT adapters).
-        host: Interface to bind. Anything but localhost requires an API key.
+        host: Interface to bind. Anything but localhost requires an API key (--server.api_key).
         port: TCP port.
-        api_key: Bearer key clients must send; defaults to $UPCYCLE_API_KEY; none means no auth (localhost only).
-        admin_key: Bearer key of /admin/experts (add / remove experts); defaults to $UPCYCLE_ADMIN_KEY. Without
-            it /admin is off, except on localhost, where it takes the API key.
-        adapter_root: Directories /admin/experts may add adapters from (default: the run directory).
-        max_body_bytes: Largest request body accepted; bigger ones get 413.
-        docs: Serve the OpenAPI docs (/docs, /redoc, /openapi.json).
         router: `package.module:factory` building a SequenceRouter from the run path, enabling model "auto"
-            (e.g. upcycle.introvert.routing:router_for_run).
-        max_batch: Requests generating together (rows of one forward).
-        max_waiting: Requests allowed to queue; beyond it the server answers 429.
-        max_seq_len: Context per request (prompt + generation); default the model's, at most 2048.
-        prefill_chunk: Most prompt tokens a request feeds per step.
-        n_slots: Adapters active in the model at once (default 2 x max_batch).
-        max_rank: Largest LoRA rank servable (default: the largest among the run's experts).
-        cpu_adapters: Adapters kept loaded in CPU memory (LRU).
-        cpu_bytes: Optional byte cap for those adapters.
-        max_prompt_tokens: Longest prompt accepted (default: the context minus one).
-        max_tokens_limit: Largest max_tokens a request may ask for.
-        request_timeout: Seconds before an unfinished request is cancelled (504).
+            (default for a run made by `upcycle introvert cluster`: upcycle.introvert.routing:router_for_run).
         watch: Keep the experts in sync with the run's experts/ directory while serving.
-        drain_timeout: Seconds in-flight requests get to finish on shutdown (SIGTERM / Ctrl-C).
-        dtype: float32, bfloat16 or float16.
-        device: cpu or cuda[:N].
-        threads: torch intra-op threads (1 suits small models on shared CPUs); default torch's choice.
-        merge_single_adapter: Run merged weights while all running requests share one expert (base speed for a
-            lone request, one extra copy of the wrapped weights).
         log_level: uvicorn and upcycle log level.
+        engine: The batching engine: batch, queue, context, adapter slots and cache, dtype, device, threads.
+        server: The HTTP side. api_key and admin_key default to $UPCYCLE_API_KEY and $UPCYCLE_ADMIN_KEY;
+            adapter_roots to the run directory; local_only is set from --host.
     """
     require_serve_extra()
-    api_key = api_key or os.environ.get("UPCYCLE_API_KEY") or None
-    admin_key = admin_key or os.environ.get("UPCYCLE_ADMIN_KEY") or None
-    check_serve_flags(locals())  # every argument, by its flag name
+    server = replace(server, api_key=server.api_key or os.environ.get("UPCYCLE_API_KEY") or None,
+                     admin_key=server.admin_key or os.environ.get("UPCYCLE_ADMIN_KEY") or None)
+    check_serve_flags(port, log_level, engine, server)
 
     from upcycle.introvert.run import Run
-    from upcycle.serving.config import CacheConfig, EngineConfig, ServerConfig
     from upcycle.serving.engine import Engine
     from upcycle.serving.router import load_router
     from upcycle.serving.server import admin_check, create_app, make_server
 
     logging.basicConfig(level=log_level.upper())
     local = is_loopback(host)
-    if api_key is None and not local:
-        raise UserError(f"binding to {host} exposes the server beyond this machine: pass --api_key (or set "
+    if server.api_key is None and not local:
+        raise UserError(f"binding to {host} exposes the server beyond this machine: pass --server.api_key (or set "
                         "UPCYCLE_API_KEY), or bind to 127.0.0.1")
     opened = Run.open(run)
-    engine_config = EngineConfig(max_batch=max_batch, max_waiting=max_waiting, max_seq_len=max_seq_len,
-                                 prefill_chunk=prefill_chunk, n_slots=n_slots, max_rank=max_rank,
-                                 request_timeout_s=request_timeout, dtype=dtype, device=device,
-                                 torch_threads=threads, merge_single_adapter=merge_single_adapter,
-                                 cache=CacheConfig(cpu_max_adapters=cpu_adapters, cpu_max_bytes=cpu_bytes))
-    engine = Engine.from_run(opened.path, engine_config)
-    server_config = ServerConfig(api_key=api_key, admin_key=admin_key, local_only=local,
-                                 adapter_roots=tuple(adapter_root or [str(opened.path)]),
-                                 max_body_bytes=max_body_bytes, docs=docs, max_prompt_tokens=max_prompt_tokens,
-                                 max_tokens_limit=max_tokens_limit, request_timeout_s=request_timeout,
-                                 watch_dir=str(opened.experts_dir) if watch else None, drain_timeout_s=drain_timeout)
-    if admin_check(server_config) is None:
-        log.warning("/admin is off: serving beyond localhost, it needs its own key (--admin_key)")
+    served = Engine.from_run(opened.path, engine)
+    server = replace(server, local_only=local, adapter_roots=tuple(server.adapter_roots or [str(opened.path)]),
+                     watch_dir=str(opened.experts_dir) if watch else server.watch_dir)
+    if admin_check(server) is None:
+        log.warning("/admin is off: serving beyond localhost, it needs its own key (--server.admin_key)")
     if router is None and (opened.clusters_dir / "centroids.npy").is_file():
-        router = DEFAULT_ROUTER  # a run made by `upcycle cluster` routes with its own centroids
-    app = create_app(engine, server_config, load_router(router, str(opened.path)) if router else None)
+        router = DEFAULT_ROUTER  # a run made by `upcycle introvert cluster` routes with its own centroids
+    app = create_app(served, server, load_router(router, str(opened.path)) if router else None)
     log.info("serving %s with %d experts on http://%s:%d/v1", opened.path, len(opened.expert_ids()), host, port)
     try:
-        make_server(app, host, port, drain_timeout, log_level).run()
+        make_server(app, host, port, server.drain_timeout_s, log_level).run()
     finally:
-        engine.close()
+        served.close()

@@ -1,8 +1,28 @@
-"""Typed settings of the server: the adapter cache, the batching engine and the HTTP side (importable without torch)."""
+"""Typed settings of the server: the adapter cache, the batching engine and the HTTP side (importable without torch).
+
+`upcycle serve` takes them as the groups --engine.* (with --engine.cache.*) and --server.*; a bad value is refused
+with the flag's name when the command line is parsed, before any model is loaded.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from upcycle.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _at_least(flag: str, value: float | None, low: float) -> None:
+    """UserError unless `value` is None or >= `low` (written `not value >= low`, so NaN is refused too)."""
+    if value is not None and not value >= low:
+        raise UserError(f"{flag} must be at least {low:g}, got {value}")
+
+
+def _positive_seconds(flag: str, value: float | None) -> None:
+    """UserError unless `value` is None or a positive number of seconds (NaN refused)."""
+    if value is not None and not value > 0:
+        raise UserError(f"{flag} must be positive seconds, got {value}")
 
 
 @dataclass
@@ -19,12 +39,9 @@ class CacheConfig:
     """Keep CPU copies in page-locked memory (worth it only with a CUDA model: asynchronous host-to-device copies)."""
 
     def __post_init__(self) -> None:
-        if self.cpu_max_adapters < 1:
-            raise ValueError("cpu_max_adapters must be >= 1")
-        if self.cpu_max_bytes is not None and self.cpu_max_bytes < 1:
-            raise ValueError("cpu_max_bytes must be positive or None")
-        if self.prefetch_workers < 1:
-            raise ValueError("prefetch_workers must be >= 1")
+        _at_least("--engine.cache.cpu_max_adapters", self.cpu_max_adapters, 1)
+        _at_least("--engine.cache.cpu_max_bytes", self.cpu_max_bytes, 1)
+        _at_least("--engine.cache.prefetch_workers", self.prefetch_workers, 1)
 
 
 @dataclass
@@ -62,12 +79,15 @@ class EngineConfig:
     """CPU/disk tiers of the adapter cache."""
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_waiting < 0 or self.prefill_chunk < 1:
-            raise ValueError("max_batch and prefill_chunk must be >= 1, max_waiting >= 0")
+        for name, low in (("max_batch", 1), ("max_waiting", 0), ("max_seq_len", 2), ("prefill_chunk", 1),
+                          ("n_slots", 1), ("max_rank", 1), ("default_max_tokens", 1), ("torch_threads", 1)):
+            _at_least(f"--engine.{name}", getattr(self, name), low)
+        _positive_seconds("--engine.request_timeout_s", self.request_timeout_s)
         if self.n_slots is not None and self.n_slots < self.max_batch:
-            raise ValueError(f"n_slots ({self.n_slots}) must be >= max_batch ({self.max_batch})")
-        if self.dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"unsupported dtype {self.dtype!r}")
+            raise UserError(f"--engine.n_slots ({self.n_slots}) must be at least --engine.max_batch "
+                            f"({self.max_batch}): every running request holds an adapter slot")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--engine.dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
 
 
 @dataclass
@@ -101,3 +121,13 @@ class ServerConfig:
     """How often `watch_dir` is scanned."""
     drain_timeout_s: float = 30.0
     """On shutdown, how long running requests may take to finish."""
+
+    def __post_init__(self) -> None:
+        for name, low in (("max_body_bytes", 1), ("max_prompt_tokens", 1), ("max_tokens_limit", 1),
+                          ("drain_timeout_s", 0)):
+            _at_least(f"--server.{name}", getattr(self, name), low)
+        for name in ("request_timeout_s", "watch_interval_s"):
+            _positive_seconds(f"--server.{name}", getattr(self, name))
+        if self.admin_key is not None and self.admin_key == self.api_key:
+            raise UserError("--server.admin_key must differ from --server.api_key: inference clients must not manage "
+                            "experts")
