@@ -27,9 +27,9 @@ def make_corpus(root: Path) -> Path:
 
 
 def cluster_args(corpus: Path, base: Path, out: Path, clusters: int = 2) -> list[str]:
-    """`upcycle cluster` on the small corpus with the fast tf-idf embedder."""
-    return ["cluster", "--data", str(corpus), "--base", str(base), "--clusters", str(clusters), "--embedder", "tfidf",
-            "--out", str(out)]
+    """`upcycle introvert cluster` on the small corpus with the fast tf-idf embedder."""
+    return ["introvert", "cluster", "--data", str(corpus), "--base", str(base), "--clustering.clusters", str(clusters),
+            "--clustering.embedder", "tfidf", "--out", str(out)]
 
 
 def run_cli(capsys, argv: list[str]) -> tuple[int, str, str]:

@@ -25,10 +25,10 @@ def corpus(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, corpus, tiny_llama_dir) -> Path:
     run = tmp_path_factory.mktemp("runs") / "run"
-    assert main(["cluster", "--data", str(corpus), "--base", str(tiny_llama_dir), "--clusters", "3",
-                 "--embedder", "tfidf", "--out", str(run), "--splits.validation", "0.1",
-                 "--splits.test", "0.2"]) == 0
-    assert main(["train-experts", str(run), *TINY_EXPERT]) == 0
+    assert main(["introvert", "cluster", "--data", str(corpus), "--base", str(tiny_llama_dir),
+                 "--clustering.clusters", "3", "--clustering.embedder", "tfidf", "--out", str(run),
+                 "--splits.validation", "0.1", "--splits.test", "0.2"]) == 0
+    assert main(["introvert", "train-experts", str(run), *TINY_EXPERT]) == 0
     return run
 
 
@@ -55,7 +55,7 @@ def test_experts_are_plain_peft_adapters(trained_run, tiny_llama_dir):
 
 def test_rerun_skips_finished_experts(trained_run, capsys):
     before = {p: p.stat().st_mtime_ns for p in (trained_run / "experts").rglob("adapter_model.safetensors")}
-    assert main(["train-experts", str(trained_run), *TINY_EXPERT]) == 0
+    assert main(["introvert", "train-experts", str(trained_run), *TINY_EXPERT]) == 0
     assert "0 experts trained, 3 already done" in capsys.readouterr().out
     assert before == {p: p.stat().st_mtime_ns for p in before}
 
@@ -77,7 +77,7 @@ def test_python_api_routes_scores_and_generates(trained_run):
 
 
 def test_evaluate_scores_every_method_and_writes_the_report(trained_run):
-    assert main(["evaluate", str(trained_run), "--eval.bootstrap", "50"]) == 0
+    assert main(["introvert", "evaluate", str(trained_run), "--eval.bootstrap", "50"]) == 0
     results = json.loads((trained_run / "eval" / "results.json").read_text())
     assert set(results["methods"]) == {"base", "routed", "oracle", "best", "random", "lora-all", "lora-wide", "full"}
     methods = results["methods"]
@@ -143,14 +143,15 @@ def _fails_with(capsys, argv, needle):
 
 
 def test_missing_path_empty_corpus_and_too_many_clusters(tmp_path, capsys, tiny_llama_dir, corpus):
-    base = ["--base", str(tiny_llama_dir), "--embedder", "tfidf"]
-    _fails_with(capsys, ["cluster", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"), *base],
-                "no such file or directory")
+    base = ["--base", str(tiny_llama_dir), "--clustering.embedder", "tfidf"]
+    _fails_with(capsys, ["introvert", "cluster", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r"),
+                         *base], "no such file or directory")
     (tmp_path / "empty").mkdir()
-    _fails_with(capsys, ["cluster", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"), *base],
-                "no usable text")
-    _fails_with(capsys, ["cluster", "--data", str(corpus), "--base", str(tiny_llama_dir), "--clusters", "500",
-                         "--embedder", "tfidf", "--out", str(tmp_path / "r")], "--clusters <=")
+    _fails_with(capsys, ["introvert", "cluster", "--data", str(tmp_path / "empty"), "--out", str(tmp_path / "r"),
+                         *base], "no usable text")
+    _fails_with(capsys, ["introvert", "cluster", "--data", str(corpus), "--base", str(tiny_llama_dir),
+                         "--clustering.clusters", "500", "--clustering.embedder", "tfidf",
+                         "--out", str(tmp_path / "r")], "--clustering.clusters <=")
 
 
 def test_unwritable_output_directory(tmp_path, capsys, corpus, tiny_llama_dir):
@@ -163,12 +164,13 @@ def test_unwritable_output_directory(tmp_path, capsys, corpus, tiny_llama_dir):
         out = target / "run"
     else:
         out = locked / "run"
-    _fails_with(capsys, ["cluster", "--data", str(corpus), "--base", str(tiny_llama_dir), "--embedder", "tfidf",
-                         "--clusters", "2", "--out", str(out)], "cannot write")
+    _fails_with(capsys, ["introvert", "cluster", "--data", str(corpus), "--base", str(tiny_llama_dir),
+                         "--clustering.embedder", "tfidf", "--clustering.clusters", "2", "--out", str(out)],
+                "cannot write")
 
 
 def test_not_a_run_directory(tmp_path, capsys):
-    _fails_with(capsys, ["train-experts", str(tmp_path)], "not a run directory")
+    _fails_with(capsys, ["introvert", "train-experts", str(tmp_path)], "not a run directory")
 
 
 def test_corrupt_and_foreign_adapters_are_refused(trained_run, tmp_path, capsys, tiny_tokenizer):
@@ -177,25 +179,26 @@ def test_corrupt_and_foreign_adapters_are_refused(trained_run, tmp_path, capsys,
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
     (run / "experts" / "expert-00001" / "adapter_model.safetensors").write_bytes(b"garbage")
-    _fails_with(capsys, ["generate", str(run), "import json", "--expert", "expert-00001"], "expert-00001")
+    _fails_with(capsys, ["introvert", "generate", str(run), "import json", "--expert", "expert-00001"], "expert-00001")
     # an adapter trained on another base (same architecture, other weights)
     other = save_tiny_llama(tmp_path / "other-base", tiny_tokenizer, seed=7)
     meta = json.loads((run / "run.json").read_text())
     meta["base"] = str(other)
     (run / "run.json").write_text(json.dumps(meta))
-    _fails_with(capsys, ["generate", str(run), "import json", "--expert", "expert-00002"], "another base model")
+    _fails_with(capsys, ["introvert", "generate", str(run), "import json", "--expert", "expert-00002"],
+                "another base model")
 
 
 def test_ctrl_c_leaves_no_half_written_expert_and_rerun_finishes(tmp_path, corpus, tiny_llama_dir):
     run = tmp_path / "run"
-    assert main(["cluster", "--data", str(corpus), "--base", str(tiny_llama_dir), "--clusters", "3",
-                 "--embedder", "tfidf", "--out", str(run)]) == 0
+    assert main(["introvert", "cluster", "--data", str(corpus), "--base", str(tiny_llama_dir),
+                 "--clustering.clusters", "3", "--clustering.embedder", "tfidf", "--out", str(run)]) == 0
     # long enough per expert (thousands of steps) that the interrupt surely lands inside the second one
     slow = ["--expert.tokens_per_expert", "300000", "--expert.batch_size", "2", "--expert.block_size", "64"]
     env = dict(os.environ, UPCYCLE_NO_PROGRESS="1", UPCYCLE_LOG="INFO")
     # A shell without job control starts background jobs with SIGINT ignored, and children inherit that (e.g.
     # `make test &`): give the child the default disposition so that Python turns SIGINT into KeyboardInterrupt.
-    proc = subprocess.Popen([sys.executable, "-m", "upcycle.cli", "train-experts", str(run), *slow],
+    proc = subprocess.Popen([sys.executable, "-m", "upcycle.cli", "introvert", "train-experts", str(run), *slow],
                             stderr=subprocess.PIPE, text=True, env=env,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     seen = []
@@ -211,16 +214,17 @@ def test_ctrl_c_leaves_no_half_written_expert_and_rerun_finishes(tmp_path, corpu
     assert (experts / "expert-00000" / "adapter_model.safetensors").is_file()
     # Other settings than expert-00000 was trained with: refused, and run.json still says how it was trained.
     before = (run / "run.json").read_text()
-    assert main(["train-experts", str(run), *TINY_EXPERT]) == 2
+    assert main(["introvert", "train-experts", str(run), *TINY_EXPERT]) == 2
     assert (run / "run.json").read_text() == before
     shutil.rmtree(experts)  # what the error suggests to train every expert with the new settings
-    assert main(["train-experts", str(run), *TINY_EXPERT]) == 0
+    assert main(["introvert", "train-experts", str(run), *TINY_EXPERT]) == 0
     assert len(list((run / "experts").glob("expert-*"))) == 3
 
 
 def test_ablation_over_k_reuses_embeddings_and_reports_intervals(trained_run):
-    code = main(["ablate", str(trained_run), "--clusters", "[1,2]", "--seeds", "[0,1]", "--total_tokens", "512",
-                 "--expert.batch_size", "2", "--expert.block_size", "64", "--eval.bootstrap", "20"])
+    code = main(["introvert", "ablate", str(trained_run), "--clusters", "[1,2]", "--seeds", "[0,1]",
+                 "--total_tokens", "512", "--expert.batch_size", "2", "--expert.block_size", "64",
+                 "--eval.bootstrap", "20"])
     assert code == 0
     ablation = json.loads((trained_run / "eval" / "ablation.json").read_text())
     assert set(ablation["by_k"]) == {"1", "2"}
@@ -237,10 +241,10 @@ def test_ray_executor_trains_the_same_experts(tmp_path, corpus, tiny_llama_dir):
     import ray
 
     run = tmp_path / "run"
-    assert main(["cluster", "--data", str(corpus), "--base", str(tiny_llama_dir), "--clusters", "2",
-                 "--embedder", "tfidf", "--out", str(run)]) == 0
+    assert main(["introvert", "cluster", "--data", str(corpus), "--base", str(tiny_llama_dir),
+                 "--clustering.clusters", "2", "--clustering.embedder", "tfidf", "--out", str(run)]) == 0
     try:
-        assert main(["train-experts", str(run), "--executor", "ray", *TINY_EXPERT]) == 0
+        assert main(["introvert", "train-experts", str(run), "--executor", "ray", *TINY_EXPERT]) == 0
     finally:
         ray.shutdown()
     assert sorted(p.name for p in (run / "experts").iterdir()) == ["expert-00000", "expert-00001"]

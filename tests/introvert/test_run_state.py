@@ -54,7 +54,7 @@ def clustered(tmp_path_factory, corpus, tiny_llama_dir) -> Path:
 def trained(tmp_path_factory, clustered) -> Path:
     run = tmp_path_factory.mktemp("runs") / "trained"
     shutil.copytree(clustered, run)
-    assert main(["train-experts", str(run), *TINY_EXPERT]) == 0
+    assert main(["introvert", "train-experts", str(run), *TINY_EXPERT]) == 0
     return run
 
 
@@ -103,10 +103,10 @@ def test_a_second_train_experts_is_told_who_holds_the_run(tmp_path, capsys, trai
     holder = _hold_lock(run)
     try:
         before = tree(run)
-        code, _, err = run_cli(capsys, ["train-experts", run, *TINY_EXPERT])
+        code, _, err = run_cli(capsys, ["introvert", "train-experts", run, *TINY_EXPERT])
         assert_one_line_error(code, err, f"is in use by process {holder.pid} on ")
         assert "train-experts" in err and tree(run) == before
-        code, _, err = run_cli(capsys, ["evaluate", run])
+        code, _, err = run_cli(capsys, ["introvert", "evaluate", run])
         assert_one_line_error(code, err, f"process {holder.pid}")
     finally:
         holder.kill()
@@ -119,10 +119,10 @@ def test_the_lock_of_a_killed_process_is_taken_over(tmp_path, capsys, trained):
     holder.send_signal(signal.SIGKILL)  # no cleanup runs: its record stays in the lock file
     holder.wait()
     assert str(holder.pid) in (run / ".upcycle-lock").read_text()
-    code, out, err = run_cli(capsys, ["train-experts", run, *TINY_EXPERT])
+    code, out, err = run_cli(capsys, ["introvert", "train-experts", run, *TINY_EXPERT])
     assert code == 0 and "0 experts trained, 2 already done" in out, err
     (run / ".upcycle-lock").write_text(json.dumps({"pid": 999_999_999, "host": "elsewhere"}))  # a record, no lock
-    assert run_cli(capsys, ["train-experts", run, *TINY_EXPERT])[0] == 0
+    assert run_cli(capsys, ["introvert", "train-experts", run, *TINY_EXPERT])[0] == 0
 
 
 # -- item 12: full disks and read-only runs ----------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_a_read_only_run_fails_before_any_work(tmp_path, capsys, trained, monkey
     monkeypatch.setattr("upcycle.introvert.evaluate.load_base", _no_work)
     make_read_only(monkeypatch, run)
     try:
-        code, _, err = run_cli(capsys, [command, run])
+        code, _, err = run_cli(capsys, ["introvert", command, run])
     finally:
         restore_writable(run)
     assert_one_line_error(code, err, f"cannot write to {run}")
@@ -191,7 +191,7 @@ def test_stale_temporaries_of_a_killed_save_are_removed_on_the_next_run(tmp_path
     (experts / ".expert-00000.old-4242").mkdir()
     (run / ".run.json.q1w2e3.tmp").write_text("{")
     (experts / "my-notes.txt").write_text("kept")  # not ours: never removed
-    code, _, err = run_cli(capsys, ["train-experts", run, *TINY_EXPERT])
+    code, _, err = run_cli(capsys, ["introvert", "train-experts", run, *TINY_EXPERT])
     assert code == 0, err
     assert sorted(p.name for p in experts.iterdir()) == ["expert-00000", "expert-00001", "my-notes.txt"]
     assert not (run / ".run.json.q1w2e3.tmp").exists()
@@ -204,7 +204,7 @@ def test_an_expert_without_adapter_config_is_trained_again(tmp_path, capsys, tra
     run = copy_of(trained, tmp_path)
     (run / "experts" / "expert-00001" / "adapter_config.json").unlink()
     assert Run(run).expert_ids() == ["expert-00000"]  # not counted as done
-    code, out, err = run_cli(capsys, ["train-experts", run, *TINY_EXPERT])
+    code, out, err = run_cli(capsys, ["introvert", "train-experts", run, *TINY_EXPERT])
     assert code == 0 and "1 experts trained, 1 already done" in out, err
     assert_run_loads(run, experts=2)
 
@@ -223,7 +223,7 @@ def test_train_experts_with_other_settings_on_a_trained_run_is_refused(tmp_path,
     run = copy_of(trained, tmp_path)
     before = tree(run)
     other = ["--expert.tokens_per_expert", "1024", "--expert.batch_size", "2", "--expert.block_size", "64"]
-    code, _, err = run_cli(capsys, ["train-experts", run, *other])
+    code, _, err = run_cli(capsys, ["introvert", "train-experts", run, *other])
     assert_one_line_error(code, err, "was trained with --expert.tokens_per_expert 512")
     assert tree(run) == before  # run.json still describes the training that happened
     assert json.loads((run / "run.json").read_text())["experts"]["config"]["tokens_per_expert"] == 512
@@ -243,7 +243,7 @@ def test_an_interrupted_train_experts_resumes_with_the_same_settings(tmp_path, c
 
     with monkeypatch.context() as patch:
         patch.setattr("upcycle.introvert.experts.train_lora_adapter", interrupted_second)
-        assert run_cli(capsys, ["train-experts", run, *TINY_EXPERT])[0] == 130
-    code, out, err = run_cli(capsys, ["train-experts", run, *TINY_EXPERT])
+        assert run_cli(capsys, ["introvert", "train-experts", run, *TINY_EXPERT])[0] == 130
+    code, out, err = run_cli(capsys, ["introvert", "train-experts", run, *TINY_EXPERT])
     assert code == 0 and "1 experts trained, 1 already done" in out, err
     assert_run_loads(run, experts=2)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from upcycle.masks.config import MaskConfig, MaskTrainConfig
 
 
 def tiny_decoder(kind: str = "llama", seed: int = 0, dtype: torch.dtype = torch.float32, **overrides):
@@ -55,3 +58,12 @@ def corpus_dir(tmp_path: Path) -> Path:
                  "shlex.py", "glob.py", "fnmatch.py", "colorsys.py", "calendar.py"]:
         (root / name.replace("/", "_")).write_text((stdlib_root() / name).read_text(encoding="utf-8"))
     return root
+
+
+def small_recipe(target: float = 0.6, experts: int = 4, steps: int = 12, batch_size: int = 2,
+                 block_size: int = 32) -> MaskTrainConfig:
+    """The mask commands' --recipe at a test's size: the defaults of the command line otherwise, with a checkpoint
+    every tenth of the steps and the warm-up cut to the run."""
+    train = replace(MaskTrainConfig().train, steps=steps, batch_size=batch_size, warmup_steps=min(10, steps),
+                    checkpoint_every=max(1, steps // 10))
+    return MaskTrainConfig(target=target, masks=MaskConfig(experts=experts), block_size=block_size, train=train)

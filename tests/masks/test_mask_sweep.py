@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mask_helpers import corpus_dir, shape_gates, tiny_decoder
+from mask_helpers import corpus_dir, shape_gates, small_recipe, tiny_decoder
 
 from upcycle.errors import UserError
 from upcycle.masks.analysis import analyze_masks
 from upcycle.masks.baselines.teal import ThresholdFFN, sparsify_activations
 from upcycle.masks.compact import compact_layers, compact_model
-from upcycle.masks.config import MaskConfig
+from upcycle.masks.config import BaselineSettings, MaskConfig
 from upcycle.masks.latency import measure_latency, round_robin
 from upcycle.masks.surgery import add_masks, masked_ffns
 from upcycle.masks.sweep import merge_sweeps, write_sweep
@@ -79,8 +79,8 @@ def test_sweep_compares_every_method_and_writes_the_report(tmp_path, tiny_llama_
     from upcycle.masks import commands
 
     out = tmp_path / "sweep"
-    commands.sweep(str(tiny_llama_dir), targets=[0.5], experts=4, out=str(out), steps=6, batch_size=2, block_size=32,
-                   eval_blocks=3, data=str(corpus_dir(tmp_path)), moefication_experts=4, latency_rounds=1,
+    commands.sweep(str(tiny_llama_dir), out=str(out), data=str(corpus_dir(tmp_path)), eval_blocks=3, targets=[0.5],
+                   recipe=small_recipe(steps=6), baselines=BaselineSettings(moefication_experts=4), latency_rounds=1,
                    splits=SplitConfig(validation=0.25, test=0.25))
     printed = capsys.readouterr().out
     summary = read_json(out / "sweep.json")
@@ -117,15 +117,17 @@ def test_sweep_compares_every_method_and_writes_the_report(tmp_path, tiny_llama_
         merge_sweeps([summary, dict(again, config={})])
 
 
-def test_sweep_and_train_refuse_bad_input(tmp_path, tiny_llama_dir, tiny_tokenizer):
+def test_sweep_and_train_refuse_bad_input(tmp_path, tiny_llama_dir, tiny_tokenizer, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from upcycle.cli import main
     from upcycle.masks import commands
 
     with pytest.raises(UserError, match="unknown method 'magic'"):
         commands.sweep(str(tiny_llama_dir), methods=["masks", "magic"], out=str(tmp_path / "a"))
-    with pytest.raises(UserError, match="--moefication_experts"):
-        commands.sweep(str(tiny_llama_dir), moefication_experts=0, out=str(tmp_path / "b"))
+    assert main(["masks", "sweep", "--base", str(tiny_llama_dir), "--baselines.moefication_experts", "0",
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "--baselines.moefication_experts must be >= 1" in capsys.readouterr().err
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=32, n_layer=1, n_head=2)).save_pretrained(gpt2)
     tiny_tokenizer.save_pretrained(gpt2)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from mask_helpers import corpus_dir, tiny_decoder
+from mask_helpers import corpus_dir, small_recipe, tiny_decoder
 
 from upcycle.errors import UserError
 from upcycle.masks.config import MaskConfig, MaskTrainConfig
@@ -79,8 +79,8 @@ def test_train_analyze_and_refuse_another_base(tmp_path, tiny_llama_dir, tiny_to
 
     run = tmp_path / "run"
     splits = SplitConfig(validation=0.3, test=0.0)
-    commands.train(str(tiny_llama_dir), target=0.6, experts=4, out=str(run), steps=12, batch_size=2, block_size=32,
-                   eval_blocks=4, data=str(corpus_dir(tmp_path)), splits=splits)
+    commands.train(str(tiny_llama_dir), out=str(run), data=str(corpus_dir(tmp_path)), eval_blocks=4,
+                   recipe=small_recipe(steps=12), splits=splits)
     assert "of FFN neurons active per token" in capsys.readouterr().out
     meta = read_json(run / "masks.json")
     assert meta["base"]["path"] == str(Path(tiny_llama_dir).resolve())
@@ -108,22 +108,24 @@ def test_oversized_compact_export_is_skipped_with_a_reason(tmp_path, tiny_llama_
 
     monkeypatch.setattr(pipeline, "SKIP_COMPACT_ABOVE", (0.5, 0))  # this tiny export counts as "too large"
     run = tmp_path / "run"
-    commands.train(str(tiny_llama_dir), target=0.6, experts=4, out=str(run), steps=4, batch_size=2, block_size=32,
-                   eval_blocks=2, data=str(corpus_dir(tmp_path)), splits=SplitConfig(validation=0.3, test=0.0))
+    commands.train(str(tiny_llama_dir), out=str(run), data=str(corpus_dir(tmp_path)), eval_blocks=2,
+                   recipe=small_recipe(steps=4), splits=SplitConfig(validation=0.3, test=0.0))
     assert "compact export skipped" in capsys.readouterr().out
     compact = read_json(run / "masks.json")["compact"]
-    assert "use fewer --experts" in compact["skipped"] and compact["packed_rows_ratio"] > 0.5
+    assert "use fewer --recipe.masks.experts" in compact["skipped"] and compact["packed_rows_ratio"] > 0.5
     assert not (run / "compact").exists() and (run / "masks.safetensors").is_file()
 
 
-def test_cli_refuses_bad_targets_experts_and_bases(tmp_path, tiny_llama_dir):
+def test_cli_refuses_bad_targets_experts_and_bases(tmp_path, tiny_llama_dir, capsys):
+    from upcycle.cli import main
     from upcycle.masks import commands
 
-    with pytest.raises(UserError, match="--target"):
-        commands.train(str(tiny_llama_dir), target=1.5, out=str(tmp_path / "a"))
-    with pytest.raises(UserError, match="--experts"):
-        commands.train(str(tiny_llama_dir), experts=0, out=str(tmp_path / "b"))
-    with pytest.raises(UserError, match="--target"):
-        commands.sweep(str(tiny_llama_dir), targets=[0.5, 0.0], out=str(tmp_path / "c"))
+    for argv, flag in [(["train", "--recipe.target", "1.5"], "--recipe.target"),
+                       (["train", "--recipe.masks.experts", "0"], "--recipe.masks.experts"),
+                       (["sweep", "--targets", "[0.5, 0.0]"], "--recipe.target")]:
+        assert main(["masks", *argv, "--base", str(tiny_llama_dir), "--out", str(tmp_path / "a")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith("upcycle: error: ") and flag in err and "\n" not in err, err
+    assert not (tmp_path / "a").exists()
     with pytest.raises(UserError, match="not a mask run"):
         commands.analyze(str(tmp_path))

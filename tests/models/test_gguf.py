@@ -154,7 +154,7 @@ def test_cli_prints_one_line_for_a_bad_gguf(tmp_path, capsys):
 
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\x00" * 10)
-    assert main(["cluster", "--base", f"gguf:{bad}", "--out", str(tmp_path / "run")]) == 2
+    assert main(["introvert", "cluster", "--base", f"gguf:{bad}", "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("upcycle: error:") and "\n" not in err and "truncated or corrupt" in err
 

@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from upcycle.data.corpus import stdlib_root
 from upcycle.moe.commands import moe_export_mixtral, moe_inspect, moe_train, moe_upcycle
+from upcycle.moe.config import MoEConfig
 from upcycle.moe.train import real_token_mask
 from upcycle.training.config import TrainConfig
 
@@ -25,7 +26,8 @@ def test_upcycle_train_export_inspect(tiny_llama_dir, tmp_path, capsys):
     for i, name in enumerate(["heapq.py", "bisect.py", "textwrap.py", "fractions.py"]):
         (data / f"{i}.py").write_text((stdlib_root() / name).read_text(encoding="utf-8"))
 
-    upcycled = moe_upcycle(str(tiny_llama_dir), out=str(tmp_path / "moe"), experts=4, router="st_moe")
+    upcycled = moe_upcycle(str(tiny_llama_dir), out=str(tmp_path / "moe"),
+                           moe=MoEConfig(num_experts=4, router="st_moe"))
     line = capsys.readouterr().out
     assert float(line.rsplit("=", 1)[1]) <= 1e-5  # the step-0 drift it reports
 

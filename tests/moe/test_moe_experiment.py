@@ -121,6 +121,6 @@ def test_cli_bad_input_exits_with_one_line(tmp_path, capsys):
 
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps({"prompt": "p"}) + "\n")
-    assert main(["moe-experiment", "--out", str(tmp_path / "run"), "--mixture.data", str(data)]) == 2
+    assert main(["moe", "experiment", "--out", str(tmp_path / "run"), "--mixture.data", str(data)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("upcycle: error:") and "no column 'response'" in err and "\n" not in err

@@ -61,9 +61,9 @@ class Case:
     check: Callable[[Ctx], None] | None = None
 
 
-CLUSTER = ("cluster", "--data", "{corpus}", "--base", "{base}", "--clusters", "2", "--embedder", "tfidf", "--out",
-           "{run}")
-TRAIN = ("train-experts", "{run}", *TINY_EXPERT)
+CLUSTER = ("introvert", "cluster", "--data", "{corpus}", "--base", "{base}", "--clustering.clusters", "2",
+           "--clustering.embedder", "tfidf", "--out", "{run}")
+TRAIN = ("introvert", "train-experts", "{run}", *TINY_EXPERT)
 
 
 def cluster_with(*extra: str, data: str = "{corpus}") -> tuple[str, ...]:
@@ -249,7 +249,7 @@ CASES = [
     Case("cluster-disk-full-fresh", CLUSTER, needle="No space left on device", start="none",
          prepare=disk_full_in("upcycle.introvert.clustering_step.fit_and_label"), loads=False,
          check=only_the_lock_left),
-    Case("cluster-disk-full-at-run-json", cluster_with("--clusters", "3"), needle="No space left on device",
+    Case("cluster-disk-full-at-run-json", cluster_with("--clustering.clusters", "3"), needle="No space left on device",
          start="clustered", prepare=disk_full_in("upcycle.introvert.clustering_step.write_json", "run.json"),
          check=untouched),
     Case("cluster-corrupt-run-json", CLUSTER, needle="is not valid JSON", start="clustered",
@@ -259,13 +259,13 @@ CASES = [
          loads=False, check=nothing_created),
     Case("cluster-empty-data", cluster_with(data="{tmp}/empty"), needle="no usable text", start="none",
          prepare=empty_data_directory, loads=False, check=nothing_created),
-    Case("cluster-too-many-clusters", cluster_with("--clusters", "500"), needle="--clusters <=", start="none",
-         loads=False),
-    Case("cluster-zero-clusters", cluster_with("--clusters", "0"), needle="--clusters must be >= 1", start="none",
-         loads=False),
-    Case("cluster-bad-metric", cluster_with("--metric", "manhattan"), needle="--metric manhattan", start="none",
-         loads=False),
-    Case("cluster-bad-embedder", cluster_with("--embedder", "bert"), needle="unknown embedder", start="none",
+    Case("cluster-too-many-clusters", cluster_with("--clustering.clusters", "500"), needle="--clustering.clusters <=",
+         start="none", loads=False),
+    Case("cluster-zero-clusters", cluster_with("--clustering.clusters", "0"),
+         needle="--clustering.clusters must be >= 1", start="none", loads=False),
+    Case("cluster-bad-metric", cluster_with("--clustering.metric", "manhattan"), needle="--clustering.metric manhattan",
+         start="none", loads=False),
+    Case("cluster-bad-embedder", cluster_with("--clustering.embedder", "bert"), needle="unknown embedder", start="none",
          loads=False, check=nothing_created),
     Case("cluster-bad-splits", cluster_with("--splits.test", "1.5"), needle="split fractions", start="none",
          loads=False),
@@ -283,9 +283,9 @@ CASES = [
          prepare=jsonl()),
     # cluster: reruns (item 13)
     Case("cluster-rerun-same", CLUSTER, code=0, prepare=snapshot, check=untouched),
-    Case("cluster-rerun-other-k-on-trained", cluster_with("--clusters", "3"), needle="already holds experts",
+    Case("cluster-rerun-other-k-on-trained", cluster_with("--clustering.clusters", "3"), needle="already holds experts",
          prepare=snapshot, check=untouched),
-    Case("cluster-rerun-other-k-untrained", cluster_with("--clusters", "3"), code=0, start="clustered",
+    Case("cluster-rerun-other-k-untrained", cluster_with("--clustering.clusters", "3"), code=0, start="clustered",
          check=refitted_with_three),
     Case("cluster-restores-deleted-centroids", CLUSTER, code=0, prepare=delete("clusters/centroids.npy"),
          check=centroids_back),
@@ -321,22 +321,26 @@ CASES = [
     Case("train-disk-full-in-safetensors", TRAIN, needle="No space left on device; free some disk space",
          prepare=disk_fills_saving_safetensors, check=no_temporaries),
     # evaluate, generate, report, ablate
-    Case("evaluate-before-training", ("evaluate", "{run}"), needle="experts missing", start="clustered"),
-    Case("evaluate-read-only", ("evaluate", "{run}"), needle="cannot write", prepare=read_only, check=untouched),
-    Case("evaluate-locked", ("evaluate", "{run}"), needle="is in use by process", prepare=locked_by_another_process),
-    Case("evaluate-bad-split", ("evaluate", "{run}", "--eval.split", "dev"), needle="--eval.split dev"),
-    Case("evaluate-bootstrap-0", ("evaluate", "{run}", "--eval.bootstrap", "0"), needle="--eval.bootstrap"),
-    Case("generate-unknown-expert", ("generate", "{run}", "import json", "--expert", "expert-00042"),
+    Case("evaluate-before-training", ("introvert", "evaluate", "{run}"), needle="experts missing", start="clustered"),
+    Case("evaluate-read-only", ("introvert", "evaluate", "{run}"), needle="cannot write", prepare=read_only,
+         check=untouched),
+    Case("evaluate-locked", ("introvert", "evaluate", "{run}"), needle="is in use by process",
+         prepare=locked_by_another_process),
+    Case("evaluate-bad-split", ("introvert", "evaluate", "{run}", "--eval.split", "dev"), needle="--eval.split dev"),
+    Case("evaluate-bootstrap-0", ("introvert", "evaluate", "{run}", "--eval.bootstrap", "0"),
+         needle="--eval.bootstrap"),
+    Case("generate-unknown-expert", ("introvert", "generate", "{run}", "import json", "--expert", "expert-00042"),
          needle="expert-00042"),
-    Case("generate-bad-expert-id", ("generate", "{run}", "import json", "--expert", "nonsense"),
+    Case("generate-bad-expert-id", ("introvert", "generate", "{run}", "import json", "--expert", "nonsense"),
          needle="is not an expert id"),
-    Case("generate-zero-tokens", ("generate", "{run}", "import json", "--max_new_tokens", "0"),
+    Case("generate-zero-tokens", ("introvert", "generate", "{run}", "import json", "--max_new_tokens", "0"),
          needle="max_new_tokens must be >= 1"),
-    Case("generate-corrupt-adapter", ("generate", "{run}", "import json", "--expert", "expert-00001"),
+    Case("generate-corrupt-adapter", ("introvert", "generate", "{run}", "import json", "--expert", "expert-00001"),
          needle="expert-00001", prepare=corrupt("experts/expert-00001/adapter_model.safetensors")),
-    Case("generate-not-a-run", ("generate", "{tmp}", "import json"), needle="not a run directory"),
-    Case("report-before-evaluate", ("report", "{run}"), needle="results.json does not exist"),
-    Case("ablate-zero-clusters", ("ablate", "{run}", "--clusters", "[0]"), needle="--clusters must be >= 1"),
+    Case("generate-not-a-run", ("introvert", "generate", "{tmp}", "import json"), needle="not a run directory"),
+    Case("report-before-evaluate", ("introvert", "report", "{run}"), needle="results.json does not exist"),
+    Case("ablate-zero-clusters", ("introvert", "ablate", "{run}", "--clusters", "[0]"),
+         needle="--clusters must be >= 1"),
 ]
 
 
@@ -348,7 +352,7 @@ def shared(tmp_path_factory, tiny_llama_dir) -> dict[str, Path]:
     clustered, trained = root / "clustered", root / "trained"
     assert main(cluster_args(corpus, tiny_llama_dir, clustered)) == 0
     shutil.copytree(clustered, trained)
-    assert main(["train-experts", str(trained), *TINY_EXPERT]) == 0
+    assert main(["introvert", "train-experts", str(trained), *TINY_EXPERT]) == 0
     return {"corpus": corpus, "clustered": clustered, "trained": trained}
 
 

@@ -407,13 +407,16 @@ def test_the_server_serves_after_the_fuzz(server):
 
 # -- items 8 and 9: `upcycle serve` refuses bad flags and a missing extra in one line ---------------------------------
 @pytest.mark.parametrize(("flags", "named"), [
-    (["--max_batch", "0"], "--max_batch"), (["--dtype", "int8"], "--dtype"), (["--port", "70000"], "--port"),
-    (["--port", "0"], "--port"), (["--cpu_adapters", "0"], "--cpu_adapters"), (["--n_slots", "2"], "--n_slots"),
-    (["--max_waiting", "-1"], "--max_waiting"), (["--request_timeout", "0"], "--request_timeout"),
-    (["--device", "tpu"], "--device"),
-    (["--max_seq_len", "1"], "--max_seq_len"), (["--threads", "0"], "--threads"),
-    (["--log_level", "loud"], "--log_level"), (["--max_body_bytes", "0"], "--max_body_bytes"),
-    (["--api_key", "same", "--admin_key", "same"], "--admin_key"),
+    (["--engine.max_batch", "0"], "--engine.max_batch"), (["--engine.dtype", "int8"], "--engine.dtype"),
+    (["--port", "70000"], "--port"), (["--port", "0"], "--port"),
+    (["--engine.cache.cpu_max_adapters", "0"], "--engine.cache.cpu_max_adapters"),
+    (["--engine.n_slots", "2"], "--engine.n_slots"), (["--engine.max_waiting", "-1"], "--engine.max_waiting"),
+    (["--engine.request_timeout_s", "0"], "--engine.request_timeout_s"),
+    (["--server.request_timeout_s", "0"], "--server.request_timeout_s"),
+    (["--engine.device", "tpu"], "--engine.device"), (["--engine.max_seq_len", "1"], "--engine.max_seq_len"),
+    (["--engine.torch_threads", "0"], "--engine.torch_threads"),
+    (["--log_level", "loud"], "--log_level"), (["--server.max_body_bytes", "0"], "--server.max_body_bytes"),
+    (["--server.api_key", "same", "--server.admin_key", "same"], "--server.admin_key"),
 ])
 def test_bad_serve_flags_are_one_line_errors(run_dir, capsys, flags, named):
     from upcycle.cli import main
@@ -421,6 +424,15 @@ def test_bad_serve_flags_are_one_line_errors(run_dir, capsys, flags, named):
     assert main(["serve", str(run_dir), *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("upcycle: error: ") and named in err and "\n" not in err, err
+
+
+def test_serve_refuses_an_admin_key_from_the_environment_equal_to_the_api_key(run_dir, capsys, monkeypatch):
+    from upcycle.cli import main
+
+    monkeypatch.setenv("UPCYCLE_ADMIN_KEY", "same")
+    assert main(["serve", str(run_dir), "--server.api_key", "same"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("upcycle: error: ") and "--server.admin_key" in err and "\n" not in err, err
 
 
 def test_serve_without_the_serve_extra_names_it(run_dir, capsys, monkeypatch):
