@@ -60,11 +60,11 @@ def test_prepare_trains_only_gates_unless_routers_are_asked_for():
 
 
 def test_bad_init_settings():
-    with pytest.raises(UserError, match="--init must be one of"):
+    with pytest.raises(UserError, match="--recipe.masks.init must be one of"):
         MaskConfig(init="kmeans")
     with pytest.raises(UserError, match="router_bias"):
         MaskConfig(router_bias=False)
     with pytest.raises(UserError, match="train_routers"):
         MaskTrainConfig(masks=MaskConfig(init="open"))
-    with pytest.raises(UserError, match="at least --experts"):
+    with pytest.raises(UserError, match="at least --recipe.masks.experts"):
         cluster_starts(tiny_decoder(), TOKENS[:1, :4], experts=6)

@@ -64,5 +64,5 @@ def test_target_ramp_and_state_round_trip():
 
 @pytest.mark.parametrize("target", [0.0, -0.1, 1.5])
 def test_target_outside_unit_interval_is_refused(target):
-    with pytest.raises(UserError, match="--target"):
+    with pytest.raises(UserError, match="--recipe.target"):
         LagrangianConfig(target=target)

@@ -59,8 +59,9 @@ def test_training_resumes_with_its_multipliers(tmp_path):
 
 
 @pytest.mark.parametrize(("overrides", "message"), [
-    ({"target": 0.0}, "--target"), ({"target": 1.2}, "--target"), ({"warmup_fraction": 1.5}, "--warmup_fraction"),
-    ({"block_size": 1}, "--block_size"), ({"lambda_lr": 0.0}, "multipliers"),
+    ({"target": 0.0}, "--recipe.target"), ({"target": 1.2}, "--recipe.target"),
+    ({"warmup_fraction": 1.5}, "--recipe.warmup_fraction"), ({"block_size": 1}, "--recipe.block_size"),
+    ({"lambda_lr": 0.0}, "multipliers"),
 ])
 def test_bad_training_settings(overrides, message):
     with pytest.raises(UserError, match=message):

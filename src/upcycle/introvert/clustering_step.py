@@ -1,4 +1,4 @@
-"""`upcycle cluster`: embed the corpus, fit K centroids on the training split, label every document.
+"""`upcycle introvert cluster`: embed the corpus, fit K centroids on the training split, label every document.
 
 Writes RUN/run.json and RUN/clusters/ (centroids, assignments, the fitted embedder, per-split embeddings so other
 K can be fitted without embedding again, each document's own cluster, and a readable summary). Rerunning with the

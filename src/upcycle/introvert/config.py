@@ -87,7 +87,7 @@ class BaselineConfig:
 
 @dataclass
 class EvalConfig:
-    """What `upcycle evaluate` measures."""
+    """What `upcycle introvert evaluate` measures."""
 
     split: str = "test"
     """Split scored for the headline numbers ('validation' when choosing settings)."""

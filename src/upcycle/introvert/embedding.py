@@ -199,7 +199,7 @@ class TfidfEmbedder(Embedder):
 
         path = directory / TFIDF_FILE
         if not path.is_file():
-            raise UserError(f"{path} is missing; rerun `upcycle cluster` to fit the tfidf embedder again")
+            raise UserError(f"{path} is missing; rerun `upcycle introvert cluster` to fit the tfidf embedder again")
         state = joblib.load(path)  # a pickle: only ever load the files this module wrote
         self._vectorizer, self._svd = state["vectorizer"], state["svd"]
 
@@ -277,7 +277,7 @@ def load_embedder(directory: str | Path) -> Embedder:
     directory = Path(directory)
     spec = read_json(directory / EMBEDDER_FILE)
     if not isinstance(spec, dict) or "kind" not in spec:
-        raise UserError(f"{directory / EMBEDDER_FILE} has no 'kind'; rerun `upcycle cluster`")
+        raise UserError(f"{directory / EMBEDDER_FILE} has no 'kind'; rerun `upcycle introvert cluster`")
     embedder = make_embedder(spec["kind"], **spec.get("options", {}))
     embedder._load_state(directory)
     return embedder

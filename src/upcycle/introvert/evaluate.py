@@ -1,4 +1,4 @@
-"""`upcycle evaluate`: held-out perplexity of routed experts against controls and matched baselines.
+"""`upcycle introvert evaluate`: held-out perplexity of routed experts against controls and matched baselines.
 
 Methods scored on the test split (every number comes from the same documents and token budget):
 - base: the frozen base alone.
@@ -118,7 +118,7 @@ def _evaluate(run: Run, config: EvalConfig, progress) -> dict:
     missing = [expert_id(c) for c in range(k) if expert_id(c) not in expert_ids]
     if not k or missing:
         raise UserError(f"{run.path}: experts missing ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''});"
-                        f" run `upcycle train-experts {run.path}` first")
+                        f" run `upcycle introvert train-experts {run.path}` first")
     data = load_run_data(run)
     docs = data.docs(config.split)
     if not docs:

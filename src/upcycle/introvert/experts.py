@@ -73,7 +73,7 @@ def train_experts(run_path: str, config: ExpertConfig, *, executor: str = "local
             log.info("removed %s, left by an interrupted run", path)
         meta = run.meta
         if "clusters" not in meta:
-            raise UserError(f"{run.path}: no clusters yet; run `upcycle cluster --out {run.path}` first")
+            raise UserError(f"{run.path}: no clusters yet; run `upcycle introvert cluster --out {run.path}` first")
         k = meta["clusters"]["k"]
         todo = clusters if clusters is not None else list(range(k))
         bad = [c for c in todo if not 0 <= c < k]

@@ -39,10 +39,10 @@ def check_adapter(run: Run, expert: str) -> Path:
 
     path = run.expert_dir(expert)
     if not path.is_dir():
-        raise UserError(f"{expert} is not trained in {run.path}; run `upcycle train-experts {run.path}`")
+        raise UserError(f"{expert} is not trained in {run.path}; run `upcycle introvert train-experts {run.path}`")
     for name in ("adapter_config.json", "adapter_model.safetensors"):
         if not (path / name).is_file():
-            raise UserError(f"{path} is incomplete (no {name}); delete it and rerun `upcycle train-experts "
+            raise UserError(f"{path} is incomplete (no {name}); delete it and rerun `upcycle introvert train-experts "
                             f"{run.path}`")
     meta_path = path / "train.json"
     if meta_path.is_file():
@@ -65,7 +65,7 @@ class IntrovertExperts:
 
     @classmethod
     def from_run(cls, path: str | Path, device: str | None = None, max_loaded: int = 64) -> IntrovertExperts:
-        """Load a run directory made by `upcycle cluster` and `upcycle train-experts`."""
+        """Load a run directory made by `upcycle introvert cluster` and `upcycle introvert train-experts`."""
         from upcycle.introvert.routing import load_sequence_router
         from upcycle.models.base import load_base
 
@@ -102,8 +102,8 @@ class IntrovertExperts:
                     self._peft.load_adapter(str(path), adapter_name=expert)
             except Exception as error:  # safetensors / shape errors: the file is not a usable adapter for this base
                 raise UserError(f"{expert}: cannot load {path} ({type(error).__name__}: "
-                                f"{str(error).splitlines()[0][:160]}); delete it and rerun `upcycle train-experts "
-                                f"{self.run.path}`") from None
+                                f"{str(error).splitlines()[0][:160]}); delete it and rerun "
+                                f"`upcycle introvert train-experts {self.run.path}`") from None
             self._loaded[expert] = None
             while len(self._loaded) > self.max_loaded:
                 old, _ = self._loaded.popitem(last=False)

@@ -2,11 +2,12 @@
 
 ```
 RUN/
-  run.json                 config, versions, seeds, content hashes (written by `upcycle cluster`, updated later)
+  run.json                 config, versions, seeds, content hashes (written by `upcycle introvert cluster`, updated
+                           later)
   clusters/                centroids.npy, clusters.json, assignments.json, summary.{json,md}, embedder/
   experts/<expert id>/     one PEFT LoRA directory per cluster: adapter_config.json + adapter_model.safetensors
                            + expert.json (cluster, tokens, losses); the directory appears only when complete
-  baselines/<name>/        the comparison models trained by `upcycle evaluate` (PEFT dirs or full checkpoints)
+  baselines/<name>/        the comparison models trained by `upcycle introvert evaluate` (PEFT dirs or full checkpoints)
   eval/results.json        every number in the report (schema in docs/run-directory.md)
   report.md, *.png         the readable report
   .upcycle-lock             held (flock) by the process that writes the run: cluster, train-experts, evaluate
@@ -88,8 +89,8 @@ class Run:
         """Open an existing run directory, or raise a UserError saying which step makes one."""
         path = Path(path)
         if not (path / "run.json").is_file():
-            raise UserError(f"{path} is not a run directory (no run.json); create one with `upcycle cluster --out "
-                            f"{path}`")
+            raise UserError(f"{path} is not a run directory (no run.json); create one with "
+                            f"`upcycle introvert cluster --out {path}`")
         return cls(path)
 
     @staticmethod
@@ -198,7 +199,8 @@ class Run:
 
 
 def _describe_holder(holder: dict[str, Any]) -> str:
-    """'process 123 on host (upcycle train-experts runs/x, since ...)' from a lock record, as far as it is known."""
+    """'process 123 on host (upcycle introvert train-experts runs/x, since ...)' from a lock record, as far as it is
+    known."""
     if not holder.get("pid"):
         return "another process"
     return (f"process {holder['pid']} on {holder.get('host', '?')} ({holder.get('command') or 'upcycle'}, since "

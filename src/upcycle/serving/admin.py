@@ -33,8 +33,9 @@ def allowed_path(path: str, roots: Sequence[str | Path]) -> Path:
     The lexical check comes first, so nothing outside the roots is even looked at; the resolved check then refuses
     symlinks that lead out.
     """
-    refused = Forbidden("adapters can only be added from this server's adapter roots (upcycle serve --adapter_root; "
-                        "the run directory by default), and this path is not inside them", param="path")
+    refused = Forbidden("adapters can only be added from this server's adapter roots (upcycle serve "
+                        "--server.adapter_roots; the run directory by default), and this path is not inside them",
+                        param="path")
     try:
         lexical = Path(os.path.abspath(path))
         if not any(lexical.is_relative_to(os.path.abspath(root)) for root in roots):

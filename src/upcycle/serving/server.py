@@ -163,7 +163,7 @@ class _BodyLimit:
                 size += len(message.get("body", b""))
                 more = message["type"] == "http.request" and message.get("more_body", False)
             error = BodyTooLarge(f"the request body is larger than this server's limit of {self.max_bytes} bytes "
-                                 "(upcycle serve --max_body_bytes)")
+                                 "(upcycle serve --server.max_body_bytes)")
             await _error_response(error)(scope, receive, send)
             return
         body, replayed = b"".join(chunks), False
