@@ -1,4 +1,4 @@
-"""The `upcycle` command: one table of sub-commands, each a plain function whose signature is its command line."""
+"""The `upcycle` command: one tree of sub-commands, each a plain function whose signature is its command line."""
 
 from __future__ import annotations
 
