@@ -39,4 +39,5 @@ Source = Callable[..., ServedModel]
 
 def open_source(path: str | Path, router: bool = True, spec: str = DEFAULT_SOURCE) -> ServedModel:
     """The ServedModel that the factory named by `spec` makes of the directory at `path`."""
-    return load_factory(spec, "source")(path, router=router)
+    factory: Source = load_factory(spec, "source")
+    return factory(path, router=router)
