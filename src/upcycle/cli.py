@@ -26,6 +26,7 @@ def _commands() -> dict:
         "demo": introvert.demo,
         "cluster": introvert.cluster,
         "train-experts": introvert.train_experts,
+        "train-baselines": introvert.train_baselines,
         "evaluate": introvert.evaluate,
         "ablate": introvert.ablate,
         "report": introvert.report,

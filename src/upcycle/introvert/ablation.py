@@ -29,10 +29,10 @@ def _mean_ci(values: list[float]) -> dict:
     return {"mean": float(arr.mean()), "ci95_halfwidth": half, "values": arr.tolist()}
 
 
-def ablate_clusters(run_path: str, ks: list[int], seeds: list[int], total_tokens: int, expert_config: ExpertConfig,
+def ablate_clusters(run: Run | str, ks: list[int], seeds: list[int], total_tokens: int, expert_config: ExpertConfig,
                     eval_config: EvalConfig, executor: str = "local", workers: int = 1) -> dict:
     """Train and score routed/oracle experts for each K and seed; write RUN/eval/ablation.json."""
-    parent = Run.open(run_path)
+    parent = Run.of(run)
     base_config = ClusterConfig(**parent.meta["clusters"]["config"])
     by_k: dict[str, dict] = {}
     base_ppl = None
@@ -40,14 +40,14 @@ def ablate_clusters(run_path: str, ks: list[int], seeds: list[int], total_tokens
         rows = []
         for seed in seeds:
             out = parent.path / "ablation" / f"k{k}-s{seed}"
-            run = Run(out) if (out / "run.json").is_file() else refit_clusters(
+            child = Run(out) if (out / "run.json").is_file() else refit_clusters(
                 parent, out, replace(base_config, clusters=k, seed=seed))
             per_expert = max(1, total_tokens // k)
-            train_experts(str(run.path), replace(expert_config, tokens_per_expert=per_expert, seed=seed),
+            train_experts(child, replace(expert_config, tokens_per_expert=per_expert, seed=seed),
                           executor=executor, workers=workers)
-            results_path = run.eval_dir / "results.json"
+            results_path = child.eval_dir / "results.json"
             results = read_json(results_path) if results_path.is_file() else evaluate(
-                str(run.path), replace(eval_config, baselines=False, best_expert_max_k=0, seed=seed))
+                child, replace(eval_config, baselines=False, best_expert_max_k=0, seed=seed))
             base_ppl = results["methods"]["base"]["perplexity"]
             rows.append(results)
         by_k[str(k)] = {"seeds": len(seeds),

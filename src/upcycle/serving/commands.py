@@ -13,7 +13,6 @@ from typing import Any
 from upcycle.errors import UserError
 
 log = logging.getLogger(__name__)
-DEFAULT_ROUTER = "upcycle.introvert.routing:router_for_run"
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
 """What `pip install 'upcycle[serve]'` brings that the server imports."""
 
@@ -135,35 +134,34 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
     admin_key = admin_key or os.environ.get("UPCYCLE_ADMIN_KEY") or None
     check_serve_flags(locals())  # every argument, by its flag name
 
-    from upcycle.introvert.run import Run
     from upcycle.serving.cache import CacheConfig
     from upcycle.serving.engine import Engine, EngineConfig
     from upcycle.serving.router import load_router
     from upcycle.serving.server import ServerConfig, admin_check, create_app, make_server
+    from upcycle.serving.source import open_source
 
     logging.basicConfig(level=log_level.upper())
     local = is_loopback(host)
     if api_key is None and not local:
         raise UserError(f"binding to {host} exposes the server beyond this machine: pass --api_key (or set "
                         "UPCYCLE_API_KEY), or bind to 127.0.0.1")
-    opened = Run.open(run)
+    served = open_source(run, router=router is None)  # a run made by `upcycle cluster` routes with its centroids
     engine_config = EngineConfig(max_batch=max_batch, max_waiting=max_waiting, max_seq_len=max_seq_len,
                                  prefill_chunk=prefill_chunk, n_slots=n_slots, max_rank=max_rank,
                                  request_timeout_s=request_timeout, dtype=dtype, device=device,
                                  torch_threads=threads, merge_single_adapter=merge_single_adapter,
                                  cache=CacheConfig(cpu_max_adapters=cpu_adapters, cpu_max_bytes=cpu_bytes))
-    engine = Engine.from_run(opened.path, engine_config)
+    engine = Engine.from_pretrained(served.base, served.experts, engine_config)
     server_config = ServerConfig(api_key=api_key, admin_key=admin_key, local_only=local,
-                                 adapter_roots=tuple(adapter_root or [str(opened.path)]),
+                                 adapter_roots=tuple(adapter_root or [str(served.root or run)]),
                                  max_body_bytes=max_body_bytes, docs=docs, max_prompt_tokens=max_prompt_tokens,
                                  max_tokens_limit=max_tokens_limit, request_timeout_s=request_timeout,
-                                 watch_dir=str(opened.experts_dir) if watch else None, drain_timeout_s=drain_timeout)
+                                 watch_dir=str(served.experts_dir) if watch and served.experts_dir else None,
+                                 drain_timeout_s=drain_timeout)
     if admin_check(server_config) is None:
         log.warning("/admin is off: serving beyond localhost, it needs its own key (--admin_key)")
-    if router is None and (opened.clusters_dir / "centroids.npy").is_file():
-        router = DEFAULT_ROUTER  # a run made by `upcycle cluster` routes with its own centroids
-    app = create_app(engine, server_config, load_router(router, str(opened.path)) if router else None)
-    log.info("serving %s with %d experts on http://%s:%d/v1", opened.path, len(opened.expert_ids()), host, port)
+    app = create_app(engine, server_config, load_router(router, str(served.root or run)) if router else served.router)
+    log.info("serving %s with %d experts on http://%s:%d/v1", served.root or run, len(served.experts), host, port)
     try:
         make_server(app, host, port, drain_timeout, log_level).run()
     finally:
