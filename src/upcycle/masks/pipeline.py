@@ -33,8 +33,9 @@ from upcycle.masks.run import (
     save_masks,
     write_meta,
 )
-from upcycle.masks.surgery import find_ffns, masked_ffns
+from upcycle.masks.surgery import masked_ffns
 from upcycle.masks.train import MaskTrainConfig, train_masks
+from upcycle.models.surgery import find_ffns
 from upcycle.ops.flops import DecoderShape, decoder_flops
 from upcycle.training.loop import is_main_process
 

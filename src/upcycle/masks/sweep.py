@@ -39,8 +39,8 @@ from upcycle.masks.compact import CompactFFN
 from upcycle.masks.data import mask_blocks
 from upcycle.masks.pipeline import held_out_perplexities, train_run
 from upcycle.masks.run import COMPACT
-from upcycle.masks.surgery import find_ffns, is_swiglu_ffn
 from upcycle.masks.train import MaskTrainConfig
+from upcycle.models.surgery import find_ffns, is_swiglu_ffn
 from upcycle.ops.flops import DecoderShape, decoder_flops
 from upcycle.training.loop import TrainConfig
 

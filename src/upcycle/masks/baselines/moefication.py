@@ -23,7 +23,7 @@ from upcycle.masks.baselines.kmeans import balanced_kmeans
 from upcycle.masks.compact import CompactFFN
 from upcycle.masks.ffn_inputs import collect_ffn_inputs, intermediate
 from upcycle.masks.router import TokenRouter
-from upcycle.masks.surgery import find_ffns, set_module
+from upcycle.models.surgery import find_ffns, replace_module
 from upcycle.ops.sparse_ffn import SparseFFN
 from upcycle.training.loop import TrainConfig, train
 
@@ -100,7 +100,7 @@ def moefy(model: nn.Module, calibration: torch.Tensor, config: MoEficationConfig
         ffn = SparseFFN.from_dense(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
                                    mlp.down_proj.weight.detach(), masks.new_zeros(masks.shape[1]), masks, mlp.act_fn)
         weight = mlp.gate_proj.weight
-        set_module(model, name, CompactFFN(router.to(weight.device, weight.dtype), ffn).eval())
+        replace_module(model, name, CompactFFN(router.to(weight.device, weight.dtype), ffn).eval())
         stats[name] = {"router_recall": recall, "expert_sizes": torch.bincount(assignment).tolist()}
         log.info("%s: MoEfied into %d experts, router top-%d recall %.2f", name, config.experts, config.top_k, recall)
     return stats
