@@ -11,7 +11,8 @@ from tests.conftest import stdlib_code_dir
 from upcycle.data.instructions import MixtureConfig
 from upcycle.data.splits import SplitConfig
 from upcycle.errors import UserError
-from upcycle.moe.experiment import CONDITIONS, ExperimentConfig, run_experiment
+from upcycle.moe.config import CONDITIONS
+from upcycle.moe.experiment import ExperimentConfig, run_experiment
 from upcycle.training.loop import TrainConfig
 
 MODULES = ["json/decoder.py", "textwrap.py", "heapq.py", "fractions.py", "shutil.py", "glob.py", "base64.py"]

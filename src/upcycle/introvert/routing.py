@@ -7,8 +7,9 @@ import numpy as np
 from upcycle.introvert.run import Run, expert_id
 
 
-class SequenceRouter:
-    """Routes whole texts to experts: `route(texts) -> expert ids`. Never per token; outputs are never mixed."""
+class EmbeddingRouter:
+    """Routes whole texts to experts: `route(texts) -> expert ids` (serving's `SequenceRouter` protocol), by the
+    nearest cluster centroid of each text's embedding. Never per token; outputs are never mixed."""
 
     def __init__(self, embedder, centroid_router):
         self.embedder = embedder
@@ -28,14 +29,14 @@ class SequenceRouter:
         return self.centroid_router.mixture(self.embedder.encode(list(texts)), top_k, temperature)
 
 
-def load_sequence_router(run: Run) -> SequenceRouter:
+def load_sequence_router(run: Run) -> EmbeddingRouter:
     """The run's embedder and centroids, ready to route."""
     from upcycle.introvert.embedding import load_embedder
     from upcycle.introvert.router import CentroidRouter
 
-    return SequenceRouter(load_embedder(run.clusters_dir / "embedder"), CentroidRouter.load(run.clusters_dir))
+    return EmbeddingRouter(load_embedder(run.clusters_dir / "embedder"), CentroidRouter.load(run.clusters_dir))
 
 
-def router_for_run(run_path: str) -> SequenceRouter:
+def router_for_run(run_path: str) -> EmbeddingRouter:
     """The router of the run at `run_path` (the server's default `--router` factory)."""
     return load_sequence_router(Run.open(run_path))

@@ -47,8 +47,6 @@ from upcycle.training.loop import TrainConfig
 log = logging.getLogger(__name__)
 
 METHODS = ("masks", "moefication", "pruning", "teal")
-LABELS = {"dense": "dense", "masks": "mask experts (MoM)", "moefication": "MoEfication",
-          "pruning": "magnitude pruning + fine-tune", "teal": "TEAL thresholds"}
 
 
 @dataclass

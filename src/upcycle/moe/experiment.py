@@ -24,12 +24,10 @@ from pathlib import Path
 
 from upcycle.data.instructions import MixtureConfig
 from upcycle.errors import UserError
-from upcycle.moe.config import MoEConfig
+from upcycle.moe.config import CONDITIONS, METRICS, MoEConfig
 from upcycle.training.loop import TrainConfig
 
 log = logging.getLogger(__name__)
-
-CONDITIONS = ("direct", "instruct")  # fine-tuned directly / instruction-tuned, then fine-tuned
 
 
 def default_moe() -> MoEConfig:
@@ -240,8 +238,6 @@ class _Runner:
 # ---------------------------------------------------------------------------------------------------------------
 # Summary statistics
 
-
-METRICS = ("loss", "exact_match")
 
 
 def summarise(out: Path, config: ExperimentConfig, cells: dict[str, dict]) -> dict:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+BASE, AUTO = "base", "auto"
+"""The two model names that are not experts: the base alone, and the expert the router picks for the request."""
+
 
 @runtime_checkable
 class SequenceRouter(Protocol):

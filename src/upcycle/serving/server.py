@@ -64,13 +64,12 @@ from upcycle.serving.protocol import (
     stream_chunk,
     usage,
 )
-from upcycle.serving.router import SequenceRouter
+from upcycle.serving.router import AUTO, BASE, SequenceRouter
 from upcycle.serving.sampling import SamplingParams
 from upcycle.serving.watch import ExpertDirectoryWatcher
 
 log = logging.getLogger(__name__)
 
-BASE, AUTO = "base", "auto"
 EXPERT_HEADER = "x-upcycle-expert"
 
 
