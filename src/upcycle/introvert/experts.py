@@ -70,10 +70,9 @@ def _cached_base(base: str):
 
 def cluster_blocks(run: Run, cluster: int, split: str, block_size: int, tokenizer):
     """Packed (inputs, labels) of the cluster's documents in `split`."""
-    from upcycle.data.packing import pack, tokenize
+    from upcycle.data.blocks import pack_texts
 
-    docs = load_run_data(run).docs(split, cluster)
-    return pack(tokenize(tokenizer, [d.text for d in docs]), block_size, tokenizer.pad_token_id)
+    return pack_texts(tokenizer, [d.text for d in load_run_data(run).docs(split, cluster)], block_size)
 
 
 def train_expert(run_path: str, cluster: int, config: ExpertConfig, progress=None) -> dict:

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import UserError
-from upcycle.models.surgery import check_supported, decoder_mlps, replace_module
+from upcycle.models.surgery import FFN_PROJECTIONS, check_supported, decoder_mlps, replace_module
 from upcycle.moe.config import MoEConfig, UpcycleConfig
 from upcycle.moe.layer import MoELayer, build_moe_layer
 
@@ -29,7 +29,7 @@ def upcycle_mlp(mlp: nn.Module, moe: MoEConfig, activation: str, noise: float = 
 
     noise > 0 adds N(0, (noise * std(W))^2) to every copy of every weight W, independently per expert.
     """
-    gate, up, down = (getattr(mlp, name).weight for name in ("gate_proj", "up_proj", "down_proj"))
+    gate, up, down = (getattr(mlp, name).weight for name in FFN_PROJECTIONS)
     layer = build_moe_layer(moe, dim=gate.shape[1], ffn_dim=gate.shape[0], activation=activation)
     layer.to(device=gate.device, dtype=gate.dtype)
     for expert in range(moe.num_experts):
