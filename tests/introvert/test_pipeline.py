@@ -141,7 +141,7 @@ def test_lm_eval_harness_scores_the_routed_model(trained_run, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from upcycle.eval.lm_eval_model import IntrovertLM
+    from upcycle.introvert.lm_eval import IntrovertLM
 
     rows = [{"context": "import json\n", "choices": ["json.dumps(x)", "zzz qqq ((("], "label": 0},
             {"context": "async def main():\n    await", "choices": [" asyncio.sleep(1)", " ]]]} ("], "label": 0}]

@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-import numpy as np
-
+from upcycle.eval.stats import mean_ci
 from upcycle.introvert.clustering_step import ClusterConfig, refit_clusters
 from upcycle.introvert.evaluate import EvalConfig, evaluate
 from upcycle.introvert.experts import ExpertConfig, train_experts
@@ -21,12 +20,9 @@ log = logging.getLogger(__name__)
 
 
 def _mean_ci(values: list[float]) -> dict:
-    """Mean and the half-width of a 95% t-interval (0 with one seed)."""
-    from scipy import stats
-
-    arr = np.asarray(values, dtype=float)
-    half = float(stats.t.ppf(0.975, len(arr) - 1) * arr.std(ddof=1) / np.sqrt(len(arr))) if len(arr) > 1 else 0.0
-    return {"mean": float(arr.mean()), "ci95_halfwidth": half, "values": arr.tolist()}
+    """Mean and the half-width of a 95% t-interval (0 with one seed), in ablation.json's keys."""
+    stats = mean_ci(values)
+    return {"mean": stats["mean"], "ci95_halfwidth": stats["ci95"] or 0.0, "values": stats["values"]}
 
 
 def ablate_clusters(run: Run | str, ks: list[int], seeds: list[int], total_tokens: int, expert_config: ExpertConfig,

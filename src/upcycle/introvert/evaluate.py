@@ -16,7 +16,6 @@ Evaluation only reads the run (experts, baselines, data) and writes RUN/eval/res
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,6 +27,7 @@ from upcycle.data.packing import token_ids, tokenize
 from upcycle.data.splits import SPLITS
 from upcycle.errors import UserError
 from upcycle.eval.perplexity import document_nll
+from upcycle.eval.stats import bootstrap_ci, token_perplexity
 from upcycle.introvert.baselines import (
     WRITABLE_HINT,
     BaselineConfig,
@@ -86,18 +86,13 @@ class EvalConfig:
             raise UserError(f"--eval.best_expert_max_k must be >= 0, got {self.best_expert_max_k}")
 
 
-def _ppl(nll: np.ndarray, count: np.ndarray) -> float:
-    return math.exp(nll.sum() / max(count.sum(), 1))
-
-
 def summarise(nll: np.ndarray, count: np.ndarray, clusters: np.ndarray, k: int, bootstrap: int,
               seed: int) -> dict:
     """Token-weighted perplexity overall and per cluster, with a bootstrap CI over documents."""
-    rng = np.random.default_rng(seed)
-    samples = [_ppl(nll[idx], count[idx]) for idx in (rng.integers(0, len(nll), len(nll)) for _ in range(bootstrap))]
-    return {"perplexity": _ppl(nll, count),
-            "ci95": [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))] if samples else None,
-            "per_cluster": {str(c): _ppl(nll[clusters == c], count[clusters == c]) if (clusters == c).any() else None
+    return {"perplexity": token_perplexity(nll, count),
+            "ci95": bootstrap_ci(lambda idx: token_perplexity(nll[idx], count[idx]), len(nll), bootstrap, seed),
+            "per_cluster": {str(c): token_perplexity(nll[clusters == c], count[clusters == c])
+                            if (clusters == c).any() else None
                             for c in range(k)},
             "tokens": int(count.sum())}
 
@@ -108,11 +103,12 @@ def paired_delta(nll: dict[str, np.ndarray], count: np.ndarray, method: str, ref
 
     Pairing removes the document-to-document spread that both share, which dominates the per-method intervals.
     """
-    rng = np.random.default_rng(seed)
-    ratio = lambda idx: _ppl(nll[method][idx], count[idx]) / _ppl(nll[reference][idx], count[idx]) - 1  # noqa: E731
-    samples = [ratio(rng.integers(0, len(count), len(count))) for _ in range(bootstrap)]
+    def ratio(idx: np.ndarray) -> float:
+        return token_perplexity(nll[method][idx], count[idx]) / token_perplexity(nll[reference][idx], count[idx]) - 1
+
+    low, high = bootstrap_ci(ratio, len(count), bootstrap, seed)
     return {"method": method, "reference": reference, "delta_pct": 100 * ratio(np.arange(len(count))),
-            "ci95_pct": [100 * float(np.percentile(samples, 2.5)), 100 * float(np.percentile(samples, 97.5))]}
+            "ci95_pct": [100 * low, 100 * high]}
 
 
 @torch.no_grad()

@@ -36,7 +36,7 @@ class ExpertConfig:
     block_size: int = 256
     """Tokens per block."""
     lr: float = 2e-3
-    """Peak learning rate (validation sweep on the shipped base, docs/tuning.md: 2e-3 beat 1e-3, 5e-3 and 1e-2)."""
+    """Peak learning rate; the default was the best of a validation sweep on the shipped base (docs/tuning.md)."""
     warmup_steps: int = 5
     """Linear warm-up steps."""
     seed: int = 0
@@ -70,10 +70,9 @@ def _cached_base(base: str):
 
 def cluster_blocks(run: Run, cluster: int, split: str, block_size: int, tokenizer):
     """Packed (inputs, labels) of the cluster's documents in `split`."""
-    from upcycle.data.packing import pack, tokenize
+    from upcycle.data.blocks import pack_texts
 
-    docs = load_run_data(run).docs(split, cluster)
-    return pack(tokenize(tokenizer, [d.text for d in docs]), block_size, tokenizer.pad_token_id)
+    return pack_texts(tokenizer, [d.text for d in load_run_data(run).docs(split, cluster)], block_size)
 
 
 def train_expert(run: Run | str, cluster: int, config: ExpertConfig, progress=None) -> dict:

@@ -17,9 +17,9 @@ import torch
 
 from upcycle.errors import UserError
 from upcycle.introvert.run import Run, cluster_of
+from upcycle.serving.router import AUTO, BASE
 
 log = logging.getLogger(__name__)
-AUTO, BASE = "auto", "base"
 
 
 @dataclass

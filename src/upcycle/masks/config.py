@@ -16,8 +16,8 @@ class MaskConfig:
 
     experts: int = 128
     """Mask experts per FFN layer (E). Each is a hard-concrete mask over the FFN's intermediate neurons. With the
-    'clusters' init more experts are finer clusters: validation perplexity over dense at 50 % active on the tiny base
-    was +19 % (E = 8), +14 % (32), +12 % (128), +10 % (512, slower k-means and a larger router); docs/masks.md."""
+    'clusters' init more experts are finer clusters, which kept helping with diminishing returns; 128 because 512
+    needs a slower k-means and a larger router (results: docs/masks.md, round 3)."""
     top_k: int = 1
     """Experts each token uses with `routing=topk`; its neuron mask is the union (max) of theirs."""
     routing: str = "topk"

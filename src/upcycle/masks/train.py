@@ -58,8 +58,8 @@ class MaskTrainConfig:
     """Tokens per training block."""
     train_routers: bool = False
     """Train the routers along with the gates (at `train.lr`). Off by default: the 'clusters' init already routes each
-    token to its nearest centroid, and training the routers at the gates' rate scrambled that split (validation
-    perplexity +40 % vs +19 % over dense with them fixed, E = 8; docs/masks.md). The 'open' init needs it on."""
+    token to its nearest centroid, and training the routers at the gates' rate scrambles that split (docs/masks.md,
+    round 3). The 'open' init needs it on."""
     cluster_tokens: int = 32768
     """Training tokens whose FFN inputs the 'clusters' init clusters."""
     train: TrainConfig = field(default_factory=_default_train)

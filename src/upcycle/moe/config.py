@@ -123,3 +123,10 @@ class UpcycleConfig:
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise UserError(f"unknown {name} {value!r}; choose one of {', '.join(choices)}")
+
+
+# The instruction-tuning experiment's design (`upcycle.moe.experiment` runs it, `experiment_report` shows it).
+CONDITIONS = ("direct", "instruct")
+"""Fine-tuned directly / instruction-tuned, then fine-tuned."""
+METRICS = ("loss", "exact_match")
+"""What each held-out task is scored by."""

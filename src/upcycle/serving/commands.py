@@ -107,7 +107,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | No
         adapter_root: Directories /admin/experts may add adapters from (default: the run directory).
         max_body_bytes: Largest request body accepted; bigger ones get 413.
         docs: Serve the OpenAPI docs (/docs, /redoc, /openapi.json).
-        router: `package.module:factory` building a SequenceRouter from the run path, enabling model "auto"
+        router: `package.module:factory` building an ExpertRouter from the run path, enabling model "auto"
             (e.g. upcycle.introvert.routing:router_for_run).
         max_batch: Requests generating together (rows of one forward).
         max_waiting: Requests allowed to queue; beyond it the server answers 429.

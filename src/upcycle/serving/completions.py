@@ -43,7 +43,7 @@ from upcycle.serving.protocol import (
     stream_chunk,
     usage,
 )
-from upcycle.serving.router import ExpertRouter
+from upcycle.serving.router import AUTO, BASE, ExpertRouter
 from upcycle.serving.sampling import SamplingParams
 
 if TYPE_CHECKING:
@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-BASE, AUTO = "base", "auto"
 EXPERT_HEADER = "x-upcycle-expert"
 Body = CompletionRequest | ChatCompletionRequest
 

@@ -27,7 +27,8 @@ from typing import TypeVar
 
 import torch
 
-from upcycle.ops.batched_lora import MultiLoRA, attach_multi_lora, matches_target
+from upcycle.models.surgery import matches_target
+from upcycle.ops.batched_lora import MultiLoRA, attach_multi_lora
 from upcycle.serving.adapters import AdapterWeights, read_spec
 from upcycle.serving.cache import AdapterCache, CacheConfig
 from upcycle.serving.errors import (

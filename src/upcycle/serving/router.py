@@ -1,6 +1,6 @@
 """What the server needs from a router: one expert name per request text, and the names it can choose from.
 
-Any method plugs in here: introvert's centroid router (`upcycle.introvert.routing.SequenceRouter`) routes whole
+Any method plugs in here: introvert's centroid router (`upcycle.introvert.routing.EmbeddingRouter`) routes whole
 sequences by their embedding; a router for another method only has to have these two members.
 """
 
@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
+
+BASE, AUTO = "base", "auto"
+"""The two model names that are not experts: the base alone, and the expert the router picks for the request."""
 
 
 @runtime_checkable
