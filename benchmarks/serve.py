@@ -276,7 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from upcycle.serving.synthetic import save_tiny_base, write_synthetic_run
+    from upcycle.introvert.serving import write_synthetic_run
+    from upcycle.serving.synthetic import save_tiny_base
 
     with tempfile.TemporaryDirectory(prefix="upcycle-serve-bench-") as tmp:
         tmp = Path(tmp)

@@ -27,8 +27,8 @@ def _commands() -> dict:
     return {
         "introvert": {"_help": "Introvert experts (MoIN): a LoRA expert per document cluster, a sequence router.",
                       "cluster": introvert.cluster, "train-experts": introvert.train_experts,
-                      "evaluate": introvert.evaluate, "ablate": introvert.ablate, "report": introvert.report,
-                      "generate": introvert.generate},
+                      "train-baselines": introvert.train_baselines, "evaluate": introvert.evaluate,
+                      "ablate": introvert.ablate, "report": introvert.report, "generate": introvert.generate},
         "moe": {"_help": "Sparse mixtures of experts (Flan-MoE): upcycle, train, export, inspect, experiment.",
                 "upcycle": moe.moe_upcycle, "train": moe.moe_train, "export-mixtral": moe.moe_export_mixtral,
                 "inspect": moe.moe_inspect, "experiment": moe.moe_experiment},
@@ -44,10 +44,10 @@ def _commands() -> dict:
 # Names before the command tree; they still work for one release, hidden from --help.
 _ALIASES = {
     "cluster": ("introvert", "cluster"), "train-experts": ("introvert", "train-experts"),
-    "evaluate": ("introvert", "evaluate"), "ablate": ("introvert", "ablate"), "report": ("introvert", "report"),
-    "generate": ("introvert", "generate"), "moe-upcycle": ("moe", "upcycle"), "moe-train": ("moe", "train"),
-    "moe-export-mixtral": ("moe", "export-mixtral"), "moe-inspect": ("moe", "inspect"),
-    "moe-experiment": ("moe", "experiment"),
+    "train-baselines": ("introvert", "train-baselines"), "evaluate": ("introvert", "evaluate"),
+    "ablate": ("introvert", "ablate"), "report": ("introvert", "report"), "generate": ("introvert", "generate"),
+    "moe-upcycle": ("moe", "upcycle"), "moe-train": ("moe", "train"), "moe-export-mixtral": ("moe", "export-mixtral"),
+    "moe-inspect": ("moe", "inspect"), "moe-experiment": ("moe", "experiment"),
 }
 
 

@@ -1,4 +1,6 @@
-"""Batched per-document scoring against the one-document-at-a-time reference."""
+"""Held-out loss: batched per-document scoring against the one-document-at-a-time reference, mean loss, perplexity."""
+
+import math
 
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
-from upcycle.data.packing import pack
+from upcycle.data.packing import IGNORE_INDEX, pack
 from upcycle.eval.perplexity import document_nll, token_nll
 
 
@@ -42,3 +44,15 @@ def test_padding_does_not_leak_into_real_tokens(tiny_model):
     together, _ = document_nll(tiny_model, [short, long], pad_id=0)
     assert together[0] == pytest.approx(alone[0], rel=1e-5)
     assert torch.is_grad_enabled()  # the no_grad decorator leaves the caller's mode alone
+
+
+def test_mean_loss_and_perplexity_agree_with_token_nll(tiny_model):
+    from upcycle.eval.perplexity import mean_loss, perplexity
+
+    inputs = torch.randint(0, 97, (5, 12), generator=torch.Generator().manual_seed(0))
+    labels = inputs.clone()
+    labels[-1, 7:] = IGNORE_INDEX
+    total, count = token_nll(tiny_model, inputs, labels, batch_size=2)
+    assert count == 4 * 11 + 6
+    assert mean_loss(tiny_model, inputs, labels, batch_size=3) == pytest.approx(total / count, rel=1e-6)
+    assert perplexity(tiny_model, inputs, labels) == pytest.approx(math.exp(total / count), rel=1e-6)

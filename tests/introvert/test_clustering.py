@@ -13,13 +13,8 @@ from hypothesis import strategies as st
 from tests.conftest import small_corpus_texts
 from upcycle.errors import UserError
 from upcycle.introvert.cluster_summary import summarize_clusters, top_terms, write_summary
-from upcycle.introvert.clustering import (
-    Clusters,
-    _balanced_assign,
-    _reference_balanced_assign,
-    fit_kmeans,
-    read_assignments,
-)
+from upcycle.introvert.clustering import Clusters, fit_kmeans, read_assignments
+from upcycle.ops.kmeans import balanced_assign, reference_balanced_assign
 
 SMALL_CORPUS_IDS = ["json/decoder.py", "json/encoder.py", "email/message.py", "email/utils.py", "asyncio/queues.py",
                     "asyncio/locks.py", "textwrap.py", "heapq.py", "bisect.py", "fractions.py"]
@@ -75,8 +70,8 @@ def test_greedy_balanced_assignment_matches_the_loop_reference(seed, n, dim, dat
     capacity = math.ceil(n / k) + data.draw(st.integers(0, 2))
     rng = np.random.default_rng(seed)
     x, centroids = rng.standard_normal((n, dim)).astype(np.float32), rng.standard_normal((k, dim)).astype(np.float32)
-    fast = _balanced_assign(x, centroids, capacity, candidates=candidates)
-    assert np.array_equal(fast, _reference_balanced_assign(x, centroids, capacity))
+    fast = balanced_assign(x, centroids, capacity, candidates=candidates)
+    assert np.array_equal(fast, reference_balanced_assign(x, centroids, capacity))
     assert np.bincount(fast, minlength=k).max() <= capacity and fast.min() >= 0
 
 

@@ -76,7 +76,13 @@ def test_python_api_routes_scores_and_generates(trained_run):
     assert generation.expert in moe.experts and generation.completion_tokens <= 5
 
 
-def test_evaluate_scores_every_method_and_writes_the_report(trained_run):
+def test_evaluate_scores_every_method_and_writes_the_report(trained_run, capsys):
+    # evaluation only reads: the baselines are a training step of their own, and evaluate names it
+    _fails_with(capsys, ["introvert", "evaluate", str(trained_run), "--eval.bootstrap", "50"],
+                f"baselines not trained (lora-all, lora-wide, full); run `upcycle introvert train-baselines "
+                f"{trained_run}`")
+    assert not (trained_run / "baselines").exists() and not (trained_run / "eval" / "results.json").exists()
+    assert main(["introvert", "train-baselines", str(trained_run)]) == 0
     assert main(["introvert", "evaluate", str(trained_run), "--eval.bootstrap", "50"]) == 0
     results = json.loads((trained_run / "eval" / "results.json").read_text())
     assert set(results["methods"]) == {"base", "routed", "oracle", "best", "random", "lora-all", "lora-wide", "full"}
@@ -105,11 +111,38 @@ def test_evaluate_scores_every_method_and_writes_the_report(trained_run):
             assert handle.keys() and not [key for key in handle.keys() if "expert-" in key]
 
 
+def test_train_baselines_skips_finished_baselines(trained_run, capsys):
+    assert main(["introvert", "train-baselines", str(trained_run)]) == 0  # trains them, or finds them done
+    weights = [p for p in (trained_run / "baselines").rglob("*.safetensors")]
+    before = {p: p.stat().st_mtime_ns for p in weights}
+    commands = lambda: json.loads((trained_run / "run.json").read_text())["commands"]  # noqa: E731
+    recorded = len(commands())
+    capsys.readouterr()
+    assert main(["introvert", "train-baselines", str(trained_run)]) == 0
+    assert "0 baselines trained (none), 3 already done" in capsys.readouterr().out
+    assert len(weights) == 3 and before == {p: p.stat().st_mtime_ns for p in weights}
+    assert len(commands()) == recorded + 1  # the report's "Reproduce" lists it
+
+
+def test_demo_trains_the_baselines_before_it_evaluates(monkeypatch, tmp_path):
+    from upcycle.introvert import commands
+    from upcycle.introvert.config import EvalConfig
+
+    calls = []
+    for step in ("cluster", "train_experts", "train_baselines", "evaluate"):
+        monkeypatch.setattr(commands, step, lambda *args, step=step, **kwargs: calls.append(step))
+    commands.demo(out=str(tmp_path / "run"))
+    assert calls == ["cluster", "train_experts", "train_baselines", "evaluate"]
+    calls.clear()
+    commands.demo(out=str(tmp_path / "run"), eval=EvalConfig(baselines=False))
+    assert calls == ["cluster", "train_experts", "evaluate"]
+
+
 def test_lm_eval_harness_scores_the_routed_model(trained_run, tmp_path):
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    from upcycle.eval.lm_eval_model import IntrovertLM
+    from upcycle.introvert.lm_eval import IntrovertLM
 
     rows = [{"context": "import json\n", "choices": ["json.dumps(x)", "zzz qqq ((("], "label": 0},
             {"context": "async def main():\n    await", "choices": [" asyncio.sleep(1)", " ]]]} ("], "label": 0}]

@@ -7,8 +7,7 @@ import torch
 from mask_helpers import tiny_decoder
 
 from upcycle.errors import UserError
-from upcycle.masks.baselines.kmeans import balanced_kmeans
-from upcycle.masks.baselines.moefication import MoEficationConfig, moefy
+from upcycle.masks.baselines.moefication import MoEficationConfig, cluster_neurons, moefy
 from upcycle.masks.baselines.pruning import finetune_pruned, neuron_importance, prune_ffns
 from upcycle.masks.baselines.teal import ThresholdFFN, sparsify_activations
 from upcycle.masks.compact import compact_layers
@@ -17,15 +16,22 @@ from upcycle.training.config import TrainConfig
 TOKENS = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(0))
 
 
-def test_balanced_kmeans_sizes_and_separation():
+def test_neuron_clusters_have_equal_sizes_and_follow_the_gate_rows():
     g = torch.Generator().manual_seed(0)
-    centres = torch.tensor([[10.0, 0], [0, 10.0], [-10.0, 0], [0, -10.0]])
-    points = torch.cat([c + torch.randn(25, 2, generator=g) for c in centres])  # 4 blobs of 25
-    assignment = balanced_kmeans(points, 4, seed=1)
+    directions = torch.eye(4)
+    rows = torch.cat([d + 0.05 * torch.randn(25, 4, generator=g) for d in directions])  # 4 blobs of 25 gate rows
+    wide = tiny_decoder(hidden_size=4, intermediate_size=100, num_attention_heads=1, num_key_value_heads=1)
+    mlp = wide.model.layers[0].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight.copy_(rows)
+    assignment = cluster_neurons(mlp, 4, iterations=10, seed=1)
     assert torch.bincount(assignment).tolist() == [25, 25, 25, 25]
     for blob in range(4):
         assert assignment[blob * 25:(blob + 1) * 25].unique().numel() == 1
-    assert sorted(torch.bincount(balanced_kmeans(torch.randn(10, 3), 4)).tolist()) == [2, 2, 3, 3]
+    uneven = cluster_neurons(tiny_decoder().model.layers[0].mlp, 6, iterations=3, seed=0)  # I = 64
+    assert sorted(torch.bincount(uneven).tolist()) == [10, 10, 11, 11, 11, 11]
+    with pytest.raises(ValueError, match="clusters"):
+        cluster_neurons(mlp, 101, iterations=1, seed=0)
 
 
 def test_moefication_one_expert_equals_dense_and_k_of_e_skips():

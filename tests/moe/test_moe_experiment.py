@@ -11,8 +11,8 @@ from tests.conftest import stdlib_code_dir
 from upcycle.data.instructions import MixtureConfig
 from upcycle.data.splits import SplitConfig
 from upcycle.errors import UserError
-from upcycle.moe.config import ExperimentConfig
-from upcycle.moe.experiment import CONDITIONS, mean_ci, run_experiment
+from upcycle.moe.config import CONDITIONS, ExperimentConfig
+from upcycle.moe.experiment import run_experiment
 from upcycle.training.config import TrainConfig
 
 MODULES = ["json/decoder.py", "textwrap.py", "heapq.py", "fractions.py", "shutil.py", "glob.py", "base64.py"]
@@ -29,13 +29,6 @@ def micro_config(base: Path, data: Path, seeds=(0,)) -> ExperimentConfig:
         mixture=MixtureConfig(data=str(data), max_function_chars=200, splits=SplitConfig(validation=0.1, test=0.3)),
         instruct=TrainConfig(steps=3, batch_size=2, warmup_steps=1, lr=1e-3, checkpoint_every=1),
         finetune=TrainConfig(steps=2, batch_size=2, warmup_steps=1, lr=1e-3))
-
-
-def test_mean_ci_is_a_t_interval():
-    stats = mean_ci([1.0, 2.0, 3.0])
-    assert stats["mean"] == pytest.approx(2.0)
-    assert stats["ci95"] == pytest.approx(4.302653 * 1.0 / 3 ** 0.5, rel=1e-5)  # t(0.975, 2) * s / sqrt(n)
-    assert mean_ci([5.0])["ci95"] is None
 
 
 def test_micro_experiment_end_to_end_and_resume(tmp_path, tiny_llama_dir, code_dir, one_torch_thread, monkeypatch):

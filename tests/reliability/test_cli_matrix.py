@@ -250,7 +250,7 @@ CASES = [
          prepare=disk_full_in("upcycle.introvert.clustering_step.fit_and_label"), loads=False,
          check=only_the_lock_left),
     Case("cluster-disk-full-at-run-json", cluster_with("--clustering.clusters", "3"), needle="No space left on device",
-         start="clustered", prepare=disk_full_in("upcycle.introvert.clustering_step.write_json", "run.json"),
+         start="clustered", prepare=disk_full_in("upcycle.introvert.run.write_json", "run.json"),
          check=untouched),
     Case("cluster-corrupt-run-json", CLUSTER, needle="is not valid JSON", start="clustered",
          prepare=corrupt("run.json"), loads=None),

@@ -22,10 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.serving.conftest import KeywordRouter, LiveServer
+from upcycle.introvert.serving import engine_for_run, write_synthetic_run
 from upcycle.serving.config import EngineConfig, ServerConfig
 from upcycle.serving.engine import Engine
 from upcycle.serving.server import admin_check, create_app
-from upcycle.serving.synthetic import CORRUPTIONS, write_corrupt_adapter, write_synthetic_run
+from upcycle.serving.synthetic import CORRUPTIONS, write_corrupt_adapter
 
 KEY, ADMIN = "inference-key", "admin-key"
 BODY_LIMIT = 64 * 1024
@@ -44,7 +45,7 @@ def run_dir(tmp_path_factory, tiny_llama_dir) -> Path:
 
 
 def _engine(run_dir: Path) -> Engine:
-    return Engine.from_run(run_dir, EngineConfig(max_batch=4, max_seq_len=128, max_waiting=64, default_max_tokens=8))
+    return engine_for_run(run_dir, EngineConfig(max_batch=4, max_seq_len=128, max_waiting=64, default_max_tokens=8))
 
 
 @pytest.fixture(scope="module")

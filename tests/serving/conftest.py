@@ -17,7 +17,7 @@ def _serving_uses_one_thread(one_torch_thread):
 @pytest.fixture(scope="session")
 def fake_run_dir(tmp_path_factory, tiny_llama_dir) -> Path:
     """A run directory with `N_EXPERTS` random r=4 LoRA experts on all projections (expert-00000 ...)."""
-    from upcycle.serving.synthetic import write_synthetic_run
+    from upcycle.introvert.serving import write_synthetic_run
 
     path = tmp_path_factory.mktemp("run")
     write_synthetic_run(path, tiny_llama_dir, N_EXPERTS, rank=4, lora_alpha=8, b_std=0.2, seed=0)
@@ -25,7 +25,9 @@ def fake_run_dir(tmp_path_factory, tiny_llama_dir) -> Path:
 
 
 class KeywordRouter:
-    """Stub `SequenceRouter`: the expert whose number appears first in the text (as 'topic N'), else expert-00000."""
+    """Stub `ExpertRouter`: the expert whose number appears first in the text (as 'topic N'), else expert-00000."""
+
+    experts = [f"expert-{n:05d}" for n in range(N_EXPERTS)]
 
     def route(self, texts: list[str]) -> list[str]:
         out = []

@@ -8,15 +8,15 @@ from pathlib import Path
 
 import pytest
 
+from upcycle.introvert.serving import engine_for_run
 from upcycle.serving.config import EngineConfig, ServerConfig
-from upcycle.serving.engine import Engine
 from upcycle.serving.server import create_app
 
 
 def test_load_test_reports_no_errors_on_a_healthy_server(fake_run_dir, one_torch_thread, live_server):
     from upcycle.serving.loadtest import run_load
 
-    engine = Engine.from_run(fake_run_dir, EngineConfig(max_batch=4, max_seq_len=128, torch_threads=1))
+    engine = engine_for_run(fake_run_dir, EngineConfig(max_batch=4, max_seq_len=128, torch_threads=1))
     live = live_server(create_app(engine, ServerConfig(api_key="k")))
     try:
         result = asyncio.run(run_load(live.base_url + "/v1", "k", clients=6, seconds=2.0))
@@ -37,7 +37,7 @@ def test_hostile_calls_get_their_errors_and_cost_valid_calls_nothing(fake_run_di
     corrupt = [f"expert-{90_000 + i:05d}" for i in range(len(CORRUPTIONS))]
     for name, kind in zip(corrupt, CORRUPTIONS, strict=True):
         write_corrupt_adapter(run / "experts" / "expert-00000", run / "experts" / name, kind)
-    engine = Engine.from_run(run, EngineConfig(max_batch=4, max_seq_len=128, torch_threads=1))
+    engine = engine_for_run(run, EngineConfig(max_batch=4, max_seq_len=128, torch_threads=1))
     live = live_server(create_app(engine, ServerConfig(api_key="k", max_body_bytes=4096)))
     try:
         result = asyncio.run(run_load(live.base_url + "/v1", "k", clients=6, seconds=3.0, hostile=0.3,

@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from upcycle.introvert.serving import engine_for_run
 from upcycle.serving.adapters import WEIGHTS_NAME
 from upcycle.serving.config import EngineConfig
 from upcycle.serving.engine import Delta, Engine, Failed, Finished
@@ -40,7 +41,7 @@ def _greedy(n: int = 10) -> SamplingParams:
 
 @pytest.fixture
 def engine(fake_run_dir):
-    engine = Engine.from_run(fake_run_dir, EngineConfig(max_batch=8, prefill_chunk=4, max_seq_len=64))
+    engine = engine_for_run(fake_run_dir, EngineConfig(max_batch=8, prefill_chunk=4, max_seq_len=64))
     yield engine
     engine.close()
 
@@ -132,7 +133,7 @@ def test_limits_are_enforced_at_submit(engine):
 
 
 def test_removed_expert_fails_its_waiting_requests_only(fake_run_dir):
-    engine = Engine.from_run(fake_run_dir, EngineConfig(max_batch=1, n_slots=2, max_seq_len=64))
+    engine = engine_for_run(fake_run_dir, EngineConfig(max_batch=1, n_slots=2, max_seq_len=64))
     busy, _ = _collect(engine, "a", "expert-00000", _greedy(20))
     engine.step()  # occupies the only row
     waiting, _ = _collect(engine, "b", "expert-00001", _greedy(3))
@@ -147,7 +148,7 @@ def test_removed_expert_fails_its_waiting_requests_only(fake_run_dir):
 def test_corrupt_adapter_fails_only_its_request(fake_run_dir, tmp_path):
     shutil.copytree(fake_run_dir, tmp_path / "run")
     (tmp_path / "run" / "experts" / "expert-00002" / WEIGHTS_NAME).write_bytes(b"not safetensors")
-    engine = Engine.from_run(tmp_path / "run", EngineConfig(max_batch=4, max_seq_len=64))
+    engine = engine_for_run(tmp_path / "run", EngineConfig(max_batch=4, max_seq_len=64))
     bad, _ = _collect(engine, "a", "expert-00002", _greedy(3))
     good, _ = _collect(engine, "a", "expert-00001", _greedy(3))
     engine.run_until_idle()
@@ -207,7 +208,7 @@ def test_corrupt_adapter_cannot_stop_the_engine_thread(fake_run_dir, tmp_path, k
     shutil.copytree(fake_run_dir, tmp_path / "run")
     write_corrupt_adapter(fake_run_dir / "experts" / "expert-00000", tmp_path / "run" / "experts" / "expert-00007",
                           kind)
-    engine = Engine.from_run(tmp_path / "run", EngineConfig(max_batch=4, max_seq_len=64)).start()
+    engine = engine_for_run(tmp_path / "run", EngineConfig(max_batch=4, max_seq_len=64)).start()
     try:
         for _ in range(2):  # a second request takes the cached-failure path
             with pytest.raises(AdapterError, match="expert-00007"):
@@ -219,7 +220,7 @@ def test_corrupt_adapter_cannot_stop_the_engine_thread(fake_run_dir, tmp_path, k
 
 
 def test_a_failing_step_fails_what_is_in_flight_and_three_in_a_row_stop_the_engine(fake_run_dir, monkeypatch):
-    engine = Engine.from_run(fake_run_dir, EngineConfig(max_batch=4, max_seq_len=64))
+    engine = engine_for_run(fake_run_dir, EngineConfig(max_batch=4, max_seq_len=64))
     admit, calls = engine._admit, []
 
     def admit_failing_once():

@@ -13,15 +13,14 @@ pytestmark = [pytest.mark.real,
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, live_server, stub_router):
+    from upcycle.introvert.serving import engine_for_run, write_synthetic_run
     from upcycle.models.base import resolve_base
     from upcycle.serving.config import EngineConfig, ServerConfig
-    from upcycle.serving.engine import Engine
     from upcycle.serving.server import create_app
-    from upcycle.serving.synthetic import write_synthetic_run
 
     run = tmp_path_factory.mktemp("smollm2-run")
     write_synthetic_run(run, resolve_base("smollm2-135m"), 2, rank=8, b_std=0.01, seed=0)
-    engine = Engine.from_run(run, EngineConfig(max_batch=2, max_seq_len=256))
+    engine = engine_for_run(run, EngineConfig(max_batch=2, max_seq_len=256))
     live = live_server(create_app(engine, ServerConfig(), router=stub_router))  # no key: fine on localhost
     yield live
     live.stop()

@@ -10,9 +10,9 @@ import httpx
 import openai
 import pytest
 
+from upcycle.introvert.serving import engine_for_run
 from upcycle.serving.adapters import WEIGHTS_NAME
 from upcycle.serving.config import EngineConfig, ServerConfig
-from upcycle.serving.engine import Engine
 from upcycle.serving.server import EXPERT_HEADER, create_app
 
 KEY = "test-key"
@@ -26,7 +26,7 @@ def adapters_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def served(fake_run_dir, adapters_dir, one_torch_thread, live_server, stub_router):
-    engine = Engine.from_run(fake_run_dir, EngineConfig(max_batch=4, max_seq_len=128, max_waiting=8))
+    engine = engine_for_run(fake_run_dir, EngineConfig(max_batch=4, max_seq_len=128, max_waiting=8))
     app = create_app(engine, ServerConfig(api_key=KEY, max_prompt_tokens=64, max_tokens_limit=100,
                                           adapter_roots=(str(fake_run_dir), str(adapters_dir))),
                      router=stub_router)
@@ -205,7 +205,7 @@ def test_health_ready_and_metrics(served, client):
 
 
 def test_graceful_shutdown_drains_in_flight_streams(fake_run_dir, one_torch_thread, monkeypatch, live_server):
-    engine = Engine.from_run(fake_run_dir, EngineConfig(max_batch=2, max_seq_len=128))
+    engine = engine_for_run(fake_run_dir, EngineConfig(max_batch=2, max_seq_len=128))
     step = engine.step
     monkeypatch.setattr(engine, "step", lambda: (time.sleep(0.01), step())[1])
     # no key: fine on localhost; a drain long enough for 40 slow steps on a starved CPU

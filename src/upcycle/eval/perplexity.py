@@ -1,4 +1,5 @@
-"""Token-level negative log-likelihood and perplexity of a causal LM on packed blocks."""
+"""Held-out loss of a causal LM, the one home for it: token NLL, mean loss and perplexity on packed blocks, and
+per-document NLL scored in batches."""
 
 from __future__ import annotations
 
@@ -29,10 +30,15 @@ def token_nll(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int
     return total, count
 
 
+def mean_loss(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 16) -> float:
+    """Token-weighted mean next-token loss (nats) over blocks [N, L]; the model's train / eval mode is left as is."""
+    total, count = token_nll(model, inputs, labels, batch_size)
+    return total / max(count, 1)
+
+
 def perplexity(model, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 16) -> float:
     """exp(mean token NLL) over blocks [N, L]."""
-    total, count = token_nll(model, inputs, labels, batch_size)
-    return math.exp(total / max(count, 1))
+    return math.exp(mean_loss(model, inputs, labels, batch_size))
 
 
 @torch.no_grad()

@@ -9,8 +9,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-import numpy as np
-
+from upcycle.eval.stats import mean_ci
 from upcycle.introvert.clustering_step import refit_clusters
 from upcycle.introvert.config import ClusterConfig, EvalConfig, ExpertConfig
 from upcycle.introvert.evaluate import evaluate
@@ -22,18 +21,15 @@ log = logging.getLogger(__name__)
 
 
 def _mean_ci(values: list[float]) -> dict:
-    """Mean and the half-width of a 95% t-interval (0 with one seed)."""
-    from scipy import stats
-
-    arr = np.asarray(values, dtype=float)
-    half = float(stats.t.ppf(0.975, len(arr) - 1) * arr.std(ddof=1) / np.sqrt(len(arr))) if len(arr) > 1 else 0.0
-    return {"mean": float(arr.mean()), "ci95_halfwidth": half, "values": arr.tolist()}
+    """Mean and the half-width of a 95% t-interval (0 with one seed), in ablation.json's keys."""
+    stats = mean_ci(values)
+    return {"mean": stats["mean"], "ci95_halfwidth": stats["ci95"] or 0.0, "values": stats["values"]}
 
 
-def ablate_clusters(run_path: str, ks: list[int], seeds: list[int], total_tokens: int, expert_config: ExpertConfig,
+def ablate_clusters(run: Run | str, ks: list[int], seeds: list[int], total_tokens: int, expert_config: ExpertConfig,
                     eval_config: EvalConfig, executor: str = "local", workers: int = 1) -> dict:
     """Train and score routed/oracle experts for each K and seed; write RUN/eval/ablation.json."""
-    parent = Run.open(run_path)
+    parent = Run.of(run)
     base_config = ClusterConfig(**parent.meta["clusters"]["config"])
     by_k: dict[str, dict] = {}
     base_ppl = None
@@ -41,14 +37,14 @@ def ablate_clusters(run_path: str, ks: list[int], seeds: list[int], total_tokens
         rows = []
         for seed in seeds:
             out = parent.path / "ablation" / f"k{k}-s{seed}"
-            run = Run(out) if (out / "run.json").is_file() else refit_clusters(
+            child = Run(out) if (out / "run.json").is_file() else refit_clusters(
                 parent, out, replace(base_config, clusters=k, seed=seed))
             per_expert = max(1, total_tokens // k)
-            train_experts(str(run.path), replace(expert_config, tokens_per_expert=per_expert, seed=seed),
+            train_experts(child, replace(expert_config, tokens_per_expert=per_expert, seed=seed),
                           executor=executor, workers=workers)
-            results_path = run.eval_dir / "results.json"
+            results_path = child.eval_dir / "results.json"
             results = read_json(results_path) if results_path.is_file() else evaluate(
-                str(run.path), replace(eval_config, baselines=False, best_expert_max_k=0, seed=seed))
+                child, replace(eval_config, baselines=False, best_expert_max_k=0, seed=seed))
             base_ppl = results["methods"]["base"]["perplexity"]
             rows.append(results)
         by_k[str(k)] = {"seeds": len(seeds),

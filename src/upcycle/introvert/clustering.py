@@ -4,12 +4,9 @@ Metrics: "cosine" is spherical k-means on unit vectors (centroids are unit too, 
 cosine); "l2" is plain k-means.
 
 Balanced clusters (c-BTM trains on balanced k-means): every cluster holds at most ceil(N / K) documents. After
-FAISS's k-means, documents are assigned greedily by distance rank, i.e. every (document, cluster) pair is visited
-in ascending squared distance and the document takes that cluster if it has none yet and the cluster has room; then
-centroids move to the means of their documents, and the two steps alternate (at most min(iterations,
-_BALANCE_ROUNDS) times, until the assignment stops changing), so returned centroids are their documents' means. The
-greedy pass does not build the N x K distance table: each document walks its own nearest clusters through a heap, and
-only a document whose nearest `_CANDIDATES` clusters are all full looks further.
+FAISS's k-means, `upcycle.ops.kmeans.balanced_kmeans` alternates greedy assignment by distance rank under that cap
+with centroid means (at most min(iterations, _BALANCE_ROUNDS) times), so returned centroids are their documents'
+means.
 
 Saved layout (`Clusters.save`): centroids.npy [K, D] float32, distances.npy [N] float32, assignments.json
 {doc id: cluster} in document order, clusters.json (k, dim, metric, balanced, documents, sizes, embedder), the last
@@ -18,7 +15,6 @@ written last so that a directory with clusters.json is complete.
 
 from __future__ import annotations
 
-import heapq
 import io
 import logging
 import math
@@ -29,6 +25,7 @@ import numpy as np
 
 from upcycle.errors import UserError
 from upcycle.io import atomic_write_bytes, ensure_writable_dir, read_json, write_json
+from upcycle.ops.kmeans import balanced_kmeans, search, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +36,6 @@ ASSIGNMENTS_FILE = "assignments.json"
 CLUSTERS_FILE = "clusters.json"
 
 _BALANCE_ROUNDS = 5  # balanced assignment <-> centroid update alternations; each moves few documents after the first
-_CANDIDATES = 16  # nearest clusters fetched per document for the greedy balanced pass
 
 
 @dataclass
@@ -146,7 +142,8 @@ def fit_kmeans(embeddings: np.ndarray, k: int, *, metric: str = "cosine", balanc
     kmeans.train(x)
     centroids = as_points(kmeans.centroids, metric)  # [K, D]
     if balanced:
-        centroids, assignments = _balanced_kmeans(x, centroids, metric, min(iterations, _BALANCE_ROUNDS))
+        centroids, assignments = balanced_kmeans(x, centroids, math.ceil(n / k), min(iterations, _BALANCE_ROUNDS),
+                                                 spherical=metric == "cosine")
     else:
         assignments, _ = _nearest(x, centroids)
     distances = ((x - centroids[assignments]) ** 2).sum(1)  # [N, D] -> [N]
@@ -157,128 +154,10 @@ def fit_kmeans(embeddings: np.ndarray, k: int, *, metric: str = "cosine", balanc
     return clusters
 
 
-def _balanced_kmeans(x: np.ndarray, centroids: np.ndarray, metric: str, rounds: int) -> tuple[np.ndarray, np.ndarray]:
-    """Alternate capacity-capped greedy assignment and centroid means `rounds` times, from `centroids` [K, D]."""
-    capacity = math.ceil(len(x) / len(centroids))
-    previous = None
-    for _ in range(rounds):
-        assignments = _balanced_assign(x, centroids, capacity)  # [N]
-        if previous is not None and np.array_equal(assignments, previous):
-            break
-        centroids = _centroid_means(x, assignments, centroids, metric)
-        previous = assignments
-    return centroids, previous
-
-
-def _balanced_assign(x: np.ndarray, centroids: np.ndarray, capacity: int, candidates: int = _CANDIDATES) -> np.ndarray:
-    """Greedy assignment by distance rank under `capacity` per cluster: the same result as
-    `_reference_balanced_assign`, without the N x K table.
-
-    Each document keeps a list of its nearest clusters (FAISS search, then exact float64 distances); a heap holds
-    every unassigned document's next candidate, so pairs come out in the global ascending order. A full cluster stays
-    full, so a rejected document just moves to its next candidate, and one whose list runs out gets a new one: the
-    nearest few of the clusters that still have room.
-
-    Shapes: N documents, K clusters, D width, M candidates per document.
-    """
-    n, k = len(x), len(centroids)
-    m = min(k, candidates)
-    _, nearest = _search(x, centroids, m)  # [N, M]
-    exact = _sq_distances(x, centroids, nearest)  # [N, M] float64, the same numbers the reference computes
-    order = np.lexsort((nearest, exact), axis=1)  # ascending distance, ties to the lower cluster id
-    lists = [(d.tolist(), c.tolist()) for d, c in zip(np.take_along_axis(exact, order, 1),
-                                                       np.take_along_axis(nearest, order, 1), strict=True)]
-    sizes = [0] * k
-    room = np.ones(k, dtype=bool)  # [K] clusters below capacity; a full cluster never reopens
-    assignments = np.full(n, -1, dtype=np.int64)
-    heap = [(lists[i][0][0], i, 0) for i in range(n)]  # (distance, document, rank in its list)
-    heapq.heapify(heap)
-    while heap:
-        _, i, rank = heapq.heappop(heap)
-        dists, clusters = lists[i]
-        cluster = clusters[rank]
-        if sizes[cluster] < capacity:
-            assignments[i] = cluster
-            sizes[cluster] += 1
-            room[cluster] = sizes[cluster] < capacity
-            continue
-        rank += 1
-        if rank == len(clusters):  # every listed cluster is full: list the nearest of those with room
-            lists[i] = dists, clusters = _nearest_with_room(x[i], centroids, room, 4 * m)
-            rank = 0
-        heapq.heappush(heap, (dists[rank], i, rank))
-    return assignments
-
-
-def _nearest_with_room(point: np.ndarray, centroids: np.ndarray, room: np.ndarray, count: int
-                       ) -> tuple[list[float], list[int]]:
-    """The `count` nearest clusters with room for `point` [D], ascending (distance, id): (distances, ids)."""
-    open_ = np.flatnonzero(room)  # never empty while a document waits: K * capacity >= N
-    d = _sq_distances(point[None], centroids, open_[None])[0]  # [open]
-    if len(open_) > count:  # only the nearest few are likely needed; a document that runs out again asks again
-        keep = np.argpartition(d, count - 1)[:count]
-        open_, d = open_[keep], d[keep]
-    step = np.lexsort((open_, d))
-    return d[step].tolist(), open_[step].tolist()
-
-
-def _reference_balanced_assign(x: np.ndarray, centroids: np.ndarray, capacity: int) -> np.ndarray:
-    """Plain greedy balanced assignment, as a loop:
-
-        for (d, i, c) in sorted((‖x_i − c_c‖², i, c) for every document i and cluster c):
-            if document i has no cluster and cluster c has fewer than `capacity` documents: give i cluster c
-    """
-    n, k = len(x), len(centroids)
-    table = _sq_distances(x, centroids, np.broadcast_to(np.arange(k), (n, k)))  # [N, K]
-    sizes = [0] * k
-    assignments = np.full(n, -1, dtype=np.int64)
-    for _, i, c in sorted((table[i, c], i, c) for i in range(n) for c in range(k)):
-        if assignments[i] < 0 and sizes[c] < capacity:
-            assignments[i] = c
-            sizes[c] += 1
-    return assignments
-
-
-def _sq_distances(x: np.ndarray, centroids: np.ndarray, ids: np.ndarray, chunk_elements: int = 1 << 22) -> np.ndarray:
-    """Exact float64 squared distances ‖x[i] − centroids[ids[i, j]]‖²: x [N, D], centroids [K, D], ids [N, M] -> [N, M].
-
-    The difference form, not ‖x‖² + ‖c‖² − 2x·c, so that the fast and reference balanced assignments see identical
-    numbers; chunked over rows so that at most `chunk_elements` differences are held at once.
-    """
-    n, m = ids.shape
-    out = np.empty((n, m), np.float64)
-    rows = max(1, chunk_elements // max(1, m * x.shape[1]))
-    for start in range(0, n, rows):
-        block = slice(start, start + rows)
-        diff = x[block, None, :].astype(np.float64) - centroids[ids[block]]  # [r, 1, D] - [r, M, D] -> [r, M, D]
-        out[block] = (diff * diff).sum(-1)
-    return out
-
-
-def _centroid_means(x: np.ndarray, assignments: np.ndarray, old: np.ndarray, metric: str) -> np.ndarray:
-    """[K, D] mean of each cluster's points (unit for cosine); an empty cluster keeps its old centroid."""
-    k = len(old)
-    sums = np.zeros(old.shape, np.float64)
-    np.add.at(sums, assignments, x)
-    counts = np.bincount(assignments, minlength=k)
-    means = np.where(counts[:, None] > 0, sums / np.maximum(counts, 1)[:, None], old).astype(np.float32)
-    return as_points(means, metric)
-
-
 def _nearest(x: np.ndarray, centroids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Nearest centroid by L2 (= by cosine on unit vectors): ([N] int64 ids, [N] float32 squared distances)."""
-    distances, ids = _search(x, centroids, 1)
+    distances, ids = search(x, centroids, 1)
     return ids[:, 0], distances[:, 0]
-
-
-def _search(x: np.ndarray, centroids: np.ndarray, m: int) -> tuple[np.ndarray, np.ndarray]:
-    """The `m` nearest centroids of each point by squared L2 (FAISS flat): ([N, m] distances, [N, m] ids)."""
-    import faiss
-
-    index = faiss.IndexFlatL2(centroids.shape[1])
-    index.add(np.ascontiguousarray(centroids, dtype=np.float32))
-    distances, ids = index.search(np.ascontiguousarray(x, dtype=np.float32), m)
-    return distances, ids.astype(np.int64)
 
 
 def as_points(embeddings: np.ndarray, metric: str) -> np.ndarray:
@@ -289,7 +168,7 @@ def as_points(embeddings: np.ndarray, metric: str) -> np.ndarray:
     if not np.isfinite(x).all():
         raise UserError("embeddings contain NaN or infinity; check the embedder's input texts")
     if metric == "cosine":
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+        x = unit_rows(x)
     return np.ascontiguousarray(x)
 
 

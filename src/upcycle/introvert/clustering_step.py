@@ -108,9 +108,8 @@ def write_clusters(run: Run, meta: dict, docs: dict, embeddings: dict[str, np.nd
     sizes: list[int] = []
 
     def describe() -> None:
-        write_json(run.path / "run.json", meta | {"clusters": {"k": config.clusters, "embedder": embedder,
-                                                               "metric": config.metric, "sizes": sizes,
-                                                               "config": asdict(config)}})
+        run.write_meta(meta | {"clusters": {"k": config.clusters, "embedder": embedder, "metric": config.metric,
+                                            "sizes": sizes, "config": asdict(config)}})
 
     with atomic_directory(run.clusters_dir, commit=describe) as tmp:
         save_inputs(tmp)

@@ -8,7 +8,7 @@ import time
 
 from upcycle.data.splits import SplitConfig
 from upcycle.errors import UserError
-from upcycle.introvert.config import ClusterConfig, EvalConfig, ExpertConfig
+from upcycle.introvert.config import BaselineConfig, ClusterConfig, EvalConfig, ExpertConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,26 @@ def train_experts(run: str, expert: ExpertConfig = ExpertConfig(), executor: str
     tokens = sum(r["tokens"] for r in trained)
     print(f"{len(trained)} experts trained, {len(results) - len(trained)} already done; {tokens} tokens in "
           f"{time.perf_counter() - start:.0f} s ({tokens / max(time.perf_counter() - start, 1e-9):.0f} tokens/s)")
+
+
+def train_baselines(run: str, baseline: BaselineConfig = BaselineConfig()) -> None:
+    """Train the comparisons `upcycle introvert evaluate` scores (lora-all, lora-wide, full) on as many tokens as
+    all the experts together; finished ones are skipped, so reruns resume.
+
+    Args:
+        run: Run directory with trained experts.
+        baseline: Baseline settings (their learning rates; the rest is copied from the experts' settings).
+    """
+    from upcycle.introvert.baselines import train_baselines as train
+    from upcycle.introvert.run import Run
+
+    start = time.perf_counter()
+    opened = Run.open(run)
+    results = train(opened, baseline)
+    opened.record_command(_command_line())
+    trained = [name for name, r in results.items() if not r["skipped"]]
+    print(f"{len(trained)} baselines trained ({', '.join(trained) or 'none'}), {len(results) - len(trained)} already "
+          f"done, in {time.perf_counter() - start:.0f} s")
 
 
 def evaluate(run: str, eval: EvalConfig = EvalConfig()) -> None:  # noqa: A002 - the CLI group is --eval.*
@@ -158,6 +178,8 @@ def demo(out: str = "runs/demo", data: str = "stdlib", base: str | None = None,
     start = time.perf_counter()
     cluster(out=out, data=data, base=base, clustering=clustering)
     train_experts(out, expert, executor=executor, workers=workers)
+    if eval.baselines:
+        train_baselines(out, eval.baseline)
     evaluate(out, eval)
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
 

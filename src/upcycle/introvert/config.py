@@ -47,7 +47,7 @@ class ExpertConfig:
     block_size: int = 256
     """Tokens per block."""
     lr: float = 2e-3
-    """Peak learning rate (validation sweep on the shipped base, docs/tuning.md: 2e-3 beat 1e-3, 5e-3 and 1e-2)."""
+    """Peak learning rate; the default was the best of a validation sweep on the shipped base (docs/tuning.md)."""
     warmup_steps: int = 5
     """Linear warm-up steps."""
     seed: int = 0
@@ -96,7 +96,7 @@ class EvalConfig:
     max_tokens_per_doc: int = 1024
     """Tokens scored per document (its beginning), so long files do not dominate and evaluation stays fast."""
     baselines: bool = True
-    """Train (if needed) and score the lora-all, lora-wide and full baselines."""
+    """Score the lora-all, lora-wide and full baselines (trained beforehand by `upcycle introvert train-baselines`)."""
     batch_size: int = 16
     """Document blocks scored per forward (lower it if the logits of a large vocabulary do not fit in memory)."""
     best_expert_max_k: int = 32
@@ -106,7 +106,8 @@ class EvalConfig:
     seed: int = 0
     """Seed for random routing and the bootstrap."""
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
-    """Baseline settings."""
+    """Baseline training settings: what `upcycle demo` trains the baselines with before it evaluates
+    (`upcycle introvert train-baselines` takes them as --baseline.*); evaluation itself trains nothing."""
 
     def __post_init__(self) -> None:
         # Refused while parsing, before anything is loaded: later they fail mid-way or score nothing.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 from upcycle.data import Document, SplitConfig, load_documents, split_documents
 from upcycle.introvert.run import Run
@@ -28,16 +27,19 @@ class RunData:
         return [d for d in docs if labels.get(d.id) == cluster]
 
 
-@lru_cache(maxsize=4)
-def _load(path: str, mtime: float) -> RunData:
-    run = Run.open(path)
-    meta = run.meta
-    docs = load_documents(meta["data"], text_field=meta.get("text_field", "text"))
-    splits = split_documents(docs, SplitConfig(**meta.get("splits", {})))
-    return RunData(splits=splits, own_cluster=read_json(run.clusters_dir / DOCUMENT_CLUSTERS))
+_CACHE: dict[tuple[str, float], RunData] = {}
+_CACHE_SIZE = 4
 
 
 def load_run_data(run: Run) -> RunData:
-    """Load (and cache per process) the run's documents and cluster labels."""
+    """Load (and cache per process, by run directory and labels file version) the run's documents and clusters."""
     labels = run.clusters_dir / DOCUMENT_CLUSTERS
-    return _load(str(run.path.resolve()), labels.stat().st_mtime if labels.exists() else 0.0)
+    key = (str(run.path.resolve()), labels.stat().st_mtime if labels.exists() else 0.0)
+    if key not in _CACHE:
+        meta = run.meta
+        docs = load_documents(meta["data"], text_field=meta.get("text_field", "text"))
+        splits = split_documents(docs, SplitConfig(**meta.get("splits", {})))
+        while len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))  # the oldest
+        _CACHE[key] = RunData(splits=splits, own_cluster=read_json(labels))
+    return _CACHE[key]

@@ -7,13 +7,15 @@ Methods scored on the test split (every number comes from the same documents and
 - oracle: each document goes to its own cluster (from its full-text embedding, as the training documents were).
 - best: the expert with the lowest loss on that document (an upper bound for any sequence router; K <= 32 only).
 - random: a seeded uniformly random expert per document (control).
-- lora-all, lora-wide, full: the baselines of `upcycle.introvert.baselines`, trained on the experts' total tokens.
+- lora-all, lora-wide, full: the baselines of `upcycle.introvert.baselines`, trained on the experts' total tokens
+  by `upcycle introvert train-baselines`.
+
+Evaluation only reads the run (experts, baselines, data) and writes RUN/eval/results.json; it trains nothing.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import asdict
@@ -24,8 +26,16 @@ import torch
 from upcycle.data.packing import token_ids, tokenize
 from upcycle.errors import UserError
 from upcycle.eval.perplexity import document_nll
-from upcycle.introvert.baselines import BASELINES, load_baseline, train_baselines
-from upcycle.introvert.config import EvalConfig, ExpertConfig
+from upcycle.eval.stats import bootstrap_ci, token_perplexity
+from upcycle.introvert.baselines import (
+    WRITABLE_HINT,
+    baseline_dir,
+    baseline_names,
+    check_experts_trained,
+    is_trained,
+    load_baseline,
+)
+from upcycle.introvert.config import EvalConfig
 from upcycle.introvert.data import load_run_data
 from upcycle.introvert.model import IntrovertExperts
 from upcycle.introvert.routing import load_sequence_router
@@ -40,18 +50,13 @@ PAIRED_COMPARISONS = [("routed", "base"), ("routed", "lora-all"), ("routed", "lo
                       ("routed", "random"), ("full", "base"), ("lora-all", "base")]
 
 
-def _ppl(nll: np.ndarray, count: np.ndarray) -> float:
-    return math.exp(nll.sum() / max(count.sum(), 1))
-
-
 def summarise(nll: np.ndarray, count: np.ndarray, clusters: np.ndarray, k: int, bootstrap: int,
               seed: int) -> dict:
     """Token-weighted perplexity overall and per cluster, with a bootstrap CI over documents."""
-    rng = np.random.default_rng(seed)
-    samples = [_ppl(nll[idx], count[idx]) for idx in (rng.integers(0, len(nll), len(nll)) for _ in range(bootstrap))]
-    return {"perplexity": _ppl(nll, count),
-            "ci95": [float(np.percentile(samples, 2.5)), float(np.percentile(samples, 97.5))] if samples else None,
-            "per_cluster": {str(c): _ppl(nll[clusters == c], count[clusters == c]) if (clusters == c).any() else None
+    return {"perplexity": token_perplexity(nll, count),
+            "ci95": bootstrap_ci(lambda idx: token_perplexity(nll[idx], count[idx]), len(nll), bootstrap, seed),
+            "per_cluster": {str(c): token_perplexity(nll[clusters == c], count[clusters == c])
+                            if (clusters == c).any() else None
                             for c in range(k)},
             "tokens": int(count.sum())}
 
@@ -62,11 +67,12 @@ def paired_delta(nll: dict[str, np.ndarray], count: np.ndarray, method: str, ref
 
     Pairing removes the document-to-document spread that both share, which dominates the per-method intervals.
     """
-    rng = np.random.default_rng(seed)
-    ratio = lambda idx: _ppl(nll[method][idx], count[idx]) / _ppl(nll[reference][idx], count[idx]) - 1  # noqa: E731
-    samples = [ratio(rng.integers(0, len(count), len(count))) for _ in range(bootstrap)]
+    def ratio(idx: np.ndarray) -> float:
+        return token_perplexity(nll[method][idx], count[idx]) / token_perplexity(nll[reference][idx], count[idx]) - 1
+
+    low, high = bootstrap_ci(ratio, len(count), bootstrap, seed)
     return {"method": method, "reference": reference, "delta_pct": 100 * ratio(np.arange(len(count))),
-            "ci95_pct": [100 * float(np.percentile(samples, 2.5)), 100 * float(np.percentile(samples, 97.5))]}
+            "ci95_pct": [100 * low, 100 * high]}
 
 
 @torch.no_grad()
@@ -99,26 +105,21 @@ def measure_cost(experts: IntrovertExperts, text: str, route_chars: int, repeats
                     "forward of the block, batch 1, unmerged LoRA; routing embeds the prompt and looks up centroids"}
 
 
-def evaluate(run_path: str, config: EvalConfig = EvalConfig(), progress=None) -> dict:
+def evaluate(run: Run | str, config: EvalConfig = EvalConfig()) -> dict:
     """Score every method on the held-out split and write RUN/eval/results.json. Returns the results."""
-    run = Run.open(run_path)
+    run = Run.of(run)
     with run.lock("evaluate"):
         # Checked before any scoring: a read-only run used to fail only when the results were written.
-        for folder in (run.eval_dir, *([run.path / "baselines"] if config.baselines else [])):
-            ensure_writable_dir(folder, hint="make the run directory writable, or copy it somewhere writable")
+        ensure_writable_dir(run.eval_dir, hint=WRITABLE_HINT)
         for path in run.remove_stale_temporaries():
             log.info("removed %s, left by an interrupted run", path)
-        return _evaluate(run, config, progress)
+        return _evaluate(run, config)
 
 
-def _evaluate(run: Run, config: EvalConfig, progress) -> dict:
-    meta = run.meta
-    expert_ids = run.expert_ids()
-    k = meta.get("clusters", {}).get("k", 0)
-    missing = [expert_id(c) for c in range(k) if expert_id(c) not in expert_ids]
-    if not k or missing:
-        raise UserError(f"{run.path}: experts missing ({', '.join(missing[:3])}{'...' if len(missing) > 3 else ''});"
-                        f" run `upcycle introvert train-experts {run.path}` first")
+def _evaluate(run: Run, config: EvalConfig) -> dict:
+    expert_ids = check_experts_trained(run)
+    k = run.meta["clusters"]["k"]
+    baselines = _trained_baselines(run, k, config)
     data = load_run_data(run)
     docs = data.docs(config.split)
     if not docs:
@@ -126,47 +127,25 @@ def _evaluate(run: Run, config: EvalConfig, progress) -> dict:
     base_model, tok = load_base(run.base)
     ids = tokenize(tok, [d.text for d in docs], add_eos=False, max_tokens=config.max_tokens_per_doc)
     own = np.array([data.own_cluster[config.split][d.id] for d in docs])
-    nll: dict[str, np.ndarray] = {}
+    score = lambda model, blocks: document_nll(model, blocks, tok.pad_token_id, batch_size=config.batch_size)  # noqa: E731
 
     # Baselines first: they copy the clean base, before IntrovertExperts wraps it with the experts' adapters.
-    baselines_meta = {}
-    if config.baselines:
-        expert_config = ExpertConfig(**_expert_config_dict(meta))
-        total_tokens = sum(read_json(run.expert_dir(e) / "train.json")["tokens"] for e in expert_ids)
-        baselines_meta = train_baselines(run, expert_config, total_tokens, config.baseline, base_model, tok, progress)
-        for name in BASELINES:
-            if name in baselines_meta:
-                nll[name], _ = document_nll(load_baseline(run, name, base_model), ids, tok.pad_token_id,
-                                            batch_size=config.batch_size)
-
+    nll = {name: score(load_baseline(run, name, base_model), ids)[0] for name in baselines}
     experts = IntrovertExperts(run, base_model, tok, load_sequence_router(run), max_loaded=k + 1)
     t0 = time.perf_counter()
     routed = np.array([cluster_of(e) for e in experts.route([d.text[: config.route_chars] for d in docs])])
     route_seconds = time.perf_counter() - t0
     rng = random.Random(config.seed)
     random_choice = np.array([rng.randrange(k) for _ in docs])
-
-    # Each document scored under each expert that any method assigns it to; 'best' needs all of them.
-    needed: dict[int, set[int]] = {c: set() for c in range(k)}
-    for i in range(len(docs)):
-        for c in ({int(own[i]), int(routed[i]), int(random_choice[i])} if k > config.best_expert_max_k
-                  else range(k)):
-            needed[c].add(i)
     with experts.using(None) as model:
-        nll["base"], counts = document_nll(model, ids, tok.pad_token_id, batch_size=config.batch_size)
-    expert_nll = np.full((k, len(docs)), np.nan)
-    for c in range(k):
-        with experts.using(expert_id(c)) as model:
-            chosen = sorted(needed[c])
-            expert_nll[c, chosen], _ = document_nll(model, [ids[i] for i in chosen], tok.pad_token_id,
-                                                    batch_size=config.batch_size)
+        nll["base"], counts = score(model, ids)
+    every = k <= config.best_expert_max_k
+    expert_nll = _expert_nll(experts, ids, score, k, None if every else [own, routed, random_choice])
     pick = lambda choice: expert_nll[choice, np.arange(len(docs))]  # noqa: E731
     nll |= {"routed": pick(routed), "oracle": pick(own), "random": pick(random_choice)}
-    if k <= config.best_expert_max_k:
+    if every:
         nll["best"] = np.nanmin(expert_nll / np.maximum(counts, 1), axis=0) * counts
 
-    methods = {name: summarise(values, counts, own, k, config.bootstrap, config.seed) for name, values in nll.items()}
-    expert_train = [read_json(run.expert_dir(e) / "train.json") for e in expert_ids]
     results = {
         "schema": RESULTS_SCHEMA,
         "split": config.split,
@@ -174,17 +153,13 @@ def _evaluate(run: Run, config: EvalConfig, progress) -> dict:
         "k": k,
         "documents": len(docs),
         "cluster_sizes": {config.split: np.bincount(own, minlength=k).tolist()},
-        "methods": methods,
+        "methods": {name: summarise(values, counts, own, k, config.bootstrap, config.seed)
+                    for name, values in nll.items()},
         "routing": {"accuracy": float((routed == own).mean()), "documents": len(docs),
                     "seconds_per_document": route_seconds / len(docs),
                     "best_expert_accuracy": (float((np.nanargmin(expert_nll / np.maximum(counts, 1), axis=0)
                                                     == routed).mean()) if "best" in nll else None)},
-        "training": {"experts": {"tokens": sum(t["tokens"] for t in expert_train),
-                                 "seconds": sum(t["seconds"] for t in expert_train),
-                                 "tokens_per_second": sum(t["tokens"] for t in expert_train)
-                                 / max(sum(t["seconds"] for t in expert_train), 1e-9)},
-                     **{name: {"tokens": m["tokens"], "seconds": m["seconds"],
-                               "tokens_per_second": m["tokens_per_second"]} for name, m in baselines_meta.items()}},
+        "training": _training_summary(run, expert_ids, baselines),
         "paired": [paired_delta(nll, counts, m, ref, config.bootstrap, config.seed)
                    for m, ref in PAIRED_COMPARISONS if m in nll and ref in nll],
         "cost": measure_cost(experts, max((d.text for d in docs), key=len), config.route_chars),
@@ -193,10 +168,37 @@ def _evaluate(run: Run, config: EvalConfig, progress) -> dict:
     return results
 
 
-def _expert_config_dict(meta: dict) -> dict:
-    from upcycle.training.config import LoraSettings
+def _trained_baselines(run: Run, k: int, config: EvalConfig) -> list[str]:
+    """The baselines to score; a UserError naming the command to run when one of them is not trained yet."""
+    baselines = baseline_names(k) if config.baselines else []
+    untrained = [name for name in baselines if not is_trained(run, name)]
+    if untrained:
+        raise UserError(f"{run.path}: baselines not trained ({', '.join(untrained)}); run `upcycle introvert "
+                        f"train-baselines {run.path}` first, or evaluate without them (--eval.baselines false)")
+    return baselines
 
-    raw = dict(meta.get("experts", {}).get("config", {}))
-    if "lora" in raw:
-        raw["lora"] = LoraSettings(**raw["lora"])
-    return raw
+
+def _expert_nll(experts: IntrovertExperts, ids: list, score, k: int, choices: list[np.ndarray] | None) -> np.ndarray:
+    """[K, N] NLL of each document under the experts that `choices` (one expert index per document, for each method)
+    give it, or under every expert when `choices` is None ('best' needs them all); NaN where not scored."""
+    needed: dict[int, set[int]] = {c: set() for c in range(k)}
+    for i in range(len(ids)):
+        for c in (range(k) if choices is None else {int(choice[i]) for choice in choices}):
+            needed[c].add(i)
+    expert_nll = np.full((k, len(ids)), np.nan)
+    for c in range(k):
+        with experts.using(expert_id(c)) as model:
+            chosen = sorted(needed[c])
+            expert_nll[c, chosen], _ = score(model, [ids[i] for i in chosen])
+    return expert_nll
+
+
+def _training_summary(run: Run, expert_ids: list[str], baselines: list[str]) -> dict:
+    """Tokens, seconds and tokens/s of the experts (summed) and of each baseline, from their train.json."""
+    experts = [read_json(run.expert_dir(e) / "train.json") for e in expert_ids]
+    tokens, seconds = sum(t["tokens"] for t in experts), sum(t["seconds"] for t in experts)
+    summary = {"experts": {"tokens": tokens, "seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9)}}
+    for name in baselines:
+        meta = read_json(baseline_dir(run, name) / "train.json")
+        summary[name] = {key: meta[key] for key in ("tokens", "seconds", "tokens_per_second")}
+    return summary

@@ -31,17 +31,16 @@ def _cached_base(base: str):
 
 def cluster_blocks(run: Run, cluster: int, split: str, block_size: int, tokenizer):
     """Packed (inputs, labels) of the cluster's documents in `split`."""
-    from upcycle.data.packing import pack, tokenize
+    from upcycle.data.blocks import pack_texts
 
-    docs = load_run_data(run).docs(split, cluster)
-    return pack(tokenize(tokenizer, [d.text for d in docs]), block_size, tokenizer.pad_token_id)
+    return pack_texts(tokenizer, [d.text for d in load_run_data(run).docs(split, cluster)], block_size)
 
 
-def train_expert(run_path: str, cluster: int, config: ExpertConfig, progress=None) -> dict:
+def train_expert(run: Run | str, cluster: int, config: ExpertConfig, progress=None) -> dict:
     """Train (or skip, when already on disk) the expert of `cluster`; returns its summary."""
     from upcycle.models.base import base_fingerprint
 
-    run = Run.open(run_path)
+    run = Run.of(run)
     name = expert_id(cluster)
     out = run.expert_dir(name)
     if run.is_trained(name):
@@ -62,11 +61,11 @@ def train_expert(run_path: str, cluster: int, config: ExpertConfig, progress=Non
             "cluster_tokens": cluster_tokens, "skipped": False}
 
 
-def train_experts(run_path: str, config: ExpertConfig, *, executor: str = "local", workers: int = 1,
+def train_experts(run: Run | str, config: ExpertConfig, *, executor: str = "local", workers: int = 1,
                   address: str | None = None, clusters: list[int] | None = None) -> list[dict]:
     """Train every cluster's expert (or the listed ones) with the chosen executor; finished ones are skipped."""
     check_executor(executor, workers)  # before run.json records settings for training that would not start
-    run = Run.open(run_path)
+    run = Run.of(run)
     with run.lock("train-experts"):
         ensure_writable_dir(run.experts_dir, hint="make the run directory writable, or copy it somewhere writable")
         for path in run.remove_stale_temporaries():
@@ -81,7 +80,7 @@ def train_experts(run_path: str, config: ExpertConfig, *, executor: str = "local
             raise UserError(f"clusters {bad} do not exist in this run (k={k})")
         check_same_settings(run, config)
         run.update_meta(experts={"config": asdict(config)})
-        jobs = [(str(run.path), c, config) for c in todo]
+        jobs = [(run, c, config) for c in todo]  # a Run pickles with its run.json, for worker processes too
         return run_jobs(train_expert, jobs, executor=executor, workers=workers, address=address,
                         description="experts")
 

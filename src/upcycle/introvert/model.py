@@ -17,9 +17,9 @@ import torch
 
 from upcycle.errors import UserError
 from upcycle.introvert.run import Run, cluster_of
+from upcycle.serving.router import AUTO, BASE
 
 log = logging.getLogger(__name__)
-AUTO, BASE = "auto", "base"
 
 
 @dataclass
@@ -64,12 +64,12 @@ class IntrovertExperts:
         self._loaded: OrderedDict[str, None] = OrderedDict()
 
     @classmethod
-    def from_run(cls, path: str | Path, device: str | None = None, max_loaded: int = 64) -> IntrovertExperts:
+    def from_run(cls, path: Run | str | Path, device: str | None = None, max_loaded: int = 64) -> IntrovertExperts:
         """Load a run directory made by `upcycle introvert cluster` and `upcycle introvert train-experts`."""
         from upcycle.introvert.routing import load_sequence_router
         from upcycle.models.base import load_base
 
-        run = Run.open(path)
+        run = Run.of(path)
         model, tokenizer = load_base(run.base, device=device)
         return cls(run, model, tokenizer, load_sequence_router(run), max_loaded=max_loaded)
 

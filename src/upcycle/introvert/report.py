@@ -34,9 +34,9 @@ def results_table(results: dict) -> tuple[list[str], list[list[object]]]:
     return ["method", f"{results['split']} perplexity", "95% CI (bootstrap over docs)", "vs base"], rows
 
 
-def write_report(run_path: str | Path) -> Path:
+def write_report(run: Run | str | Path) -> Path:
     """Render report.md with tables and PNG plots next to it; returns the report path."""
-    run = Run.open(run_path)
+    run = Run.of(run)
     results = read_json(run.eval_dir / "results.json")
     meta = run.meta
     k = results["k"]

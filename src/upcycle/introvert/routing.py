@@ -7,12 +7,20 @@ import numpy as np
 from upcycle.introvert.run import Run, expert_id
 
 
-class SequenceRouter:
-    """Routes whole texts to experts: `route(texts) -> expert ids`. Never per token; outputs are never mixed."""
+class EmbeddingRouter:
+    """Routes whole texts to experts: `route(texts) -> expert ids`. Never per token; outputs are never mixed.
+
+    It is what `upcycle.serving.router.ExpertRouter` asks of a router, so the server's model "auto" can use it.
+    """
 
     def __init__(self, embedder, centroid_router):
         self.embedder = embedder
         self.centroid_router = centroid_router
+
+    @property
+    def experts(self) -> list[str]:
+        """The expert id of every centroid."""
+        return [expert_id(c) for c in range(self.centroid_router.num_experts)]
 
     def clusters(self, texts: list[str]) -> np.ndarray:
         """Nearest-centroid cluster index of each text."""
@@ -28,14 +36,14 @@ class SequenceRouter:
         return self.centroid_router.mixture(self.embedder.encode(list(texts)), top_k, temperature)
 
 
-def load_sequence_router(run: Run) -> SequenceRouter:
+def load_sequence_router(run: Run) -> EmbeddingRouter:
     """The run's embedder and centroids, ready to route."""
     from upcycle.introvert.embedding import load_embedder
     from upcycle.introvert.router import CentroidRouter
 
-    return SequenceRouter(load_embedder(run.clusters_dir / "embedder"), CentroidRouter.load(run.clusters_dir))
+    return EmbeddingRouter(load_embedder(run.clusters_dir / "embedder"), CentroidRouter.load(run.clusters_dir))
 
 
-def router_for_run(run_path: str) -> SequenceRouter:
-    """The router of the run at `run_path` (the server's default `--router` factory)."""
+def router_for_run(run_path: str) -> EmbeddingRouter:
+    """The router of the run at `run_path` (a `--router` factory; `upcycle serve` uses the run's own by default)."""
     return load_sequence_router(Run.open(run_path))

@@ -7,10 +7,12 @@ RUN/
   clusters/                centroids.npy, clusters.json, assignments.json, summary.{json,md}, embedder/
   experts/<expert id>/     one PEFT LoRA directory per cluster: adapter_config.json + adapter_model.safetensors
                            + expert.json (cluster, tokens, losses); the directory appears only when complete
-  baselines/<name>/        the comparison models trained by `upcycle introvert evaluate` (PEFT dirs or full checkpoints)
+  baselines/<name>/        the comparison models trained by `upcycle introvert train-baselines` (PEFT dirs or full
+                           checkpoints)
   eval/results.json        every number in the report (schema in docs/run-directory.md)
   report.md, *.png         the readable report
-  .upcycle-lock             held (flock) by the process that writes the run: cluster, train-experts, evaluate
+  .upcycle-lock             held (flock) by the process that writes the run: cluster, train-experts,
+                           train-baselines, evaluate
 ```
 Expert ids are `expert-<cluster index, 5 digits>`, so a directory listing sorts by cluster.
 """
@@ -23,7 +25,7 @@ import platform
 import re
 import socket
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -77,9 +79,11 @@ def library_versions() -> dict[str, str]:
 
 @dataclass
 class Run:
-    """A run directory on disk. Cheap to construct; every accessor reads the files it needs."""
+    """A run directory on disk. run.json is read once, on first use of `meta`; writes go through `write_meta` /
+    `update_meta`, which keep it current. Open it once per command and pass the object on."""
 
     path: Path
+    _meta: dict[str, Any] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -92,6 +96,11 @@ class Run:
             raise UserError(f"{path} is not a run directory (no run.json); create one with "
                             f"`upcycle introvert cluster --out {path}`")
         return cls(path)
+
+    @classmethod
+    def of(cls, run: Run | str | Path) -> Run:
+        """`run` itself when it is already open, else `Run.open(run)` (for entry points that also take a path)."""
+        return run if isinstance(run, Run) else cls.open(run)
 
     @staticmethod
     def check_new_location(path: Path) -> None:
@@ -113,13 +122,20 @@ class Run:
     # -- run.json -------------------------------------------------------------------------------------------------
     @property
     def meta(self) -> dict[str, Any]:
-        return read_json(self.path / "run.json")
+        """run.json, read on first use and kept up to date by this object's writes."""
+        if self._meta is None:
+            self._meta = read_json(self.path / "run.json")
+        return self._meta
+
+    def write_meta(self, meta: dict[str, Any]) -> None:
+        """Replace run.json with `meta` (atomically)."""
+        write_json(self.path / "run.json", meta)
+        self._meta = dict(meta)
 
     def update_meta(self, **fields: Any) -> None:
         """Merge `fields` into run.json (atomically)."""
-        meta = self.meta if (self.path / "run.json").exists() else {}
-        meta.update(fields)
-        write_json(self.path / "run.json", meta)
+        meta = dict(self.meta) if (self.path / "run.json").exists() else {}
+        self.write_meta(meta | fields)
 
     def record_command(self, command: str) -> None:
         """Append a command line to run.json's `commands`, so the report can say how to reproduce the run."""
@@ -135,7 +151,7 @@ class Run:
     def create(path: str | Path, **fields: Any) -> Run:
         """Write a fresh run.json (see `new_meta`)."""
         run = Run(Path(path))
-        write_json(run.path / "run.json", Run.new_meta(**fields))
+        run.write_meta(Run.new_meta(**fields))
         return run
 
     # -- one writer at a time -------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from torch import nn
 from upcycle.masks.analysis import MaskAnalysis
 from upcycle.masks.layer import MaskedFFN
 from upcycle.masks.router import TokenRouter
-from upcycle.masks.surgery import masked_ffns, set_module
+from upcycle.masks.surgery import masked_ffns
+from upcycle.models.surgery import replace_module
 from upcycle.ops.sparse_ffn import SparseFFN
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def compact_model(model: nn.Module, analysis: MaskAnalysis | None = None) -> dic
     for name, layer in masked_ffns(model):
         topk = layer.router.routing == "topk"
         compact = compact_layer(layer, unused.get(name) if topk else None, always.get(name) if topk else None)
-        set_module(model, name, compact)
+        replace_module(model, name, compact)
         layouts[name] = compact.layout()
         sizes = compact.ffn.sizes
         log.info("%s: %d shared + %d routed rows over %d experts (of %d neurons)", name, sizes[0], sum(sizes[1:]),

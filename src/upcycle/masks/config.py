@@ -18,8 +18,8 @@ class MaskConfig:
 
     experts: int = 128
     """Mask experts per FFN layer (E). Each is a hard-concrete mask over the FFN's intermediate neurons. With the
-    'clusters' init more experts are finer clusters: validation perplexity over dense at 50 % active on the tiny base
-    was +19 % (E = 8), +14 % (32), +12 % (128), +10 % (512, slower k-means and a larger router); docs/masks.md."""
+    'clusters' init more experts are finer clusters, which kept helping with diminishing returns; 128 because 512
+    needs a slower k-means and a larger router (results: docs/masks.md, round 3)."""
     top_k: int = 1
     """Experts each token uses with `routing=topk`; its neuron mask is the union (max) of theirs."""
     routing: str = "topk"
@@ -110,8 +110,8 @@ class MaskTrainConfig:
     """Tokens per training block."""
     train_routers: bool = False
     """Train the routers along with the gates (at `train.lr`). Off by default: the 'clusters' init already routes each
-    token to its nearest centroid, and training the routers at the gates' rate scrambled that split (validation
-    perplexity +40 % vs +19 % over dense with them fixed, E = 8; docs/masks.md). The 'open' init needs it on."""
+    token to its nearest centroid, and training the routers at the gates' rate scrambles that split (docs/masks.md,
+    round 3). The 'open' init needs it on."""
     cluster_tokens: int = 32768
     """Training tokens whose FFN inputs the 'clusters' init clusters."""
     train: TrainConfig = field(default_factory=_default_train)

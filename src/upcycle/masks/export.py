@@ -23,7 +23,7 @@ from torch import nn
 from upcycle.errors import UserError
 from upcycle.io import atomic_directory, read_json, write_json
 from upcycle.masks.compact import CompactFFN, compact_layers
-from upcycle.masks.surgery import set_module
+from upcycle.models.surgery import replace_module
 
 FORMAT = 1
 SECTION = "upcycle_compact"
@@ -71,7 +71,7 @@ def load_compact(path: str | Path, dtype: torch.dtype | None = None) -> nn.Modul
     model = AutoModelForCausalLM.from_config(config).to(dtype)
     act = ACT2FN[config.hidden_act]
     for name, layout in section["layers"].items():
-        set_module(model, name, CompactFFN.empty(layout, act, dtype))
+        replace_module(model, name, CompactFFN.empty(layout, act, dtype))
     state = load_file(str(path / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in _tied_duplicates(model)]

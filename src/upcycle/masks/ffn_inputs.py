@@ -8,7 +8,7 @@ import contextlib
 import torch
 from torch import nn
 
-from upcycle.masks.surgery import find_ffns
+from upcycle.models.surgery import find_ffns
 
 
 @torch.no_grad()

@@ -15,7 +15,7 @@ from torch import nn
 
 from upcycle.masks.config import MaskConfig
 from upcycle.masks.hard_concrete import HardConcreteGate
-from upcycle.masks.router import Routing, TokenRouter
+from upcycle.masks.router import MaskRouting, TokenRouter
 
 
 class MaskedFFN(nn.Module):
@@ -57,7 +57,7 @@ class MaskedFFN(nn.Module):
         return self.down_proj(h).view(x.shape)
 
     @staticmethod
-    def token_mask(routing: Routing, gates: torch.Tensor) -> torch.Tensor:
+    def token_mask(routing: MaskRouting, gates: torch.Tensor) -> torch.Tensor:
         """Per-token neuron mask [T, I] from a routing and gate values [E, I]."""
         weights = routing.weights.to(gates.dtype)
         if routing.expert_idx is None:  # soft: sum_e p[t, e]·z[e, i]

@@ -5,7 +5,6 @@ run again. The sweep against the baselines lives in `upcycle.masks.sweep`.
 from __future__ import annotations
 
 import logging
-import math
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -14,13 +13,13 @@ import torch
 from torch import nn
 
 from upcycle.data import SplitConfig
-from upcycle.eval.perplexity import token_nll
+from upcycle.data.blocks import corpus_blocks
+from upcycle.eval.perplexity import mean_loss, perplexity
 from upcycle.io import atomic_write_text, ensure_writable_dir, write_json
 from upcycle.masks.analysis import MaskAnalysis, analysis_table, analyze_masks, plot_experts
 from upcycle.masks.calibrate import calibrate_gates
 from upcycle.masks.compact import compact_model, packed_rows
 from upcycle.masks.config import MaskTrainConfig
-from upcycle.masks.data import mask_blocks
 from upcycle.masks.export import save_compact
 from upcycle.masks.run import (
     ANALYSIS,
@@ -34,8 +33,9 @@ from upcycle.masks.run import (
     save_masks,
     write_meta,
 )
-from upcycle.masks.surgery import find_ffns, masked_ffns
+from upcycle.masks.surgery import masked_ffns
 from upcycle.masks.train import train_masks
+from upcycle.models.surgery import find_ffns
 from upcycle.ops.flops import DecoderShape, decoder_flops
 from upcycle.training.loop import is_main_process
 
@@ -45,13 +45,9 @@ SKIP_COMPACT_ABOVE = (8.0, 1 << 30)
 """The compact export is skipped when it would store more than this many times the dense FFNs' weight rows *and*
 more than this many bytes: overlapping experts keep a copy of a shared neuron each (see `packed_rows`), which for
 E = 128 on the tiny base is ~60x its FFNs (~130 MB, harmless) but would be hundreds of GB on a 1B model."""
-
-
-def held_out_loss(model: nn.Module, blocks: tuple[torch.Tensor, torch.Tensor]) -> float:
-    """Mean next-token loss (nats) over held-out blocks, model in eval mode."""
-    model.eval()
-    total, count = token_nll(model, *blocks, batch_size=8)
-    return total / max(count, 1)
+HELD_OUT = {"names": ("train", "validation", "test"), "required": ("train", "validation")}
+"""The splits a mask run reads (`upcycle.data.blocks.corpus_blocks`): settings are chosen on 'validation'; 'test'
+(absent when the split is empty) is for the final numbers only."""
 
 
 def flops_summary(model: nn.Module, analysis: MaskAnalysis, tokens: int) -> dict:
@@ -78,8 +74,10 @@ def compact_and_check(model: nn.Module, analysis: MaskAnalysis, blocks: torch.Te
 
 
 def held_out_perplexities(model: nn.Module, blocks: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """Perplexity on each held-out split in `blocks` ('validation', and 'test' when present)."""
-    return {split: math.exp(held_out_loss(model, blocks[split])) for split in ("validation", "test") if split in blocks}
+    """Perplexity on each held-out split in `blocks` ('validation', and 'test' when present), model in eval mode."""
+    model.eval()
+    return {split: perplexity(model, *blocks[split], batch_size=8)
+            for split in ("validation", "test") if split in blocks}
 
 
 def train_run(base: str, config: MaskTrainConfig, out: str | Path, data: str = "stdlib",
@@ -100,7 +98,8 @@ def train_run(base: str, config: MaskTrainConfig, out: str | Path, data: str = "
     find_ffns(model)  # refuses a model without SwiGLU FFNs before any data is read
     identity = base_identity(base, model)  # before surgery
     train_tokens = config.train.steps * config.train.batch_size * config.block_size
-    blocks = mask_blocks(tokenizer, data, splits, config.block_size, train_tokens, eval_blocks, seed=config.train.seed)
+    blocks = corpus_blocks(tokenizer, data, splits, config.block_size, **HELD_OUT, train_tokens=train_tokens,
+                           eval_blocks=eval_blocks, seed=config.train.seed)
     val_blocks = blocks["validation"]
     dense = held_out_perplexities(model, blocks)
 
@@ -174,10 +173,11 @@ def analyze_run(run: str | Path, base: str | None = None, eval_blocks: int = 32)
     model, tokenizer = load_base(base)
     apply_masks(run, model, base)
     config = meta["config"]
-    blocks = mask_blocks(tokenizer, meta["data"], SplitConfig(**meta["splits"]), config["block_size"], 1, eval_blocks)
+    blocks = corpus_blocks(tokenizer, meta["data"], SplitConfig(**meta["splits"]), config["block_size"], **HELD_OUT,
+                           train_tokens=1, eval_blocks=eval_blocks)
     analysis = analyze_masks(model, *blocks["validation"])
     summary = analysis.to_dict()
-    summary["held_out_loss"] = held_out_loss(model, blocks["validation"])
+    summary["held_out_loss"] = mean_loss(model.eval(), *blocks["validation"], batch_size=8)
     write_analysis(Path(run), analysis, summary)
     return summary
 

@@ -12,8 +12,8 @@ from torch import nn
 
 
 @dataclass
-class Routing:
-    """A router's decision for T tokens."""
+class MaskRouting:
+    """A mask router's decision for T tokens (the MoE layer's own is `upcycle.moe.routers.Routing`)."""
 
     probs: torch.Tensor
     """[T, E] softmax over experts (float32, or float64 in a float64 model)."""
@@ -36,19 +36,19 @@ class TokenRouter(nn.Module):
     def num_experts(self) -> int:
         return self.proj.out_features
 
-    def forward(self, x: torch.Tensor) -> Routing:
-        """x [T, D] -> Routing."""
+    def forward(self, x: torch.Tensor) -> MaskRouting:
+        """x [T, D] -> MaskRouting."""
         logits = self.proj(x)  # [T, E]
         # At least float32, so that near-ties and small probability gaps survive a bf16 model.
         probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         if self.routing == "soft":
-            return Routing(probs, None, probs)
+            return MaskRouting(probs, None, probs)
         expert_idx = probs.topk(self.top_k, dim=-1).indices  # [T, K]
         chosen = probs.gather(1, expert_idx)  # [T, K]
         # Forward value exactly 1 (the mask is the plain union of the chosen experts' masks); backward lets the task
         # loss and the sparsity penalty reach the router through the chosen probabilities.
         weights = 1.0 + (chosen - chosen.detach())
-        return Routing(probs, expert_idx, weights)
+        return MaskRouting(probs, expert_idx, weights)
 
     @torch.no_grad()
     def choose(self, x: torch.Tensor) -> torch.Tensor:

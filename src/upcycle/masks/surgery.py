@@ -1,4 +1,5 @@
-"""Plain functions that find a decoder's SwiGLU FFNs and swap them for mask-expert layers (and back to state)."""
+"""Install mask-expert layers in a decoder's SwiGLU FFNs (found and swapped by `upcycle.models.surgery`), and move
+their state in and out."""
 
 from __future__ import annotations
 
@@ -10,36 +11,12 @@ from torch import nn
 from upcycle.errors import UserError
 from upcycle.masks.config import MaskConfig
 from upcycle.masks.layer import MaskedFFN
+from upcycle.models.surgery import find_ffns, replace_module
 
 log = logging.getLogger(__name__)
 
-_PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 MASK_KEYS = ("router.", "gates.")
 """State-dict key fragments that belong to the masks (everything else is the base model's)."""
-
-
-def is_swiglu_ffn(module: nn.Module) -> bool:
-    """True for a Llama/Mistral/Qwen2-style MLP: Linear gate_proj, up_proj, down_proj and an act_fn."""
-    return (all(isinstance(getattr(module, p, None), nn.Linear) for p in _PROJECTIONS)
-            and callable(getattr(module, "act_fn", None)) and not isinstance(module, MaskedFFN))
-
-
-def find_ffns(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module) of every SwiGLU FFN in `model`, in module order. Raises UserError if there is none."""
-    found = [(name, m) for name, m in model.named_modules() if is_swiglu_ffn(m)]
-    if not found:
-        raise UserError(f"{type(model).__name__} has no SwiGLU FFN (gate_proj, up_proj, down_proj, act_fn) to mask; "
-                        "use a Llama-, Mistral- or Qwen2-style decoder")
-    for name, m in found:
-        if any(getattr(m, p).bias is not None for p in _PROJECTIONS):
-            raise UserError(f"{name}: FFNs with biases are not supported by mask experts (mlp_bias must be false)")
-    return found
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted `name`."""
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def add_masks(model: nn.Module, config: MaskConfig, seed: int = 0) -> list[str]:
@@ -49,7 +26,7 @@ def add_masks(model: nn.Module, config: MaskConfig, seed: int = 0) -> list[str]:
     torch.manual_seed(seed)
     names = []
     for name, mlp in find_ffns(model):
-        set_module(model, name, MaskedFFN.wrap(mlp, config))
+        replace_module(model, name, MaskedFFN.wrap(mlp, config))
         names.append(name)
     log.info("added %d mask experts to %d FFN layers", config.experts, len(names))
     return names

@@ -32,23 +32,21 @@ import torch
 from torch import nn
 
 from upcycle.data import SplitConfig
+from upcycle.data.blocks import corpus_blocks
 from upcycle.data.packing import IGNORE_INDEX
 from upcycle.errors import UserError
 from upcycle.io import atomic_write_text, ensure_writable_dir, write_json
 from upcycle.masks.compact import CompactFFN
 from upcycle.masks.config import BaselineSettings, MaskTrainConfig
-from upcycle.masks.data import mask_blocks
-from upcycle.masks.pipeline import held_out_perplexities, train_run
+from upcycle.masks.pipeline import HELD_OUT, held_out_perplexities, train_run
 from upcycle.masks.run import COMPACT
-from upcycle.masks.surgery import find_ffns, is_swiglu_ffn
+from upcycle.models.surgery import find_ffns, is_swiglu_ffn
 from upcycle.ops.flops import DecoderShape, decoder_flops
 from upcycle.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
 METHODS = ("masks", "moefication", "pruning", "teal")
-LABELS = {"dense": "dense", "masks": "mask experts (MoM)", "moefication": "MoEfication",
-          "pruning": "magnitude pruning + fine-tune", "teal": "TEAL thresholds"}
 
 
 @dataclass
@@ -195,8 +193,8 @@ def sweep_runs(base: str, targets: list[float], config: MaskTrainConfig, out: st
     find_ffns(dense)  # a model without SwiGLU FFNs is refused before anything trains
     shape = DecoderShape.from_config(dense.config)
     ctx = SweepContext(base, dense, {}, config, baselines, out, data, splits, eval_blocks)
-    ctx.blocks = mask_blocks(tokenizer, data, splits, config.block_size, ctx.train_tokens, eval_blocks,
-                             seed=config.train.seed)
+    ctx.blocks = corpus_blocks(tokenizer, data, splits, config.block_size, **HELD_OUT, train_tokens=ctx.train_tokens,
+                               eval_blocks=eval_blocks, seed=config.train.seed)
     quality = "test" if "test" in ctx.blocks else "validation"
     models, points = {"dense": dense}, [_point("dense", 1.0, dense, ctx, quality, shape, {})]
     for target in targets:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from upcycle.masks.sweep import LABELS
+LABELS = {"dense": "dense", "masks": "mask experts (MoM)", "moefication": "MoEfication",
+          "pruning": "magnitude pruning + fine-tune", "teal": "TEAL thresholds"}
+"""How each of the sweep's methods is named in the tables and plots."""
 
 
 def plot_pareto(points: list[dict], quality: str, path: Path) -> None:

@@ -18,9 +18,7 @@ from pathlib import Path
 
 import torch
 
-from upcycle.data import load_documents, split_documents
-from upcycle.data.packing import pack, tokenize
-from upcycle.errors import UserError
+from upcycle.data.blocks import corpus_splits, token_blocks
 from upcycle.io import atomic_directory, ensure_writable_dir, sha256_file, write_json
 from upcycle.models.config import PretrainConfig, TinyLlamaShape
 from upcycle.training.loop import is_main_process, train
@@ -49,9 +47,7 @@ def pretrain(config: PretrainConfig, out: str | Path) -> dict | None:
 
     out = Path(out)
     work = ensure_writable_dir(out.parent / f".{out.name}.work")
-    splits = split_documents(load_documents(config.data), config.splits)
-    if not splits["train"] or not splits["validation"]:
-        raise UserError(f"--data {config.data}: too few documents for a training and a validation split")
+    splits = corpus_splits(config.data, config.splits, required=("train", "validation"))
 
     tokenizer_dir = work / "tokenizer"
     with PartialState().main_process_first():  # under DDP rank 0 trains the tokenizer, the others load it
@@ -61,10 +57,8 @@ def pretrain(config: PretrainConfig, out: str | Path) -> dict | None:
                 tokenizer.save_pretrained(tmp)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
 
-    train_blocks = pack(tokenize(tokenizer, [d.text for d in splits["train"]]), config.block_size,
-                        tokenizer.pad_token_id, keep_remainder=False)
-    val_blocks = pack(tokenize(tokenizer, [d.text for d in splits["validation"]]), config.block_size,
-                      tokenizer.pad_token_id)
+    blocks = token_blocks(tokenizer, splits, config.block_size)
+    train_blocks, val_blocks = blocks["train"], blocks["validation"]
     val_blocks = tuple(t[torch.randperm(t.shape[0], generator=torch.Generator().manual_seed(0))] for t in val_blocks)
     log.info("pretraining on %d blocks of %d tokens", train_blocks[0].shape[0], config.block_size)
 

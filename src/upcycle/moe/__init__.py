@@ -8,6 +8,15 @@
         loss = hf_llama(input_ids=ids, attention_mask=attention_mask, labels=labels).loss
     loss = loss + routing.aux_loss(moe.balance_loss_coef, moe.z_loss_coef)
 
+Reading order:
+- `config`                 MoEConfig, UpcycleConfig (torch-free), the experiment's conditions and metrics
+- `routers`, `experts`, `dispatch`, `layer`   token / expert choice, stacked SwiGLU experts, capacity or dropless
+                           dispatch, and MoELayer(router, experts, dispatcher) composed
+- `losses`, `stats`, `collector`   aux losses and routing statistics, returned through the trainer-owned collector
+- `upcycling`, `checkpoint`, `mixtral`   dense -> MoE surgery, our checkpoint format, Mixtral interchange
+- `train`, `instruct`, `experiment`, `experiment_report`   training, the Flan-MoE recipes, experiment and report
+- `commands`               the CLI
+
 Names are imported lazily so that `upcycle.moe.config` (and the CLI's --help) does not import torch.
 """
 

@@ -67,9 +67,7 @@ def moe_train(checkpoint: str, out: str, data: str = "stdlib", block_size: int =
     """
     from transformers import AutoTokenizer
 
-    from upcycle.data import load_documents, split_documents
-    from upcycle.data.packing import pack, tokenize
-    from upcycle.errors import UserError
+    from upcycle.data.blocks import corpus_blocks
     from upcycle.io import ensure_writable_dir, write_json
     from upcycle.moe.checkpoint import load_moe_model, read_moe_meta, save_moe_model
     from upcycle.moe.train import train_moe
@@ -77,15 +75,8 @@ def moe_train(checkpoint: str, out: str, data: str = "stdlib", block_size: int =
 
     model, moe, indices = load_moe_model(checkpoint)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    parts = split_documents(load_documents(data, text_field=text_field), splits)
-    if not parts["train"]:
-        raise UserError(f"--data {data}: no training documents")
-    train_blocks = pack(tokenize(tokenizer, [d.text for d in parts["train"]]), block_size, tokenizer.pad_token_id,
-                        keep_remainder=False)
-    eval_blocks = None
-    if parts["validation"]:
-        eval_blocks = pack(tokenize(tokenizer, [d.text for d in parts["validation"]]), block_size,
-                           tokenizer.pad_token_id)
+    blocks = corpus_blocks(tokenizer, data, splits, block_size, text_field=text_field)
+    train_blocks, eval_blocks = blocks["train"], blocks.get("validation")
     work = ensure_writable_dir(Path(out).parent / f".{Path(out).name}.work")
     result = train_moe(model, moe, train_blocks, train, eval_blocks=eval_blocks, per_layer_stats=per_layer_stats,
                        checkpoint_dir=work)

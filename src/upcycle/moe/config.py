@@ -175,3 +175,10 @@ class ExperimentConfig:
         if self.moe.token_choice and self.moe.top_k != 1:
             log.warning("top_k=%d with full-size experts costs %d times the dense FFN FLOPs per token",
                         self.moe.top_k, self.moe.top_k)
+
+
+# The instruction-tuning experiment's design (`upcycle.moe.experiment` runs it, `experiment_report` shows it).
+CONDITIONS = ("direct", "instruct")
+"""Fine-tuned directly / instruction-tuned, then fine-tuned."""
+METRICS = ("loss", "exact_match")
+"""What each held-out task is scored by."""

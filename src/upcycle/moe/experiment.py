@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from upcycle.errors import UserError
-from upcycle.moe.config import ExperimentConfig
+from upcycle.moe.config import CONDITIONS, METRICS, ExperimentConfig
 
 log = logging.getLogger(__name__)
-
-CONDITIONS = ("direct", "instruct")  # fine-tuned directly / instruction-tuned, then fine-tuned
 
 
 def run_experiment(out: str | Path, config: ExperimentConfig) -> dict:
@@ -193,21 +190,10 @@ class _Runner:
 # Summary statistics
 
 
-def mean_ci(values: list[float]) -> dict:
-    """Mean, the half-width of a 95% Student-t interval over seeds (None with one seed) and the values."""
-    import numpy as np
-    from scipy.special import stdtrit  # Student-t quantile; scipy.stats takes seconds to import
-
-    arr = np.asarray(values, dtype=float)
-    half = float(stdtrit(len(arr) - 1, 0.975) * arr.std(ddof=1) / math.sqrt(len(arr))) if len(arr) > 1 else None
-    return {"mean": float(arr.mean()), "ci95": half, "n": len(arr), "values": arr.tolist()}
-
-
-METRICS = ("loss", "exact_match")
-
 
 def summarise(out: Path, config: ExperimentConfig, cells: dict[str, dict]) -> dict:
     """Means and 95% CIs over seeds per condition, and the paired (same-seed) differences that answer the question."""
+    from upcycle.eval.stats import mean_ci  # numpy: not at import, which the CLI's --help does
     seeds = config.seeds
     tasks = sorted(cells[f"finetune/dense-direct-s{seeds[0]}"]["eval"]["tasks"])
     final = {(arch, cond): [cells[f"finetune/{arch}-{cond}-s{s}"]["eval"] for s in seeds]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from upcycle.moe.experiment import CONDITIONS, METRICS
+from upcycle.moe.config import CONDITIONS, METRICS
 
 
 def write_report(out: Path, results: dict) -> Path:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -14,9 +14,6 @@ from upcycle.moe.experts import SwiGLUExperts
 from upcycle.moe.losses import AuxLosses, routing_losses
 from upcycle.moe.routers import ExpertChoiceRouter, Routing, TopKRouter
 from upcycle.moe.stats import RoutingStats, routing_stats
-
-if TYPE_CHECKING:
-    from upcycle.moe.collector import RoutingCollector
 
 
 @dataclass
@@ -33,6 +30,14 @@ class MoEOutput:
     """The routing itself, for inspection and tests."""
 
 
+class RoutingSink(Protocol):
+    """What a layer needs from the trainer's collector (`upcycle.moe.collector.RoutingCollector` is the one)."""
+
+    padding_mask: torch.Tensor | None
+
+    def record(self, name: str, output: MoEOutput) -> None: ...
+
+
 class MoELayer(nn.Module):
     """y = sum over the experts a token reaches of gate * expert(x); x [..., D] -> [..., D].
 
@@ -46,7 +51,7 @@ class MoELayer(nn.Module):
         super().__init__()
         self.router, self.experts, self.dispatcher = router, experts, dispatcher
         self.collect_stats = collect_stats
-        self.collector: RoutingCollector | None = None
+        self.collector: RoutingSink | None = None
         self.layer_name = ""
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

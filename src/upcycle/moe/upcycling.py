@@ -7,40 +7,20 @@ Plain functions that walk `named_modules` and swap modules in place; nothing sub
 from __future__ import annotations
 
 import logging
-import re
 
 import torch
 from torch import nn
 
 from upcycle.errors import UserError
+from upcycle.models.surgery import FFN_PROJECTIONS, check_supported, decoder_mlps, replace_module
 from upcycle.moe.config import MoEConfig, UpcycleConfig
 from upcycle.moe.layer import MoELayer, build_moe_layer
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-_MLP_NAME = re.compile(r"^(?:.*\.)?layers\.(\d+)\.mlp$")
-
-
-def check_supported(model: nn.Module) -> None:
-    """Raise a UserError unless `model` is a Llama / Mistral / Qwen2 causal LM with bias-free SwiGLU MLPs."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", type(model).__name__)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise UserError(f"cannot upcycle a {model_type!r} model; supported bases: {', '.join(SUPPORTED_MODEL_TYPES)}")
-    if getattr(config, "mlp_bias", False):
-        raise UserError("cannot upcycle a base whose MLPs have biases (mlp_bias=True); the experts are bias-free")
-
-
 def moe_layer_indices(num_layers: int, every: int) -> list[int]:
     """Decoder layers whose MLP becomes MoE: every N-th, counting from 1 (every=2: layers 1, 3, 5, ...)."""
     return [i for i in range(num_layers) if i % every == every - 1]
-
-
-def decoder_mlps(model: nn.Module) -> dict[int, str]:
-    """Module name of each decoder layer's MLP, by layer index."""
-    found = {int(m.group(1)): name for name, _ in model.named_modules() if (m := _MLP_NAME.match(name))}
-    return dict(sorted(found.items()))
 
 
 def upcycle_mlp(mlp: nn.Module, moe: MoEConfig, activation: str, noise: float = 0.0,
@@ -49,7 +29,7 @@ def upcycle_mlp(mlp: nn.Module, moe: MoEConfig, activation: str, noise: float = 
 
     noise > 0 adds N(0, (noise * std(W))^2) to every copy of every weight W, independently per expert.
     """
-    gate, up, down = (getattr(mlp, name).weight for name in ("gate_proj", "up_proj", "down_proj"))
+    gate, up, down = (getattr(mlp, name).weight for name in FFN_PROJECTIONS)
     layer = build_moe_layer(moe, dim=gate.shape[1], ffn_dim=gate.shape[0], activation=activation)
     layer.to(device=gate.device, dtype=gate.dtype)
     for expert in range(moe.num_experts):
@@ -77,7 +57,8 @@ def upcycle_model(model: nn.Module, moe: MoEConfig, upcycle: UpcycleConfig | Non
         torch.manual_seed(upcycle.seed)
         for index in indices:
             name = mlps[index]
-            _replace(model, name, upcycle_mlp(model.get_submodule(name), moe, activation, upcycle.noise, generator))
+            layer = upcycle_mlp(model.get_submodule(name), moe, activation, upcycle.noise, generator)
+            replace_module(model, name, layer, keep_mode=True)  # capacity factor and jitter depend on the mode
     log.info("upcycled %d of %d MLPs into %d experts each", len(indices), len(mlps), moe.num_experts)
     return indices
 
@@ -93,13 +74,8 @@ def install_moe_layers(model: nn.Module, moe: MoEConfig, indices: list[int]) -> 
         dense = model.get_submodule(mlps[index])
         dim, ffn_dim = dense.gate_proj.in_features, dense.gate_proj.out_features
         layer = build_moe_layer(moe, dim, ffn_dim, model.config.hidden_act)
-        _replace(model, mlps[index], layer.to(device=dense.gate_proj.weight.device, dtype=dense.gate_proj.weight.dtype))
-
-
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    module.train(model.get_submodule(name).training)  # keep the model's train / eval mode (capacity factor, jitter)
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+        layer = layer.to(device=dense.gate_proj.weight.device, dtype=dense.gate_proj.weight.dtype)
+        replace_module(model, mlps[index], layer, keep_mode=True)
 
 
 def _noise_like(weight: torch.Tensor, scale: float, generator: torch.Generator | None) -> torch.Tensor:

@@ -18,12 +18,13 @@ model costs. That buffer is one extra copy of each wrapped weight, so it is opt-
 from __future__ import annotations
 
 import contextlib
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from upcycle.models.surgery import find_linears, replace_module
 
 
 def batched_lora(x: torch.Tensor, base_out: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
@@ -237,13 +238,6 @@ class MultiLoRALinear(nn.Module):
         self.lora_b[slot].zero_()
 
 
-def matches_target(name: str, targets: str | Iterable[str]) -> bool:
-    """PEFT's rule: a regex string must match the full module name; a list entry must equal it or be its suffix."""
-    if isinstance(targets, str):
-        return re.fullmatch(targets, name) is not None
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
 @dataclass
 class MultiLoRA:
     """Handle on a model after `attach_multi_lora`: its wrapped layers, their shared `LoRABatch`, and slot filling."""
@@ -300,19 +294,14 @@ def attach_multi_lora(model: nn.Module, targets: str | Iterable[str], n_slots: i
     `MultiLoRALinear` with `n_slots` slots of rank `max_rank`, in place; returns the handle that fills the slots.
 
     `merge_single_slot` enables the merged-weight path for forwards where all rows share one slot."""
-    targets = targets if isinstance(targets, str) else list(targets)
     weight = next(model.parameters())
     batch = LoRABatch(max_rows=max_rows, zero_slot=n_slots, device=weight.device,
                       merge_single_slot=merge_single_slot)
-    chosen = [(name, module) for name, module in model.named_modules()
-              if isinstance(module, nn.Linear) and matches_target(name, targets)]
+    chosen = find_linears(model, targets)
     if not chosen:
         raise ValueError(f"no nn.Linear in the model matches target modules {targets!r}")
     layers: dict[str, MultiLoRALinear] = {}
     for name, module in chosen:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped = MultiLoRALinear(module, n_slots, max_rank, batch)
-        setattr(parent, child, wrapped)
-        layers[name] = wrapped
+        layers[name] = MultiLoRALinear(module, n_slots, max_rank, batch)
+        replace_module(model, name, layers[name])
     return MultiLoRA(layers=layers, batch=batch, n_slots=n_slots, max_rank=max_rank)

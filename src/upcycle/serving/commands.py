@@ -14,7 +14,6 @@ from upcycle.errors import UserError
 from upcycle.serving.config import EngineConfig, ServerConfig
 
 log = logging.getLogger(__name__)
-DEFAULT_ROUTER = "upcycle.introvert.routing:router_for_run"
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
 """What `pip install 'upcycle[serve]'` brings that the server imports."""
 
@@ -83,8 +82,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, router: str | Non
         run: Run directory (its run.json names the base model; experts/ holds the PEFT adapters).
         host: Interface to bind. Anything but localhost requires an API key (--server.api_key).
         port: TCP port.
-        router: `package.module:factory` building a SequenceRouter from the run path, enabling model "auto"
-            (default for a run made by `upcycle introvert cluster`: upcycle.introvert.routing:router_for_run).
+        router: `package.module:factory` building an ExpertRouter from the run path, enabling model "auto"
+            (default for a run made by `upcycle introvert cluster`: its own centroids).
         watch: Keep the experts in sync with the run's experts/ directory while serving.
         log_level: uvicorn and upcycle log level.
         engine: The batching engine: batch, queue, context, adapter slots and cache, dtype, device, threads.
@@ -96,27 +95,26 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, router: str | Non
                      admin_key=server.admin_key or os.environ.get("UPCYCLE_ADMIN_KEY") or None)
     check_serve_flags(port, log_level, engine, server)
 
-    from upcycle.introvert.run import Run
     from upcycle.serving.engine import Engine
     from upcycle.serving.router import load_router
     from upcycle.serving.server import admin_check, create_app, make_server
+    from upcycle.serving.source import open_source
 
     logging.basicConfig(level=log_level.upper())
     local = is_loopback(host)
     if server.api_key is None and not local:
         raise UserError(f"binding to {host} exposes the server beyond this machine: pass --server.api_key (or set "
                         "UPCYCLE_API_KEY), or bind to 127.0.0.1")
-    opened = Run.open(run)
-    served = Engine.from_run(opened.path, engine)
-    server = replace(server, local_only=local, adapter_roots=tuple(server.adapter_roots or [str(opened.path)]),
-                     watch_dir=str(opened.experts_dir) if watch else server.watch_dir)
+    served = open_source(run, router=router is None)  # an introvert run routes with its own centroids
+    batching = Engine.from_pretrained(served.base, served.experts, engine)
+    root = str(served.root or run)
+    server = replace(server, local_only=local, adapter_roots=tuple(server.adapter_roots or [root]),
+                     watch_dir=str(served.experts_dir) if watch and served.experts_dir else server.watch_dir)
     if admin_check(server) is None:
         log.warning("/admin is off: serving beyond localhost, it needs its own key (--server.admin_key)")
-    if router is None and (opened.clusters_dir / "centroids.npy").is_file():
-        router = DEFAULT_ROUTER  # a run made by `upcycle introvert cluster` routes with its own centroids
-    app = create_app(served, server, load_router(router, str(opened.path)) if router else None)
-    log.info("serving %s with %d experts on http://%s:%d/v1", opened.path, len(opened.expert_ids()), host, port)
+    app = create_app(batching, server, load_router(router, root) if router else served.router)
+    log.info("serving %s with %d experts on http://%s:%d/v1", root, len(served.experts), host, port)
     try:
         make_server(app, host, port, server.drain_timeout_s, log_level).run()
     finally:
-        served.close()
+        batching.close()

@@ -27,7 +27,8 @@ from typing import TypeVar
 
 import torch
 
-from upcycle.ops.batched_lora import MultiLoRA, attach_multi_lora, matches_target
+from upcycle.models.surgery import matches_target
+from upcycle.ops.batched_lora import MultiLoRA, attach_multi_lora
 from upcycle.serving.adapters import AdapterWeights, read_spec
 from upcycle.serving.cache import AdapterCache
 from upcycle.serving.config import CacheConfig, EngineConfig
@@ -185,21 +186,16 @@ class Engine:
         if cache is not None:
             cache.add_removal_hook(self._on_removed)
 
-    # -- construction from a run directory ----------------------------------------------------------------------------
+    # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
-    def from_run(cls, run_path: str | Path, config: EngineConfig | None = None) -> Engine:
-        """Load the run's base model, wrap the layers its experts target, and register every expert."""
+    def from_pretrained(cls, base: str | Path, experts: dict[str, Path], config: EngineConfig | None = None) -> Engine:
+        """Load `base` (a Hugging Face directory or hub id) in the config's dtype and device, then `from_model`."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from upcycle.introvert.run import Run
-
-        run = Run.open(run_path)
         config = config or EngineConfig()
-        dtype = getattr(torch, config.dtype)
-        tokenizer = AutoTokenizer.from_pretrained(run.base)
-        model = AutoModelForCausalLM.from_pretrained(run.base, dtype=dtype).to(config.device).eval()
-        experts = {e: run.expert_dir(e) for e in run.expert_ids()}
-        return cls.from_model(model, tokenizer, experts, config)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, config.dtype))
+        return cls.from_model(model.to(config.device).eval(), tokenizer, experts, config)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, tokenizer, experts: dict[str, Path],

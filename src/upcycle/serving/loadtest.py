@@ -1,6 +1,6 @@
 """Bounded load test: C concurrent OpenAI clients for D seconds against the server; prints one JSON object.
 
-Without `--url` it serves a run in this process on 127.0.0.1 (a synthetic one with `--synthetic N`: tiny random
+Without `--url` it serves a run in this process on 127.0.0.1 (a synthetic set with `--synthetic N`: tiny random
 Llama and N random LoRA experts in a temporary directory) and samples the process's resident memory every half
 second, so a leak shows as `rss_mb.end` well above `rss_mb.after_warmup`. Clients mix streaming and plain calls,
 completions and chat, and models (auto when listed, base, random experts), with 8-32 new tokens each.
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--url", help="an existing server's base URL (…/v1); default: serve --run here")
     parser.add_argument("--api-key", default="load-test")
     parser.add_argument("--run", help="run directory to serve in-process")
-    parser.add_argument("--synthetic", type=int, default=0, help="serve a synthetic run with this many experts")
+    parser.add_argument("--synthetic", type=int, default=0, help="serve this many synthetic experts")
     parser.add_argument("--clients", type=int, default=32)
     parser.add_argument("--seconds", type=float, default=60.0)
     parser.add_argument("--max-batch", type=int, default=16)
@@ -194,17 +194,21 @@ def _serve_and_load(args, tmp: Path) -> dict:
     from upcycle.serving.config import EngineConfig, ServerConfig
     from upcycle.serving.engine import Engine
     from upcycle.serving.server import create_app, make_server
-    from upcycle.serving.synthetic import save_tiny_base, write_synthetic_run
+    from upcycle.serving.source import ServedModel, open_source
+    from upcycle.serving.synthetic import save_tiny_base, write_synthetic_experts
 
     torch.set_num_threads(1)
     rss_start = _rss_mb()
-    run = args.run
-    if not run:
-        run = tmp / "run"
-        write_synthetic_run(run, save_tiny_base(tmp / "base"), args.synthetic, rank=8)
-    corrupt = _add_corrupt_experts(Path(run)) if args.hostile and not args.run else []
-    engine = Engine.from_run(run, EngineConfig(max_batch=args.max_batch, max_seq_len=256,
-                                               max_waiting=4 * args.clients))
+    if args.run:
+        served = open_source(args.run, router=False)
+    else:
+        base = save_tiny_base(tmp / "base")
+        experts_dir = tmp / "experts"
+        served = ServedModel(str(base), write_synthetic_experts(experts_dir, base, args.synthetic, rank=8),
+                             experts_dir=experts_dir)
+    corrupt = _add_corrupt_experts(served) if args.hostile and not args.run else []
+    engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=256, max_waiting=4 * args.clients)
+    engine = Engine.from_pretrained(served.base, served.experts, engine_config)
     server_config = ServerConfig(api_key=args.api_key)
     app = create_app(engine, server_config)
     with socket.socket() as probe:
@@ -245,14 +249,14 @@ def _serve_and_load(args, tmp: Path) -> dict:
     return result
 
 
-def _add_corrupt_experts(run: Path) -> list[str]:
+def _add_corrupt_experts(served) -> list[str]:
     """One expert per kind of corrupt adapter, numbered from 90000 so valid traffic can tell them apart."""
-    from upcycle.serving.synthetic import CORRUPTIONS, write_corrupt_adapter
+    from upcycle.serving.synthetic import CORRUPTIONS, synthetic_name, write_corrupt_adapter
 
-    good = next(p for p in sorted((run / "experts").iterdir()) if p.name.startswith("expert-"))
-    names = [f"expert-{90_000 + i:05d}" for i in range(len(CORRUPTIONS))]
+    good = served.experts[min(served.experts)]
+    names = [synthetic_name(90_000 + i) for i in range(len(CORRUPTIONS))]
     for name, kind in zip(names, CORRUPTIONS, strict=True):
-        write_corrupt_adapter(good, run / "experts" / name, kind)
+        served.experts[name] = write_corrupt_adapter(good, served.experts_dir / name, kind)
     return names
 
 

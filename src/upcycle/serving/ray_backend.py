@@ -21,7 +21,8 @@ from upcycle.serving.config import EngineConfig, ServerConfig
 
 def build_app(run: str, engine_config: EngineConfig | None = None, server_config: ServerConfig | None = None,
               num_replicas: int = 1, experts_per_replica: int = 512, ray_actor_options: dict | None = None):
-    """A Serve application of `num_replicas` engine replicas for `run`; pass it to `serve.run`."""
+    """A Serve application of `num_replicas` engine replicas for `run` (a directory `open_source` reads, such as an
+    introvert run); pass it to `serve.run`."""
     from ray import serve
 
     engine_config = engine_config or EngineConfig()
@@ -32,11 +33,13 @@ def build_app(run: str, engine_config: EngineConfig | None = None, server_config
 
     @serve.deployment(num_replicas=num_replicas, ray_actor_options=ray_actor_options or {"num_cpus": 1})
     @serve.ingress()
-    class IntrovertExperts:
+    class Experts:
         def __init__(self) -> None:
             from upcycle.serving.engine import Engine
+            from upcycle.serving.source import open_source
 
-            self.engine = Engine.from_run(run, engine_config)
+            served = open_source(run, router=False)
+            self.engine = Engine.from_pretrained(served.base, served.experts, engine_config)
 
         def __serve_build_asgi_app__(self):
             from upcycle.serving.server import create_app
@@ -55,4 +58,4 @@ def build_app(run: str, engine_config: EngineConfig | None = None, server_config
                 await asyncio.wrap_future(future)
             return expert
 
-    return IntrovertExperts.bind()
+    return Experts.bind()

@@ -1,12 +1,11 @@
-"""OpenAI-compatible HTTP server over the batching engine (FastAPI + uvicorn).
+"""OpenAI-compatible HTTP server over the batching engine (FastAPI + uvicorn): the wiring and the HTTP edges.
 
 Routes: GET /v1/models, POST /v1/completions, POST /v1/chat/completions (SSE when `stream`), GET /health, /ready,
 /metrics (Prometheus, under the API key), and /admin/experts (list, add, remove at runtime; see `admin_check`).
 /docs, /redoc and /openapi.json exist only with `ServerConfig.docs`.
 
-`model` picks the adapter: "base" uses none, "auto" asks the `SequenceRouter` (whole request text, one expert),
-an expert id forces that expert. Every answer names the expert that produced it: header `x-upcycle-expert` and the
-body field `expert` ("base" when none).
+The /v1 request path (which expert, sampling parameters, the answer) is `upcycle.serving.completions.Completions`;
+this module adds what surrounds it: body limit, metrics, keys, error objects, health, and a draining shutdown.
 
 Chat prompts use the tokenizer's chat template when it has one; otherwise this documented fallback:
     "{role}: {content}\n" per message, then "assistant:", and generation also stops at "\nuser:".
@@ -24,8 +23,6 @@ import json
 import logging
 import math
 import threading
-import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -33,78 +30,21 @@ from typing import Any
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from upcycle.serving.admin import admin_routes
+from upcycle.serving.completions import AUTO, BASE, EXPERT_HEADER, Completions, completion_routes
 from upcycle.serving.config import ServerConfig
-from upcycle.serving.engine import Delta, Engine, Event, Failed, Finished
-from upcycle.serving.errors import (
-    BodyTooLarge,
-    Cancelled,
-    ExpertUnavailable,
-    InvalidRequest,
-    NotFound,
-    Overloaded,
-    PromptTooLong,
-    RequestTimeout,
-    ServingError,
-    Unauthorized,
-    UnknownModel,
-)
+from upcycle.serving.engine import Engine
+from upcycle.serving.errors import BodyTooLarge, InvalidRequest, NotFound, ServingError, Unauthorized
 from upcycle.serving.metrics import make_registry
-from upcycle.serving.protocol import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    completion_body,
-    error_body,
-    model_card,
-    now,
-    render_chat,
-    stream_chunk,
-    usage,
-)
-from upcycle.serving.router import SequenceRouter
-from upcycle.serving.sampling import SamplingParams
+from upcycle.serving.protocol import error_body
+from upcycle.serving.router import ExpertRouter
 from upcycle.serving.watch import ExpertDirectoryWatcher
 
 log = logging.getLogger(__name__)
-
-BASE, AUTO = "base", "auto"
-EXPERT_HEADER = "x-upcycle-expert"
-
-
-class _Client:
-    """The asyncio side of one engine request: the sink pushes events into a queue from the engine thread."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.queue: asyncio.Queue[Event] = asyncio.Queue()
-        self.request = None
-        self.done = False
-
-    def sink(self, event: Event) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-
-    async def next(self, http: Request, deadline: float) -> Event:
-        """The next event; raises RequestTimeout past `deadline` and Cancelled if the client disconnected."""
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RequestTimeout("the request did not finish in time")
-            try:
-                event = await asyncio.wait_for(self.queue.get(), timeout=min(1.0, remaining))
-            except asyncio.TimeoutError:
-                if await http.is_disconnected():
-                    raise Cancelled("client disconnected") from None
-                continue
-            if isinstance(event, Failed | Finished):
-                self.done = True
-            return event
-
-    def cancel(self) -> None:
-        if self.request is not None and not self.done:
-            self.request.cancel()
+__all__ = ["AUTO", "BASE", "EXPERT_HEADER", "ServerConfig", "admin_check", "create_app", "make_server"]
 
 
 class _HttpMetrics:
@@ -278,35 +218,8 @@ def _health_routes(app: FastAPI, engine: Engine, registry, require_key: Callable
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
-def _encode_completion(engine: Engine, prompts: list[str | list[int]]) -> tuple[list[list[int]], str]:
-    """Token ids of each prompt and the text the router reads. Slow for long texts: call it off the event loop."""
-    for p in prompts:
-        if not isinstance(p, str) and p:
-            engine.check_token_ids(p)  # before decode, which cannot take a negative or huge id either
-    ids = [engine.encode(p) if isinstance(p, str) else list(p) for p in prompts]
-    texts = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
-    return ids, "\n".join(texts)
-
-
-def _encode_chat(engine: Engine, messages: list[dict[str, str]]) -> tuple[list[int], list[str], str]:
-    """(prompt ids, extra stop strings, text the router reads) of a chat. Slow: call it off the event loop."""
-    prompt, extra_stop, templated = render_chat(engine.tokenizer, messages)
-    # a chat template writes its own BOS and role markers; the fallback text gets the usual special tokens
-    ids = engine.tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
-    return ids, extra_stop, "\n".join(m["content"] for m in messages)  # the words, not the template's scaffolding
-
-
-def create_app(engine: Engine, config: ServerConfig | None = None, router: SequenceRouter | None = None,
-               on_expert: Callable[[str], Awaitable[None]] | None = None) -> FastAPI:
-    """The FastAPI app serving `engine`; its lifespan starts and drains the engine (and the directory watcher).
-
-    `on_expert(expert)` is awaited once a request's expert is known, before it is queued (the Ray Serve deployment
-    uses it to load the expert through Serve's model multiplexing).
-    """
-    config = config or ServerConfig()
-    registry, http_counter = make_registry(engine)
-    watcher = ExpertDirectoryWatcher(config.watch_dir, engine.cache, config.watch_interval_s) \
-        if config.watch_dir and engine.cache is not None else None
+def _lifespan(engine: Engine, watcher: ExpertDirectoryWatcher | None, drain_timeout_s: float):
+    """Start the engine (and the watcher) with the app; on shutdown, drain the engine for `drain_timeout_s`."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -318,10 +231,24 @@ def create_app(engine: Engine, config: ServerConfig | None = None, router: Seque
         app.state.draining = True
         if watcher is not None:
             watcher.stop()
-        await asyncio.to_thread(engine.stop, True, config.drain_timeout_s)
+        await asyncio.to_thread(engine.stop, True, drain_timeout_s)
 
+    return lifespan
+
+
+def create_app(engine: Engine, config: ServerConfig | None = None, router: ExpertRouter | None = None,
+               on_expert: Callable[[str], Awaitable[None]] | None = None) -> FastAPI:
+    """The FastAPI app serving `engine`; its lifespan starts and drains the engine (and the directory watcher).
+
+    `router` enables model "auto". `on_expert(expert)` is awaited once a request's expert is known, before it is
+    queued (the Ray Serve deployment uses it to load the expert through Serve's model multiplexing).
+    """
+    config = config or ServerConfig()
+    registry, http_counter = make_registry(engine)
+    watcher = ExpertDirectoryWatcher(config.watch_dir, engine.cache, config.watch_interval_s) \
+        if config.watch_dir and engine.cache is not None else None
     docs = {} if config.docs else {"docs_url": None, "redoc_url": None, "openapi_url": None}
-    app = FastAPI(title="upcycle introvert experts", lifespan=lifespan, **docs)
+    app = FastAPI(title="upcycle experts", lifespan=_lifespan(engine, watcher, config.drain_timeout_s), **docs)
     app.state.draining = False
     app.state.engine = engine
     app.add_middleware(_BodyLimit, max_bytes=config.max_body_bytes)
@@ -329,181 +256,11 @@ def create_app(engine: Engine, config: ServerConfig | None = None, router: Seque
     _install_error_handlers(app)
     require_key = _bearer_check(config.api_key, "API key")
     _health_routes(app, engine, registry, require_key)
-
-    # -- models -----------------------------------------------------------------------------------------------------
-    def experts() -> list[str]:
-        return engine.cache.experts() if engine.cache is not None else []
-
-    @app.get("/v1/models", dependencies=[Depends(require_key)])
-    async def list_models() -> dict[str, Any]:
-        cards = [model_card(BASE, "base")] + ([model_card(AUTO, "auto")] if router is not None else [])
-        return {"object": "list", "data": cards + [model_card(e, "expert") for e in experts()]}
-
-    @app.get("/v1/models/{model_id}", dependencies=[Depends(require_key)])
-    async def get_model(model_id: str) -> dict[str, Any]:
-        if model_id == BASE or (model_id == AUTO and router is not None):
-            return model_card(model_id, model_id)
-        if engine.cache is not None and engine.cache.is_registered(model_id):
-            return model_card(model_id, "expert")
-        raise UnknownModel(f"the model '{model_id}' does not exist", param="model")
-
-    async def resolve(model: str, text: str) -> str | None:
-        """The expert answering `model` for this text (None: base)."""
-        if model == BASE:
-            return None
-        if model == AUTO:
-            if router is None:
-                raise UnknownModel("model 'auto' needs a router and this server was started without one",
-                                   param="model")
-            [expert] = await asyncio.to_thread(router.route, [text])
-            if engine.cache is None or not engine.cache.is_registered(expert):
-                raise _routed_to_removed(expert)
-            return expert
-        if engine.cache is not None and engine.cache.is_registered(model):
-            return model
-        raise UnknownModel(f"the model '{model}' does not exist", param="model")
-
-    # -- generation -------------------------------------------------------------------------------------------------
-    def sampling(body: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, prompt_len: int,
-                 extra_stop: list[str]) -> SamplingParams:
-        limit = config.max_prompt_tokens or engine.max_seq_len - 1
-        if prompt_len > limit:
-            raise PromptTooLong(f"the prompt has {prompt_len} tokens; this server accepts at most {limit}",
-                                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt")
-        if max_tokens is not None and max_tokens > config.max_tokens_limit:
-            raise InvalidRequest(f"max_tokens may be at most {config.max_tokens_limit}", param="max_tokens")
-        if max_tokens is None:
-            max_tokens = max(1, min(engine.config.default_max_tokens, engine.room_for(prompt_len)))
-        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
-                              stop=body.stop_list() + extra_stop, seed=body.seed, ignore_eos=body.ignore_eos)
-
-    def submit(ids: list[int], expert: str | None, params: SamplingParams, client: _Client, model: str) -> None:
-        try:
-            client.request = engine.submit(ids, expert, params, client.sink)
-        except UnknownModel:
-            if model == AUTO and expert is not None:  # removed between routing and queueing
-                raise _routed_to_removed(expert) from None
-            raise
-
-    async def run(http: Request, body, prompts: list[list[int]], route_text: str, extra_stop: list[str],
-                  chat: bool):
-        if app.state.draining:
-            raise Overloaded("the server is shutting down")
-        expert = await resolve(body.model, route_text)
-        if expert is not None and on_expert is not None:
-            await on_expert(expert)
-        max_tokens = body.token_limit() if chat else body.max_tokens
-        params = [sampling(body, max_tokens, len(p), extra_stop) for p in prompts]
-        loop = asyncio.get_running_loop()
-        deadline = time.monotonic() + config.request_timeout_s
-        clients = []
-        try:
-            for ids, p in zip(prompts, params, strict=True):
-                client = _Client(loop)
-                submit(ids, expert, p, client, body.model)
-                clients.append(client)
-            headers = {EXPERT_HEADER: expert or BASE}
-            meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": now(),
-                    "model": body.model, "expert": expert or BASE}
-            if body.stream:
-                first = await clients[0].next(http, deadline)  # errors before any byte still get a status code
-                if isinstance(first, Failed):
-                    raise first.error
-                include_usage = bool(body.stream_options and body.stream_options.include_usage)
-                stream = _sse(http, clients[0], first, deadline, meta, chat, include_usage)
-                clients = []  # the stream owns the request now
-                return _EventStream(stream, media_type="text/event-stream",
-                                    headers={**headers, "Cache-Control": "no-cache"})
-            results = [await _collect(http, c, deadline) for c in clients]
-            return JSONResponse(completion_body(meta, results, chat), headers=headers)
-        finally:
-            for client in clients:
-                client.cancel()
-
-    @app.post("/v1/completions", dependencies=[Depends(require_key)])
-    async def completions(http: Request, body: CompletionRequest):
-        body.refuse_unsupported("logprobs", "echo", "best_of", "suffix", "logit_bias")
-        prompts = body.prompts()
-        if body.stream and len(prompts) != 1:
-            raise InvalidRequest("streaming takes a single prompt", param="prompt")
-        ids, route_text = await asyncio.to_thread(_encode_completion, engine, prompts)  # keeps /health responsive
-        return await run(http, body, ids, route_text, [], chat=False)
-
-    @app.post("/v1/chat/completions", dependencies=[Depends(require_key)])
-    async def chat_completions(http: Request, body: ChatCompletionRequest):
-        body.refuse_unsupported("logprobs", "top_logprobs", "tools", "tool_choice", "logit_bias", "functions")
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        ids, extra_stop, route_text = await asyncio.to_thread(_encode_chat, engine, messages)
-        return await run(http, body, [ids], route_text, extra_stop, chat=True)
-
+    app.include_router(completion_routes(Completions(engine, config, router, on_expert), require_key))
     admin = admin_check(config)
     if admin is not None:
         app.include_router(admin_routes(engine, admin, config.adapter_roots))
-
     return app
-
-
-def _routed_to_removed(expert: str) -> ExpertUnavailable:
-    return ExpertUnavailable(f"model 'auto' chose '{expert}', which this server no longer serves (it was removed); "
-                             "send the request to another model, such as 'base', or add the expert back",
-                             param="model")
-
-
-async def _collect(http: Request, client: _Client, deadline: float) -> tuple[str, str, int, int]:
-    """(text, finish reason, prompt tokens, completion tokens) of a non-streaming request."""
-    parts = []
-    while True:
-        event = await client.next(http, deadline)
-        if isinstance(event, Delta):
-            parts.append(event.text)
-        elif isinstance(event, Failed):
-            raise event.error
-        else:
-            return "".join(parts), event.reason, event.prompt_tokens, event.completion_tokens
-
-
-async def _sse(http: Request, client: _Client, first: Event, deadline: float, meta: dict[str, Any], chat: bool,
-               include_usage: bool) -> AsyncIterator[str]:
-    """Server-sent events; a disconnecting client cancels the generator, and `finally` frees its batch row."""
-    try:
-        if chat:
-            yield stream_chunk(meta, chat, None, None, first=True)
-        event = first
-        while True:
-            if isinstance(event, Delta):
-                if event.text:
-                    yield stream_chunk(meta, chat, event.text, None)
-            elif isinstance(event, Failed):
-                yield f"data: {json.dumps(error_body(event.error))}\n\n"
-                return
-            else:
-                yield stream_chunk(meta, chat, None, event.reason)
-                if include_usage:
-                    body = {**meta, "object": "chat.completion.chunk" if chat else "text_completion", "choices": [],
-                            "usage": usage(event.prompt_tokens, event.completion_tokens)}
-                    yield f"data: {json.dumps(body)}\n\n"
-                yield "data: [DONE]\n\n"
-                return
-            try:
-                event = await client.next(http, deadline)
-            except ServingError as error:
-                yield f"data: {json.dumps(error_body(error))}\n\n"
-                return
-    finally:
-        client.cancel()
-
-
-class _EventStream(StreamingResponse):
-    """A StreamingResponse that always closes its generator, so a vanished client's request is cancelled now.
-
-    (With ASGI spec >= 2.4 Starlette just lets the failed send propagate and leaves the generator to the GC.)
-    """
-
-    async def __call__(self, scope, receive, send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            await self.body_iterator.aclose()
 
 
 SHUTDOWN_GRACE_S = 5

@@ -1,4 +1,4 @@
-"""Synthetic experts for tests and benchmarks: a run directory of random LoRA adapters in PEFT's own format.
+"""Synthetic experts for tests and benchmarks: a folder of random LoRA adapters in PEFT's own format.
 
 The first adapter is made and saved by PEFT itself (`get_peft_model(...).save_pretrained`); the others copy its
 config and key layout with fresh random tensors, which is what PEFT would write and a thousand times faster.
@@ -8,12 +8,12 @@ B is random and non-zero (a freshly initialised LoRA has B = 0 and would not cha
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from upcycle.introvert.run import Run, expert_id
 from upcycle.io import atomic_directory
 from upcycle.serving.adapters import CONFIG_NAME, WEIGHTS_NAME
 
@@ -73,27 +73,32 @@ def save_tiny_base(path: str | Path, vocab_size: int = 4096, hidden_size: int = 
     return path
 
 
-def write_synthetic_run(run_dir: str | Path, base_dir: str | Path, n_experts: int, rank: int = 8,
-                        lora_alpha: float = 16.0, targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0,
-                        b_std: float = 0.05, first_cluster: int = 0) -> Run:
-    """Create (or extend) a run at `run_dir` for the base at `base_dir` with `n_experts` random LoRA experts."""
+def synthetic_name(index: int) -> str:
+    """The default name of synthetic expert `index` (`expert-00003`, the form introvert runs use)."""
+    return f"expert-{index:05d}"
+
+
+def write_synthetic_experts(experts_dir: str | Path, base_dir: str | Path, n_experts: int, rank: int = 8,
+                            lora_alpha: float = 16.0, targets: Sequence[str] = DEFAULT_TARGETS, seed: int = 0,
+                            b_std: float = 0.05, first: int = 0,
+                            name: Callable[[int], str] = synthetic_name) -> dict[str, Path]:
+    """Write `n_experts` random LoRA experts for the base at `base_dir` into `experts_dir`/<name(i)>; returns the
+    {name: directory} table the engine takes. Each directory appears complete (atomic rename)."""
     from safetensors.torch import load_file, save_file
 
-    run_dir = Path(run_dir)
-    run = Run(run_dir) if (run_dir / "run.json").is_file() else Run.create(run_dir, base=str(base_dir))
+    experts_dir = Path(experts_dir)
     generator = torch.Generator().manual_seed(seed)
-    template = run_dir / f".template-{seed}"
-    if template.exists():
-        shutil.rmtree(template)
-    save_peft_adapter(base_dir, template, seed=seed, b_std=b_std, r=rank, lora_alpha=lora_alpha,
-                      target_modules=list(targets))
-    layout = load_file(template / WEIGHTS_NAME)
-    for cluster in range(first_cluster, first_cluster + n_experts):
-        with atomic_directory(run.expert_dir(expert_id(cluster))) as tmp:
-            shutil.copy(template / CONFIG_NAME, tmp / CONFIG_NAME)
+    with tempfile.TemporaryDirectory(prefix="upcycle-template-") as scratch:
+        template = save_peft_adapter(base_dir, Path(scratch) / "template", seed=seed, b_std=b_std, r=rank,
+                                     lora_alpha=lora_alpha, target_modules=list(targets))
+        config, layout = (template / CONFIG_NAME).read_bytes(), load_file(template / WEIGHTS_NAME)
+    experts = {}
+    for index in range(first, first + n_experts):
+        experts[name(index)] = experts_dir / name(index)
+        with atomic_directory(experts[name(index)]) as tmp:
+            (tmp / CONFIG_NAME).write_bytes(config)
             save_file(_randomise(layout, generator, b_std), tmp / WEIGHTS_NAME, metadata={"format": "pt"})
-    shutil.rmtree(template)
-    return run
+    return experts
 
 
 CORRUPTIONS = ("non_object_entry", "rank_zero", "nested_header", "nested_config")

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import UserError
+from upcycle.eval.perplexity import mean_loss
 from upcycle.training.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -66,15 +67,6 @@ def lr_at(step: int, config: TrainConfig) -> float:
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     return config.lr * (config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine)
-
-
-@torch.no_grad()
-def mean_loss(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 16) -> float:
-    """Token-weighted mean next-token loss over the given blocks."""
-    from upcycle.eval.perplexity import token_nll
-
-    total, count = token_nll(model, inputs, labels, batch_size=batch_size)
-    return total / max(count, 1)
 
 
 def train(

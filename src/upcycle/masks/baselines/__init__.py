@@ -1,2 +1,7 @@
-"""Baselines the mask experts are compared with: MoEfication (clustered neurons + a learned router), structured
-magnitude pruning (+ fine-tuning) and TEAL-style training-free activation thresholding."""
+"""Baselines the mask experts are compared with.
+
+Reading order:
+- `moefication`   neurons clustered into experts (balanced k-means, `upcycle.ops.kmeans`) + a learned router
+- `pruning`       structured magnitude pruning, then fine-tuning
+- `teal`          TEAL-style training-free activation thresholds
+"""

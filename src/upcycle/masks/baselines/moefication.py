@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from upcycle.errors import UserError
-from upcycle.masks.baselines.kmeans import balanced_kmeans
 from upcycle.masks.compact import CompactFFN
 from upcycle.masks.ffn_inputs import collect_ffn_inputs, intermediate
 from upcycle.masks.router import TokenRouter
-from upcycle.masks.surgery import find_ffns, set_module
+from upcycle.models.surgery import find_ffns, replace_module
+from upcycle.ops.kmeans import balanced_kmeans, equal_sizes
 from upcycle.ops.sparse_ffn import SparseFFN
 from upcycle.training.config import TrainConfig
 from upcycle.training.loop import train
@@ -57,9 +57,15 @@ class MoEficationConfig:
 
 
 def cluster_neurons(mlp: nn.Module, experts: int, iterations: int, seed: int) -> torch.Tensor:
-    """Expert of each intermediate neuron [I], from balanced k-means over the unit-normalised gate rows."""
-    rows = F.normalize(mlp.gate_proj.weight.detach().float(), dim=1)  # [I, D]
-    return balanced_kmeans(rows, experts, iterations, seed)
+    """Expert of each intermediate neuron [I], from balanced k-means over the unit-normalised gate rows: clusters of
+    exactly I // E neurons (the first I % E one more), started from E rows drawn with `seed`."""
+    rows = F.normalize(mlp.gate_proj.weight.detach().float(), dim=1).double()  # [I, D]
+    n = rows.shape[0]
+    if not 1 <= experts <= n:
+        raise ValueError(f"need 1 <= clusters <= points, got {experts} clusters for {n} points")
+    start = rows[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:experts]]  # [E, D]
+    _, assignment = balanced_kmeans(rows.numpy(), start.numpy(), equal_sizes(n, experts), iterations)
+    return torch.from_numpy(assignment)
 
 
 @torch.no_grad()
@@ -101,7 +107,7 @@ def moefy(model: nn.Module, calibration: torch.Tensor, config: MoEficationConfig
         ffn = SparseFFN.from_dense(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
                                    mlp.down_proj.weight.detach(), masks.new_zeros(masks.shape[1]), masks, mlp.act_fn)
         weight = mlp.gate_proj.weight
-        set_module(model, name, CompactFFN(router.to(weight.device, weight.dtype), ffn).eval())
+        replace_module(model, name, CompactFFN(router.to(weight.device, weight.dtype), ffn).eval())
         stats[name] = {"router_recall": recall, "expert_sizes": torch.bincount(assignment).tolist()}
         log.info("%s: MoEfied into %d experts, router top-%d recall %.2f", name, config.experts, config.top_k, recall)
     return stats

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import UserError
-from upcycle.masks.surgery import find_ffns
+from upcycle.models.surgery import find_ffns
 from upcycle.training.config import TrainConfig
 from upcycle.training.loop import TrainResult, train
 

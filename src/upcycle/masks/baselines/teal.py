@@ -14,7 +14,7 @@ from torch import nn
 
 from upcycle.errors import UserError
 from upcycle.masks.ffn_inputs import collect_ffn_inputs, intermediate
-from upcycle.masks.surgery import find_ffns, set_module
+from upcycle.models.surgery import find_ffns, replace_module
 from upcycle.ops.sparse_ffn import input_sparse_ffn
 
 _QUANTILE_SAMPLE = 1 << 20  # torch.quantile needs a bounded input; a million magnitudes pin a quantile well
@@ -77,6 +77,6 @@ def sparsify_activations(model: nn.Module, calibration: torch.Tensor, keep: floa
         tau_in = _magnitude_quantile(x, 1.0 - keep, seed) if keep < 1 else -1.0
         x_kept = torch.where(x.abs() > tau_in, x, torch.zeros_like(x))
         tau_mid = _magnitude_quantile(intermediate(mlp, x_kept), 1.0 - keep, seed) if keep < 1 else -1.0
-        set_module(model, name, ThresholdFFN(mlp, tau_in, tau_mid))
+        replace_module(model, name, ThresholdFFN(mlp, tau_in, tau_mid))
         thresholds[name] = {"tau_in": tau_in, "tau_mid": tau_mid}
     return thresholds

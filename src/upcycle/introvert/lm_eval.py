@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from upcycle.introvert.model import AUTO, IntrovertExperts
+from upcycle.introvert.model import IntrovertExperts
+from upcycle.serving.router import AUTO
 
 
 @register_model("upcycle-introvert")
