@@ -13,6 +13,7 @@ import math
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -94,67 +95,111 @@ def train(
     if inputs.shape[0] == 0:
         raise UserError(f"{description}: no training blocks (the data is empty or shorter than one block)")
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
-    params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UserError(f"{description}: the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    params, optimizer = _optimizer(model, parameters, config, description)
     model, optimizer = accelerator.prepare(model, optimizer)
-
-    result, start_step = TrainResult(), 0
     state_path = Path(checkpoint_dir) / "train_state.pt" if checkpoint_dir else None
-    if state_path is not None and state_path.exists():
-        start_step, result = _load_state(state_path, accelerator.unwrap_model(model), optimizer)
-        log.info("%s: resuming at step %d", description, start_step)
+    start_step, result = _resume(state_path, accelerator, model, optimizer, description)
+    generator = _block_sampler(config, accelerator.process_index, inputs.shape[0], start_step)
 
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + accelerator.process_index)
-    for _ in range(start_step):  # replay the sampler so a resumed run sees the same blocks
-        torch.randint(0, inputs.shape[0], (config.batch_size,), generator=generator)
-
-    own_progress = progress is None
-    progress = progress if progress is not None else _make_progress(accelerator.is_main_process)
-    task = progress.add_task(description, total=config.steps, completed=start_step) if progress else None
-    if own_progress and progress:
-        progress.start()
     model.train()
     started = time.perf_counter() - result.seconds
-    try:
+    with _progress_task(progress, description, config.steps, start_step, accelerator.is_main_process) as report:
         for step in range(start_step, config.steps):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, config)
             index = torch.randint(0, inputs.shape[0], (config.batch_size,), generator=generator)
-            batch_inputs = inputs[index].to(accelerator.device)
-            batch_labels = labels[index].to(accelerator.device)
-            loss, metrics = loss_fn(model, batch_inputs, batch_labels)
-            accelerator.backward(loss)
-            if config.grad_clip:
-                accelerator.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-            measured = _mean_over_processes(accelerator, {"loss": float(loss.detach()), **metrics})
-            record = {"step": step + 1, "lr": lr_at(step, config), **measured}
+            batch = (inputs[index].to(accelerator.device), labels[index].to(accelerator.device))
+            record = _optimizer_step(model, optimizer, accelerator, params, loss_fn, batch, step, config)
             result.history.append(record)
             result.steps = step + 1
-            result.tokens += int((batch_labels != -100).sum()) * accelerator.num_processes
+            result.tokens += int((batch[1] != -100).sum()) * accelerator.num_processes
             if after_step is not None:
                 after_step(step + 1, record)
-            if eval_blocks is not None and config.eval_every and (step + 1) % config.eval_every == 0:
+            if eval_blocks is not None and _every(step + 1, config.eval_every):
                 result.evals.append(_evaluate(model, eval_blocks, config, step + 1))
                 model.train()
-            if task is not None:
-                progress.update(task, advance=1, description=f"{description} loss {record['loss']:.3f}")
-            if state_path is not None and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
+            report(f"{description} loss {record['loss']:.3f}")
+            if state_path is not None and _every(step + 1, config.checkpoint_every):
                 result.seconds = time.perf_counter() - started
                 if accelerator.is_main_process:
                     _save_state(state_path, accelerator.unwrap_model(model), optimizer, step + 1, result)
-    finally:
-        if own_progress and progress:
-            progress.stop()
     result.seconds = time.perf_counter() - started
     if eval_blocks is not None and (not result.evals or result.evals[-1]["step"] != result.steps):
         result.evals.append(_evaluate(model, eval_blocks, config, result.steps))
     model.eval()
     return result
+
+
+def _optimizer(model: nn.Module, parameters: list[nn.Parameter] | None, config: TrainConfig,
+               description: str) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
+    """AdamW over `parameters`, or over every parameter that requires grad; refuses a model with nothing to train."""
+    params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError(f"{description}: the model has no trainable parameters")
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    return params, optimizer
+
+
+def _resume(state_path: Path | None, accelerator, model: nn.Module, optimizer,
+            description: str) -> tuple[int, TrainResult]:
+    """(first step, result so far): step 0 and an empty result, unless a saved state exists to continue from."""
+    if state_path is None or not state_path.exists():
+        return 0, TrainResult()
+    start_step, result = _load_state(state_path, accelerator.unwrap_model(model), optimizer)
+    log.info("%s: resuming at step %d", description, start_step)
+    return start_step, result
+
+
+def _block_sampler(config: TrainConfig, process_index: int, n_blocks: int, start_step: int) -> torch.Generator:
+    """The generator that draws each step's block indices, seeded per process so that ranks see different blocks.
+
+    It replays the draws of the steps already done, so a resumed run sees the same blocks as an unbroken one.
+    """
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + process_index)
+    for _ in range(start_step):
+        torch.randint(0, n_blocks, (config.batch_size,), generator=generator)
+    return generator
+
+
+def _optimizer_step(model: nn.Module, optimizer, accelerator, params: list[nn.Parameter], loss_fn: LossFn,
+                    batch: tuple[torch.Tensor, torch.Tensor], step: int, config: TrainConfig) -> dict[str, float]:
+    """One scheduled AdamW step on `batch`; returns the step's record (step, lr, loss and `loss_fn`'s metrics)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr_at(step, config)
+    loss, metrics = loss_fn(model, *batch)
+    accelerator.backward(loss)
+    if config.grad_clip:
+        accelerator.clip_grad_norm_(params, config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    measured = _mean_over_processes(accelerator, {"loss": float(loss.detach()), **metrics})
+    return {"step": step + 1, "lr": lr_at(step, config), **measured}
+
+
+def _every(step: int, interval: int) -> bool:
+    """True when `step` (1-based) ends an interval; an interval of 0 means never."""
+    return bool(interval) and step % interval == 0
+
+
+@contextmanager
+def _progress_task(progress, description: str, total: int, completed: int, enabled: bool):
+    """Yields `report(text)`, which advances one step on `progress` (a rich Progress, or a new one when None and this
+    is the main process on a terminal). A Progress made here is started and stopped here; a caller's is left alone."""
+    own_progress = progress is None
+    progress = progress if progress is not None else _make_progress(enabled)
+    if progress is None:
+        yield lambda text: None
+        return
+    task = progress.add_task(description, total=total, completed=completed)
+
+    def report(text: str) -> None:
+        progress.update(task, advance=1, description=text)
+
+    if own_progress:
+        progress.start()
+    try:
+        yield report
+    finally:
+        if own_progress:
+            progress.stop()
 
 
 def _mean_over_processes(accelerator, metrics: dict[str, float]) -> dict[str, float]:
