@@ -17,28 +17,11 @@ def write_report(out: Path, results: dict) -> Path:
     _plot_heldout(out, results)
     _plot_routing(out, cells)
     _plot_losses(out, cells)
-    fmt = lambda s, d=3: f"{s['mean']:.{d}f}" + ("" if s["ci95"] is None else f" ± {s['ci95']:.{d}f}")  # noqa: E731
-    rows = []
-    for name, row in results["conditions"].items():
-        arch, cond = name.split("/")
-        rows.append([arch, "instruction-tuned, then fine-tuned" if cond == "instruct" else "fine-tuned only",
-                     fmt(row["loss"]), fmt(row["perplexity"], 2), fmt(row["exact_match"])]
-                    + [fmt(row["tasks"][t][m]) for t in results["held_out_tasks"] for m in METRICS])
-    header = ["model", "recipe", "held-out loss (nats/token)", "perplexity", "exact match (mean of tasks)",
-              *[f"{'loss' if m == 'loss' else 'EM'} {t}" for t in results["held_out_tasks"] for m in METRICS]]
-    diff_rows = []
-    for metric in METRICS:
-        g = results["instruction_gain"][metric]
-        diff_rows += [[f"instruction-tuning gain, dense ({metric})", fmt(g["dense"], 4)],
-                      [f"instruction-tuning gain, MoE ({metric})", fmt(g["moe"], 4)],
-                      [f"MoE gain - dense gain ({metric})",
-                       fmt(results["interaction_moe_minus_dense_gain"][metric], 4)]]
-        for cond in CONDITIONS:
-            diff_rows.append([f"MoE - dense, {cond} ({metric})", fmt(results["moe_minus_dense"][metric][cond], 4)])
+    header, rows = _heldout_table(results)
+    diff_rows = _difference_rows(results)
     flops = results.get("flops", {})
     settings = read_json(out / "experiment.json")
     mixture = read_json(out / "mixture.json")
-    zs = results["zero_shot_after_instruct"]
     lines = [
         "# Flan-MoE experiment: instruction tuning, dense vs sparse MoE at equal FLOPs per token", "",
         f"Seeds {results['seeds']}; means ± half-width of the 95% Student-t interval over seeds. Held-out task types "
@@ -57,12 +40,7 @@ def write_report(out: Path, results: dict) -> Path:
         "Gains are positive when instruction tuning helps (lower loss, higher exact match).", "",
         markdown_table(["difference", "mean ± 95% CI"], diff_rows), "",
         "## Before fine-tuning", "",
-        markdown_table(["model", "held-out loss", "exact match"], [
-            ["dense base (untrained on instructions)", f"{results['start']['dense']['loss']:.3f}",
-             f"{results['start']['dense']['exact_match']:.3f}"],
-            ["MoE just upcycled", fmt(results["start"]["moe"]["loss"]), fmt(results["start"]["moe"]["exact_match"])],
-            ["dense, instruction-tuned (zero-shot)", fmt(zs["dense"]["loss"]), fmt(zs["dense"]["exact_match"])],
-            ["MoE, instruction-tuned (zero-shot)", fmt(zs["moe"]["loss"]), fmt(zs["moe"]["exact_match"])]]), "",
+        markdown_table(["model", "held-out loss", "exact match"], _start_rows(results)), "",
         "![held-out metrics](heldout.png)", "", "## Routing over training", "",
         "Expert utilisation = tokens dispatched to an expert / its capacity (max and min over experts, mean over MoE "
         "layers); drop ratio = share of routed assignments that found their expert full.", "",
@@ -71,6 +49,51 @@ def write_report(out: Path, results: dict) -> Path:
     path = out / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def _mean_ci(summary: dict, digits: int = 3) -> str:
+    """'mean ± half-width of the 95% interval' of a seed summary; the mean alone when one seed gives no interval."""
+    ci = "" if summary["ci95"] is None else f" ± {summary['ci95']:.{digits}f}"
+    return f"{summary['mean']:.{digits}f}{ci}"
+
+
+def _heldout_table(results: dict) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the held-out table: one row per architecture/condition, then each task's metrics."""
+    tasks = results["held_out_tasks"]
+    rows = []
+    for name, row in results["conditions"].items():
+        arch, cond = name.split("/")
+        rows.append([arch, "instruction-tuned, then fine-tuned" if cond == "instruct" else "fine-tuned only",
+                     _mean_ci(row["loss"]), _mean_ci(row["perplexity"], 2), _mean_ci(row["exact_match"])]
+                    + [_mean_ci(row["tasks"][t][m]) for t in tasks for m in METRICS])
+    header = ["model", "recipe", "held-out loss (nats/token)", "perplexity", "exact match (mean of tasks)",
+              *[f"{'loss' if m == 'loss' else 'EM'} {t}" for t in tasks for m in METRICS]]
+    return header, rows
+
+
+def _difference_rows(results: dict) -> list[list[str]]:
+    """Rows of the paired-differences table: instruction-tuning gains, their interaction, MoE - dense per recipe."""
+    rows = []
+    for metric in METRICS:
+        g = results["instruction_gain"][metric]
+        rows += [[f"instruction-tuning gain, dense ({metric})", _mean_ci(g["dense"], 4)],
+                 [f"instruction-tuning gain, MoE ({metric})", _mean_ci(g["moe"], 4)],
+                 [f"MoE gain - dense gain ({metric})",
+                  _mean_ci(results["interaction_moe_minus_dense_gain"][metric], 4)]]
+        for cond in CONDITIONS:
+            rows.append([f"MoE - dense, {cond} ({metric})", _mean_ci(results["moe_minus_dense"][metric][cond], 4)])
+    return rows
+
+
+def _start_rows(results: dict) -> list[list[str]]:
+    """Rows of the before-fine-tuning table: the dense base, the MoE just upcycled, both instruction-tuned."""
+    start, zs = results["start"], results["zero_shot_after_instruct"]
+    return [["dense base (untrained on instructions)", f"{start['dense']['loss']:.3f}",
+             f"{start['dense']['exact_match']:.3f}"],  # one unseeded cell: a number, no interval
+            ["MoE just upcycled", _mean_ci(start["moe"]["loss"]), _mean_ci(start["moe"]["exact_match"])],
+            ["dense, instruction-tuned (zero-shot)", _mean_ci(zs["dense"]["loss"]),
+             _mean_ci(zs["dense"]["exact_match"])],
+            ["MoE, instruction-tuned (zero-shot)", _mean_ci(zs["moe"]["loss"]), _mean_ci(zs["moe"]["exact_match"])]]
 
 
 def _plot_heldout(out: Path, results: dict) -> None:
