@@ -44,28 +44,11 @@ def plot_pareto(points: list[dict], quality: str, path: Path) -> None:
 
 def sweep_report(summary: dict) -> str:
     """OUT/report.md: settings, the Pareto table, per-layer achieved active fractions, the plot."""
-    from upcycle.eval.report import markdown_table
-
     points = summary["points"]
     dense = next(p for p in points if p["method"] == "dense")
     quality = summary["quality_split"]
-    rows = []
-    for p in points:
-        lat, ref = p["latency"], p.get("dense_latency", dense["latency"])
-        rows.append([LABELS[p["method"]], "" if p["method"] == "dense" else f"{p['target']:.0%}",
-                     f"{p['achieved_active_ratio']:.1%}", f"{p['perplexity']:.3f}",
-                     f"{p['perplexity'] / dense['perplexity'] - 1:+.1%}", f"{p['perplexities']['validation']:.3f}",
-                     f"{p['flops_ratio']:.2f}", f"{lat['decode_ms_per_token']:.2f} ({ref['decode_ms_per_token']:.2f})",
-                     f"{p['decode_speedup']:.2f}", f"{lat['prefill_ms']:.1f} ({ref['prefill_ms']:.1f})",
-                     f"{p['prefill_speedup']:.2f}", p.get("training_tokens", 0)])
-    table = markdown_table(["method", "target", "achieved active", f"{quality} ppl", "vs dense", "validation ppl",
-                            "FLOPs ×", "decode ms/token (dense)", "decode speed-up", "prefill ms (dense)",
-                            "prefill speed-up", "training tokens"], rows)
-    layer_count = len(dense["layer_active_ratios"])
-    layer_rows = [[LABELS[p["method"]], "" if p["method"] == "dense" else f"{p['target']:.0%}",
-                   *(f"{r:.1%}" for r in p["layer_active_ratios"]), f"{p['achieved_active_ratio']:.1%}"]
-                  for p in points]
-    layers = markdown_table(["method", "target", *(f"layer {i}" for i in range(layer_count)), "mean"], layer_rows)
+    table = _pareto_table(points, dense, quality)
+    layers = _layer_table(points, dense)
     config = summary["config"]
     train = config["train"]
     prefill_tokens = dense["latency"]["prefill_tokens"]
@@ -103,3 +86,36 @@ compact sparse FFN (`upcycle.ops.sparse_ffn.SparseFFN`); pruning is a smaller de
 
 ![pareto](pareto.png)
 """
+
+
+def _pareto_table(points: list[dict], dense: dict, quality: str) -> str:
+    """One row per sweep point: target, achieved active fraction, perplexities, FLOPs and latency beside dense's.
+
+    Each row's latency is set beside the dense model timed in the same rounds (`dense_latency`, present in merged
+    sweeps), falling back to the dense row's own.
+    """
+    from upcycle.eval.report import markdown_table
+
+    rows = []
+    for p in points:
+        lat, ref = p["latency"], p.get("dense_latency", dense["latency"])
+        rows.append([LABELS[p["method"]], "" if p["method"] == "dense" else f"{p['target']:.0%}",
+                     f"{p['achieved_active_ratio']:.1%}", f"{p['perplexity']:.3f}",
+                     f"{p['perplexity'] / dense['perplexity'] - 1:+.1%}", f"{p['perplexities']['validation']:.3f}",
+                     f"{p['flops_ratio']:.2f}", f"{lat['decode_ms_per_token']:.2f} ({ref['decode_ms_per_token']:.2f})",
+                     f"{p['decode_speedup']:.2f}", f"{lat['prefill_ms']:.1f} ({ref['prefill_ms']:.1f})",
+                     f"{p['prefill_speedup']:.2f}", p.get("training_tokens", 0)])
+    return markdown_table(["method", "target", "achieved active", f"{quality} ppl", "vs dense", "validation ppl",
+                           "FLOPs ×", "decode ms/token (dense)", "decode speed-up", "prefill ms (dense)",
+                           "prefill speed-up", "training tokens"], rows)
+
+
+def _layer_table(points: list[dict], dense: dict) -> str:
+    """The achieved active fraction of each layer, one row per sweep point, and their mean."""
+    from upcycle.eval.report import markdown_table
+
+    layer_count = len(dense["layer_active_ratios"])
+    rows = [[LABELS[p["method"]], "" if p["method"] == "dense" else f"{p['target']:.0%}",
+             *(f"{r:.1%}" for r in p["layer_active_ratios"]), f"{p['achieved_active_ratio']:.1%}"]
+            for p in points]
+    return markdown_table(["method", "target", *(f"layer {i}" for i in range(layer_count)), "mean"], rows)
