@@ -22,6 +22,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -187,56 +188,28 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _serve_and_load(args, tmp: Path) -> dict:
-    import socket
-
+    """Serve `--run` (or synthetic experts) in this process, warm it up, load it, and report memory and engine state."""
     import torch
 
     from upcycle.serving.config import EngineConfig, ServerConfig
     from upcycle.serving.engine import Engine
-    from upcycle.serving.server import create_app, make_server
-    from upcycle.serving.source import ServedModel, open_source
-    from upcycle.serving.synthetic import save_tiny_base, write_synthetic_experts
+    from upcycle.serving.server import create_app
 
     torch.set_num_threads(1)
     rss_start = _rss_mb()
-    if args.run:
-        served = open_source(args.run, router=False)
-    else:
-        base = save_tiny_base(tmp / "base")
-        experts_dir = tmp / "experts"
-        served = ServedModel(str(base), write_synthetic_experts(experts_dir, base, args.synthetic, rank=8),
-                             experts_dir=experts_dir)
-    corrupt = _add_corrupt_experts(served) if args.hostile and not args.run else []
+    served, corrupt = _served_model(args, tmp)
     engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=256, max_waiting=4 * args.clients)
     engine = Engine.from_pretrained(served.base, served.experts, engine_config)
     server_config = ServerConfig(api_key=args.api_key)
-    app = create_app(engine, server_config)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = make_server(app, "127.0.0.1", port, log_level="warning")
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    samples: list[float] = []
-    stop = threading.Event()
-
-    def sample() -> None:
-        while not stop.wait(0.5):
-            samples.append(_rss_mb())
-
+    server, thread, port = _start_server(create_app(engine, server_config))
     url = f"http://127.0.0.1:{port}/v1"
     after_load = _rss_mb()
     asyncio.run(run_load(url, args.api_key, args.clients, min(5.0, args.seconds), seed=10_000,
                          corrupt_experts=corrupt))  # warm-up, valid calls only
     after_warmup = _rss_mb()
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    result = asyncio.run(run_load(url, args.api_key, args.clients, args.seconds, hostile=args.hostile,
-                                  corrupt_experts=corrupt, max_body_bytes=server_config.max_body_bytes))
-    stop.set()
-    sampler.join()
+    with _sampling_rss() as samples:
+        result = asyncio.run(run_load(url, args.api_key, args.clients, args.seconds, hostile=args.hostile,
+                                      corrupt_experts=corrupt, max_body_bytes=server_config.max_body_bytes))
     result["rss_mb"] = {"process_start": round(rss_start, 1), "after_model_load": round(after_load, 1),
                         "after_warmup": round(after_warmup, 1), "end": round(_rss_mb(), 1),
                         "peak": round(max(samples, default=after_warmup), 1)}
@@ -247,6 +220,62 @@ def _serve_and_load(args, tmp: Path) -> dict:
     thread.join(timeout=60)
     engine.close()
     return result
+
+
+def _served_model(args, tmp: Path):
+    """(ServedModel, corrupt expert names): the run in `--run`, or a tiny base with `--synthetic` experts in `tmp`.
+
+    Only the synthetic set gets corrupt experts for hostile traffic: a real run's directory is not written to.
+    """
+    from upcycle.serving.source import ServedModel, open_source
+    from upcycle.serving.synthetic import save_tiny_base, write_synthetic_experts
+
+    if args.run:
+        served = open_source(args.run, router=False)
+    else:
+        base = save_tiny_base(tmp / "base")
+        experts_dir = tmp / "experts"
+        served = ServedModel(str(base), write_synthetic_experts(experts_dir, base, args.synthetic, rank=8),
+                             experts_dir=experts_dir)
+    corrupt = _add_corrupt_experts(served) if args.hostile and not args.run else []
+    return served, corrupt
+
+
+def _start_server(app) -> tuple:
+    """(server, its thread, port): `app` served on a free local port from a daemon thread, once it has started."""
+    import socket
+
+    from upcycle.serving.server import make_server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = make_server(app, "127.0.0.1", port, log_level="warning")
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    return server, thread, port
+
+
+@contextmanager
+def _sampling_rss(every_s: float = 0.5):
+    """Yields a list that a background thread fills with this process's RSS (MB) every `every_s` seconds, so the
+    report can give the peak under load, not just the value at the end."""
+    samples: list[float] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(every_s):
+            samples.append(_rss_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield samples
+    finally:
+        stop.set()
+        sampler.join()
 
 
 def _add_corrupt_experts(served) -> list[str]:
