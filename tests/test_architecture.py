@@ -103,3 +103,24 @@ def test_shared_floors_do_not_import_methods_or_serving():
     upward = sorted(f"{module} -> {target}" for module, targets in import_graph().items() if floor(module) in SHARED
                     for target in targets if floor(target) in ABOVE)
     assert upward == []
+
+
+MAX_FUNCTION_LINES = 60
+
+
+def long_functions(limit: int = MAX_FUNCTION_LINES) -> list[str]:
+    """'path:line name (length)' of each function or method in src/upcycle longer than `limit` lines, counted from
+    the def line to its last line (a nested function counts inside the one that holds it, and on its own)."""
+    found = []
+    for path in sorted((SRC / "upcycle").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                length = node.end_lineno - node.lineno + 1
+                if length > limit:
+                    found.append(f"{path.relative_to(SRC)}:{node.lineno} {node.name} ({length})")
+    return found
+
+
+def test_no_function_is_longer_than_sixty_lines():
+    # A long function hides a request or training path in one block; split it into helpers with one job each.
+    assert long_functions() == []
