@@ -36,9 +36,9 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from upcycle.masks.compact import CompactFFN
-from upcycle.masks.latency import decode_seconds_per_step, per_call, round_robin
-from upcycle.masks.router import TokenRouter
+from upcycle.masks.experiments.latency import decode_seconds_per_step, per_call, round_robin
+from upcycle.masks.method.compact import CompactFFN
+from upcycle.masks.method.router import TokenRouter
 from upcycle.ops.flops import DecoderShape, decoder_flops
 from upcycle.ops.sparse_ffn import SparseFFN
 

@@ -87,7 +87,7 @@ def floor(module: str) -> str:
 def test_the_graph_sees_lazy_and_from_imports():
     graph = import_graph()
     assert "upcycle.moe.layer" in graph["upcycle.moe.collector"]
-    assert "upcycle.models.surgery" in graph["upcycle.masks.surgery"]
+    assert "upcycle.models.surgery" in graph["upcycle.masks.method.surgery"]
     assert "upcycle.moe.experiment_report" in graph["upcycle.moe.experiment"]  # a function-local import
 
 

@@ -27,7 +27,7 @@ def tiny_decoder(kind: str = "llama", seed: int = 0, dtype: torch.dtype = torch.
 
 def randomize_gates(model, seed: int = 0, low: float = -4.0, high: float = 4.0) -> None:
     """Spread every gate's log α so that eval masks mix 0, fractional and 1 values."""
-    from upcycle.masks.surgery import masked_ffns
+    from upcycle.masks.method.surgery import masked_ffns
 
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -38,7 +38,7 @@ def randomize_gates(model, seed: int = 0, low: float = -4.0, high: float = 4.0) 
 
 def shape_gates(model, shared: slice, dead: slice, seed: int = 0) -> None:
     """Random gates, then neurons in `shared` fully open in every expert and neurons in `dead` closed in all."""
-    from upcycle.masks.surgery import masked_ffns
+    from upcycle.masks.method.surgery import masked_ffns
 
     randomize_gates(model, seed)
     with torch.no_grad():

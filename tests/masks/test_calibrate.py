@@ -6,10 +6,10 @@ import pytest
 import torch
 from mask_helpers import randomize_gates, tiny_decoder
 
-from upcycle.masks.analysis import analyze_masks
-from upcycle.masks.calibrate import calibrate_gates
 from upcycle.masks.config import MaskConfig
-from upcycle.masks.surgery import add_masks, masked_ffns
+from upcycle.masks.method.analysis import analyze_masks
+from upcycle.masks.method.calibrate import calibrate_gates
+from upcycle.masks.method.surgery import add_masks, masked_ffns
 
 TOKENS = torch.randint(0, 97, (8, 32), generator=torch.Generator().manual_seed(3))
 

@@ -7,12 +7,12 @@ import torch
 from mask_helpers import tiny_decoder
 
 from upcycle.errors import UserError
-from upcycle.masks.cluster_init import apply_cluster_starts, cluster_starts
 from upcycle.masks.config import MaskConfig, MaskTrainConfig
-from upcycle.masks.ffn_inputs import collect_ffn_inputs, intermediate
-from upcycle.masks.hard_concrete import open_log_alpha
-from upcycle.masks.surgery import add_masks, masked_ffns
-from upcycle.masks.train import prepare_masked_model
+from upcycle.masks.method.cluster_init import apply_cluster_starts, cluster_starts
+from upcycle.masks.method.ffn_inputs import collect_ffn_inputs, intermediate
+from upcycle.masks.method.hard_concrete import open_log_alpha
+from upcycle.masks.method.surgery import add_masks, masked_ffns
+from upcycle.masks.method.train import prepare_masked_model
 from upcycle.models.surgery import find_ffns
 
 TOKENS = torch.randint(0, 97, (16, 16), generator=torch.Generator().manual_seed(0))

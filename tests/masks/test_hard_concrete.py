@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from upcycle.masks.hard_concrete import (
+from upcycle.masks.method.hard_concrete import (
     BETA,
     GAMMA,
     ZETA,

@@ -8,8 +8,8 @@ from torch import nn
 
 from upcycle.errors import UserError
 from upcycle.masks.config import LagrangianConfig
-from upcycle.masks.hard_concrete import HardConcreteGate
-from upcycle.masks.lagrangian import Lagrangian
+from upcycle.masks.method.hard_concrete import HardConcreteGate
+from upcycle.masks.method.lagrangian import Lagrangian
 from upcycle.training.config import TrainConfig
 from upcycle.training.loop import train
 

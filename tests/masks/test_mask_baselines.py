@@ -10,7 +10,7 @@ from upcycle.errors import UserError
 from upcycle.masks.baselines.moefication import MoEficationConfig, cluster_neurons, moefy
 from upcycle.masks.baselines.pruning import finetune_pruned, neuron_importance, prune_ffns
 from upcycle.masks.baselines.teal import ThresholdFFN, sparsify_activations
-from upcycle.masks.compact import compact_layers
+from upcycle.masks.method.compact import compact_layers
 from upcycle.training.config import TrainConfig
 
 TOKENS = torch.randint(0, 97, (8, 16), generator=torch.Generator().manual_seed(0))

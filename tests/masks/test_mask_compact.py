@@ -7,11 +7,11 @@ import torch
 from mask_helpers import shape_gates, tiny_decoder
 
 from upcycle.errors import UserError
-from upcycle.masks.analysis import analyze_masks
-from upcycle.masks.compact import compact_layers, compact_model, packed_rows
 from upcycle.masks.config import MaskConfig
-from upcycle.masks.export import load_compact, save_compact
-from upcycle.masks.surgery import add_masks, masked_ffns
+from upcycle.masks.method.analysis import analyze_masks
+from upcycle.masks.method.compact import compact_layers, compact_model, packed_rows
+from upcycle.masks.method.export import load_compact, save_compact
+from upcycle.masks.method.surgery import add_masks, masked_ffns
 
 TOKENS = torch.randint(0, 97, (3, 10), generator=torch.Generator().manual_seed(1))
 

@@ -8,9 +8,9 @@ from mask_helpers import randomize_gates, tiny_decoder
 from torch import nn
 
 from upcycle.errors import UserError
-from upcycle.masks.active import collect_expected_active
 from upcycle.masks.config import MaskConfig
-from upcycle.masks.surgery import add_masks, load_mask_state, mask_parameters, mask_state_dict, masked_ffns
+from upcycle.masks.method.active import collect_expected_active
+from upcycle.masks.method.surgery import add_masks, load_mask_state, mask_parameters, mask_state_dict, masked_ffns
 from upcycle.ops.reference_ffn import mixture_mask, reference_masked_ffn, union_mask
 
 TOKENS = torch.randint(0, 97, (2, 12), generator=torch.Generator().manual_seed(0))

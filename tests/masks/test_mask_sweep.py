@@ -7,13 +7,13 @@ import torch
 from mask_helpers import corpus_dir, shape_gates, small_recipe, tiny_decoder
 
 from upcycle.errors import UserError
-from upcycle.masks.analysis import analyze_masks
 from upcycle.masks.baselines.teal import ThresholdFFN, sparsify_activations
-from upcycle.masks.compact import compact_layers, compact_model
 from upcycle.masks.config import BaselineSettings, MaskConfig
-from upcycle.masks.latency import measure_latency, round_robin
-from upcycle.masks.surgery import add_masks, masked_ffns
-from upcycle.masks.sweep import merge_sweeps, write_sweep
+from upcycle.masks.experiments.latency import measure_latency, round_robin
+from upcycle.masks.experiments.sweep import merge_sweeps, write_sweep
+from upcycle.masks.method.analysis import analyze_masks
+from upcycle.masks.method.compact import compact_layers, compact_model
+from upcycle.masks.method.surgery import add_masks, masked_ffns
 from upcycle.ops.reference_ffn import reference_masked_ffn
 
 TOKENS = torch.randint(0, 97, (4, 24), generator=torch.Generator().manual_seed(2))

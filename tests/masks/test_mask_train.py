@@ -10,7 +10,7 @@ from mask_helpers import corpus_dir, small_recipe, tiny_decoder
 
 from upcycle.errors import UserError
 from upcycle.masks.config import MaskConfig, MaskTrainConfig
-from upcycle.masks.train import train_masks
+from upcycle.masks.method.train import train_masks
 from upcycle.training.config import TrainConfig
 
 
@@ -72,11 +72,10 @@ def test_bad_training_settings(overrides, message):
 
 def test_train_analyze_and_refuse_another_base(tmp_path, tiny_llama_dir, tiny_tokenizer, capsys):
     from tests.conftest import save_tiny_llama
-
     from upcycle.data.splits import SplitConfig
     from upcycle.io import read_json
     from upcycle.masks import commands
-    from upcycle.masks.export import load_compact
+    from upcycle.masks.method.export import load_compact
 
     run = tmp_path / "run"
     splits = SplitConfig(validation=0.3, test=0.0)
@@ -105,9 +104,10 @@ def test_train_analyze_and_refuse_another_base(tmp_path, tiny_llama_dir, tiny_to
 def test_oversized_compact_export_is_skipped_with_a_reason(tmp_path, tiny_llama_dir, capsys, monkeypatch):
     from upcycle.data.splits import SplitConfig
     from upcycle.io import read_json
-    from upcycle.masks import commands, pipeline
+    from upcycle.masks import commands
+    from upcycle.masks.experiments import end_to_end
 
-    monkeypatch.setattr(pipeline, "SKIP_COMPACT_ABOVE", (0.5, 0))  # this tiny export counts as "too large"
+    monkeypatch.setattr(end_to_end, "SKIP_COMPACT_ABOVE", (0.5, 0))  # this tiny export counts as "too large"
     run = tmp_path / "run"
     commands.train(str(tiny_llama_dir), out=str(run), data=str(corpus_dir(tmp_path)), eval_blocks=2,
                    recipe=small_recipe(steps=4), splits=SplitConfig(validation=0.3, test=0.0))

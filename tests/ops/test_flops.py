@@ -63,9 +63,9 @@ def test_whole_decoder_prefill_and_decode_step(batch, prompt):
 
 
 def test_whole_decoder_with_compact_sparse_ffns():
-    from upcycle.masks.compact import compact_layers, compact_model
     from upcycle.masks.config import MaskConfig
-    from upcycle.masks.surgery import add_masks, masked_ffns
+    from upcycle.masks.method.compact import compact_layers, compact_model
+    from upcycle.masks.method.surgery import add_masks, masked_ffns
 
     model = tiny_llama()
     add_masks(model, MaskConfig(experts=4, top_k=2))

@@ -84,7 +84,7 @@ def record_run(build, loss_fn, lr: float) -> dict:
 
 def run(out: Path, rank: int) -> None:
     from upcycle.masks.config import MaskTrainConfig
-    from upcycle.masks.train import train_masks
+    from upcycle.masks.method.train import train_masks
     from upcycle.moe.train import moe_loss_fn
     from upcycle.training.loop import causal_lm_loss
 

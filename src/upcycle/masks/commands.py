@@ -1,5 +1,6 @@
 """CLI commands of the mask experts (MoM): `upcycle masks train | analyze | sweep`. Each signature is its command
-line; the settings are the dataclasses of `upcycle.masks.config`, the work happens in `upcycle.masks.pipeline`.
+line; the settings are the dataclasses of `upcycle.masks.config`, the work happens in
+`upcycle.masks.experiments.end_to_end` (one run) and `upcycle.masks.experiments.sweep` (every method, every target).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ def train(base: str = "default", out: str = "runs/masks", data: str = "stdlib", 
 
     Writes OUT/masks.json (settings, training curve, held-out perplexity dense vs masked, achieved active ratio,
     FLOPs), OUT/masks.safetensors, OUT/analysis.json (shared / token-specific / inactive experts) and, with
-    --compact, OUT/compact/ (the compacted model; load with upcycle.masks.export.load_compact).
+    --compact, OUT/compact/ (the compacted model; load with upcycle.masks.method.export.load_compact).
 
     Args:
         base: Base causal LM (a Llama/Mistral/Qwen2-style Hugging Face directory or hub id; 'default': the shipped
@@ -30,7 +31,7 @@ def train(base: str = "default", out: str = "runs/masks", data: str = "stdlib", 
             shared loop (--recipe.train.*; its seed also seeds the masks' initialisation).
         splits: Held-out fractions (the split is by a hash of each document's text).
     """
-    from upcycle.masks.pipeline import train_run
+    from upcycle.masks.experiments.end_to_end import train_run
 
     meta = train_run(base, recipe, out, data, splits, eval_blocks, compact)
     if meta is None:  # a rank other than 0 under DDP: rank 0 saved and reports
@@ -58,7 +59,7 @@ def analyze(run: str, base: str | None = None, eval_blocks: int = 32) -> None:
         base: The base the masks were trained on (default: the path recorded in the run).
         eval_blocks: Held-out blocks to analyse.
     """
-    from upcycle.masks.pipeline import analyze_run
+    from upcycle.masks.experiments.end_to_end import analyze_run
 
     summary = analyze_run(run, base, eval_blocks)
     for layer in summary["layers"]:
@@ -94,7 +95,7 @@ def sweep(base: str = "default", out: str = "runs/masks-sweep", data: str = "std
         latency_threads: torch threads while timing (1 is the steadiest on a small shared machine).
         splits: Held-out fractions.
     """
-    from upcycle.masks.sweep import sweep_runs
+    from upcycle.masks.experiments.sweep import sweep_runs
 
     # one config per target first: validates them all before the first run starts
     configs = [replace(recipe, target=t) for t in targets]

@@ -28,7 +28,7 @@ class MaskConfig:
     init: str = "clusters"
     """'clusters': expert e starts as k-means cluster e of the FFN's inputs on training tokens (the router is the
     nearest-centroid rule; the gates are open, log α ranked by each neuron's mean |activation| in the cluster, see
-    upcycle.masks.cluster_init). 'open': every gate at `init_log_alpha` (+ noise) and a random router."""
+    upcycle.masks.method.cluster_init). 'open': every gate at `init_log_alpha` (+ noise) and a random router."""
     rank_spread: float = 2.0
     """'clusters' init: log α runs from just above open (least used neuron of the cluster) to this much higher."""
     init_log_alpha: float = 3.0
@@ -105,7 +105,8 @@ class MaskTrainConfig:
     lambda_lr: float = 0.05
     """Step size of the Lagrange multipliers' gradient ascent."""
     initial_lambda2: float = 100.0
-    """λ2 at step 0: the quadratic penalty that damps the approach to the target (see upcycle.masks.lagrangian)."""
+    """λ2 at step 0: the quadratic penalty that damps the approach to the target (see
+    upcycle.masks.method.lagrangian)."""
     block_size: int = 128
     """Tokens per training block."""
     train_routers: bool = False

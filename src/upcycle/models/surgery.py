@@ -1,6 +1,6 @@
 """Model surgery as plain functions: find a Hugging Face decoder's SwiGLU FFNs and linear projections, swap modules.
 
-Every method changes a base model through these: mask experts wrap its FFNs (`upcycle.masks.surgery`), sparse
+Every method changes a base model through these: mask experts wrap its FFNs (`upcycle.masks.method.surgery`), sparse
 upcycling replaces its MLPs by MoE layers (`upcycle.moe.upcycling`), serving wraps its projections with batched
 LoRA (`upcycle.ops.batched_lora`). Nothing subclasses the HF model; modules are found by `named_modules` and swapped
 by their dotted name.

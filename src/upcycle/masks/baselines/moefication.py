@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from upcycle.errors import UserError
-from upcycle.masks.compact import CompactFFN
-from upcycle.masks.ffn_inputs import collect_ffn_inputs, intermediate
-from upcycle.masks.router import TokenRouter
+from upcycle.masks.method.compact import CompactFFN
+from upcycle.masks.method.ffn_inputs import collect_ffn_inputs, intermediate
+from upcycle.masks.method.router import TokenRouter
 from upcycle.models.surgery import find_ffns, replace_module
 from upcycle.ops.kmeans import balanced_kmeans, equal_sizes
 from upcycle.ops.sparse_ffn import SparseFFN

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from upcycle.errors import UserError
-from upcycle.masks.ffn_inputs import collect_ffn_inputs, intermediate
+from upcycle.masks.method.ffn_inputs import collect_ffn_inputs, intermediate
 from upcycle.models.surgery import find_ffns, replace_module
 from upcycle.ops.sparse_ffn import input_sparse_ffn
 

@@ -10,7 +10,7 @@ from torch import nn
 
 from upcycle.errors import UserError
 from upcycle.masks.config import MaskConfig
-from upcycle.masks.layer import MaskedFFN
+from upcycle.masks.method.layer import MaskedFFN
 from upcycle.models.surgery import find_ffns, replace_module
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
     L = L_task + λ1·(ŝ − t) + λ2·(ŝ − t)²
 
-ŝ is the expected active ratio (see `upcycle.masks.active`), t the target active ratio, ramped linearly from 1
+ŝ is the expected active ratio (see `upcycle.masks.method.active`), t the target active ratio, ramped linearly from 1
 (every mask open) to its final value over a warm-up so the model sparsifies progressively. The model's parameters
 descend L; the multipliers ascend it: ∂L/∂λ1 = ŝ − t and ∂L/∂λ2 = (ŝ − t)², so λ1 grows while the model is too
 dense (and shrinks when too sparse) and λ2, a growing quadratic penalty, damps the oscillation around t.

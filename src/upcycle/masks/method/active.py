@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from upcycle.masks.surgery import masked_ffns
+from upcycle.masks.method.surgery import masked_ffns
 
 
 class ActiveRatio:

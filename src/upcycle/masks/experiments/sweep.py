@@ -1,7 +1,7 @@
 """The mask experts against their baselines at equal active FFN fractions: quality, sparsity per layer, latency.
 
 For each target active ratio t and each method, the model as it would be served:
-- masks        learned mask experts (`upcycle.masks.pipeline.train_run`, one run directory each), compacted;
+- masks        learned mask experts (`end_to_end.train_run`, one run directory each), compacted;
 - moefication  neurons clustered into E experts, a router fitted per layer, top round(t·E) experts per token;
 - pruning      the t fraction of neurons with the largest weight norms kept, FFN weights fine-tuned;
 - teal         activations below calibrated magnitude thresholds zeroed, training-free.
@@ -10,8 +10,8 @@ run; MoEfication's routers fit to the FFN inputs of that many training tokens); 
 
 Every model is scored on the held-out splits, its achieved active fraction is measured per layer on the quality
 split (the FFN weight rows read per token, relative to the dense FFN), and all models' latencies are measured
-side by side in one process (`upcycle.masks.latency`). The sweep writes OUT/sweep.json, OUT/report.md (tables)
-and OUT/pareto.png (quality against active fraction and against measured latency).
+side by side in one process (`latency`). The sweep writes OUT/sweep.json, OUT/report.md (tables) and
+OUT/pareto.png (quality against active fraction and against measured latency).
 
 Legend: T tokens, D model dim, I intermediate neurons, E experts.
 """
@@ -36,10 +36,10 @@ from upcycle.data.blocks import corpus_blocks
 from upcycle.data.packing import IGNORE_INDEX
 from upcycle.errors import UserError
 from upcycle.io import atomic_write_text, ensure_writable_dir, write_json
-from upcycle.masks.compact import CompactFFN
 from upcycle.masks.config import BaselineSettings, MaskTrainConfig
-from upcycle.masks.pipeline import HELD_OUT, held_out_perplexities, train_run
-from upcycle.masks.run import COMPACT
+from upcycle.masks.experiments.end_to_end import HELD_OUT, held_out_perplexities, train_run
+from upcycle.masks.experiments.run_dir import COMPACT
+from upcycle.masks.method.compact import CompactFFN
 from upcycle.models.surgery import find_ffns, is_swiglu_ffn
 from upcycle.ops.flops import DecoderShape, decoder_flops
 from upcycle.training.config import TrainConfig
@@ -70,7 +70,7 @@ class SweepContext:
 
 def build_masks(ctx: SweepContext, target: float) -> tuple[nn.Module, dict]:
     """Train masks for `target` (a full run directory under OUT) and load its compacted model."""
-    from upcycle.masks.export import load_compact
+    from upcycle.masks.method.export import load_compact
 
     run = ctx.out / f"masks-{target:g}"
     meta = train_run(ctx.base, replace(ctx.config, target=target), run, ctx.data, ctx.splits, ctx.eval_blocks)
@@ -222,7 +222,7 @@ def sweep_runs(base: str, targets: list[float], config: MaskTrainConfig, out: st
 
 def write_sweep(summary: dict, out: Path) -> None:
     """OUT/sweep.json, OUT/pareto.png and OUT/report.md of a sweep summary."""
-    from upcycle.masks.sweep_report import plot_pareto, sweep_report
+    from upcycle.masks.experiments.sweep_report import plot_pareto, sweep_report
 
     write_json(out / "sweep.json", summary)
     plot_pareto(summary["points"], summary["quality_split"], out / "pareto.png")
@@ -272,8 +272,8 @@ def _point(method: str, target: float, model: nn.Module, ctx: SweepContext, qual
 
 def measure_models(models: dict[str, nn.Module], blocks: torch.Tensor, rounds: int,
                    threads: int) -> dict[str, dict[str, float]]:
-    """Latency of every model, side by side with `threads` torch threads (see `upcycle.masks.latency`)."""
-    from upcycle.masks.latency import measure_latency
+    """Latency of every model, side by side with `threads` torch threads (see `upcycle.masks.experiments.latency`)."""
+    from upcycle.masks.experiments.latency import measure_latency
 
     log.info("sweep: timing %d models, %d interleaved rounds, %d thread(s)", len(models), rounds, threads)
     before = torch.get_num_threads()

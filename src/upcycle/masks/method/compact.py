@@ -21,10 +21,10 @@ import logging
 import torch
 from torch import nn
 
-from upcycle.masks.analysis import MaskAnalysis
-from upcycle.masks.layer import MaskedFFN
-from upcycle.masks.router import TokenRouter
-from upcycle.masks.surgery import masked_ffns
+from upcycle.masks.method.analysis import MaskAnalysis
+from upcycle.masks.method.layer import MaskedFFN
+from upcycle.masks.method.router import TokenRouter
+from upcycle.masks.method.surgery import masked_ffns
 from upcycle.models.surgery import replace_module
 from upcycle.ops.sparse_ffn import SparseFFN
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from upcycle.errors import UserError
 from upcycle.io import atomic_directory, read_json, write_json
-from upcycle.masks.compact import CompactFFN, compact_layers
+from upcycle.masks.method.compact import CompactFFN, compact_layers
 from upcycle.models.surgery import replace_module
 
 FORMAT = 1

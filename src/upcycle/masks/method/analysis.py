@@ -19,8 +19,8 @@ from torch import nn
 
 from upcycle.data.packing import IGNORE_INDEX
 from upcycle.errors import UserError
-from upcycle.masks.layer import MaskedFFN
-from upcycle.masks.surgery import masked_ffns
+from upcycle.masks.method.layer import MaskedFFN
+from upcycle.masks.method.surgery import masked_ffns
 
 KINDS = ("shared", "token-specific", "inactive")
 

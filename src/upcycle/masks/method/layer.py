@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from upcycle.masks.config import MaskConfig
-from upcycle.masks.hard_concrete import HardConcreteGate
-from upcycle.masks.router import MaskRouting, TokenRouter
+from upcycle.masks.method.hard_concrete import HardConcreteGate
+from upcycle.masks.method.router import MaskRouting, TokenRouter
 
 
 class MaskedFFN(nn.Module):

@@ -1,5 +1,5 @@
 """The mask sweep's report: OUT/report.md (settings, the Pareto table, per-layer achieved active fractions) and
-OUT/pareto.png (quality against active fraction and measured latency), from a `upcycle.masks.sweep` summary."""
+OUT/pareto.png (quality against active fraction and measured latency), from a `sweep` summary."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""The mask experts' end-to-end steps behind the CLI: train (and evaluate, analyse, compact, export) and analyse a
-run again. The sweep against the baselines lives in `upcycle.masks.sweep`.
+"""One mask run end to end, behind `upcycle masks train | analyze`: train, evaluate, calibrate, analyse, compact and
+export into a run directory (its layout: `run_dir`), and analyse a run again. The sweep against the baselines lives
+in `sweep`.
 """
 
 from __future__ import annotations
@@ -16,12 +17,8 @@ from upcycle.data import SplitConfig
 from upcycle.data.blocks import corpus_blocks
 from upcycle.eval.perplexity import mean_loss, perplexity
 from upcycle.io import atomic_write_text, ensure_writable_dir, write_json
-from upcycle.masks.analysis import MaskAnalysis, analysis_table, analyze_masks, plot_experts
-from upcycle.masks.calibrate import calibrate_gates
-from upcycle.masks.compact import compact_model, packed_rows
 from upcycle.masks.config import MaskTrainConfig
-from upcycle.masks.export import save_compact
-from upcycle.masks.run import (
+from upcycle.masks.experiments.run_dir import (
     ANALYSIS,
     ANALYSIS_TABLE,
     COMPACT,
@@ -33,8 +30,12 @@ from upcycle.masks.run import (
     save_masks,
     write_meta,
 )
-from upcycle.masks.surgery import masked_ffns
-from upcycle.masks.train import train_masks
+from upcycle.masks.method.analysis import MaskAnalysis, analysis_table, analyze_masks, plot_experts
+from upcycle.masks.method.calibrate import calibrate_gates
+from upcycle.masks.method.compact import compact_model, packed_rows
+from upcycle.masks.method.export import save_compact
+from upcycle.masks.method.surgery import masked_ffns
+from upcycle.masks.method.train import train_masks
 from upcycle.models.surgery import find_ffns
 from upcycle.ops.flops import DecoderShape, decoder_flops
 from upcycle.training.loop import is_main_process
@@ -87,7 +88,7 @@ def train_run(base: str, config: MaskTrainConfig, out: str | Path, data: str = "
 
     Perplexities are reported on the validation split (where settings are chosen) and on the test split (final
     numbers only). The test-time gates are calibrated to the target on the validation blocks
-    (`upcycle.masks.calibrate`), where the expert analysis and the achieved active ratios are measured too; the
+    (`upcycle.masks.method.calibrate`), where the expert analysis and the achieved active ratios are measured too; the
     sweep measures the achieved ratios again on the test blocks.
     """
     from upcycle.models.base import load_base, resolve_base
@@ -151,8 +152,8 @@ def compact_export(model: nn.Module, analysis: MaskAnalysis, blocks: torch.Tenso
     if ratio > SKIP_COMPACT_ABOVE[0] and size > SKIP_COMPACT_ABOVE[1]:
         message = (f"compact export skipped: it would hold {ratio:.0f}x the dense FFNs' weights ({size / 2**30:.1f} "
                    "GiB), because every expert keeps its own copy of the neurons it shares with others; the masks "
-                   "are saved and load onto the base (upcycle.masks.run.apply_masks); use fewer --recipe.masks.experts "
-                   "for a compact model")
+                   "are saved and load onto the base (upcycle.masks.experiments.run_dir.apply_masks); use fewer "
+                   "--recipe.masks.experts for a compact model")
         log.warning(message)
         return {"skipped": message, "packed_rows_ratio": ratio}
     gap = compact_and_check(model, analysis, blocks)

@@ -4,9 +4,9 @@
 RUN/
   masks.json          format, settings, the base (path + fingerprint + shape), data, training curve, evaluation
   masks.safetensors   the masks alone: each masked FFN's router weight and gate log α, keyed as in the model
-  analysis.json       expert kinds and neuron usage over held-out tokens (upcycle.masks.analysis)
+  analysis.json       expert kinds and neuron usage over held-out tokens (upcycle.masks.method.analysis)
   analysis.md         the same per layer as a table; experts.png: the same as plots
-  compact/            the compacted model (upcycle.masks.export; load with load_compact)
+  compact/            the compacted model (upcycle.masks.method.export; load with load_compact)
   .work/              resumable training state (the loop's checkpoint and the Lagrange multipliers)
 ```
 Masks only make sense on the base they were trained on: loading them checks the base's fingerprint and shapes.
@@ -21,7 +21,7 @@ from torch import nn
 from upcycle.errors import UserError
 from upcycle.io import atomic_write_bytes, read_json, write_json
 from upcycle.masks.config import MaskConfig
-from upcycle.masks.surgery import add_masks, load_mask_state, mask_state_dict
+from upcycle.masks.method.surgery import add_masks, load_mask_state, mask_state_dict
 
 RUN_FORMAT = 1
 META = "masks.json"

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from upcycle.masks.analysis import MaskAnalysis, analyze_masks
-from upcycle.masks.surgery import masked_ffns
+from upcycle.masks.method.analysis import MaskAnalysis, analyze_masks
+from upcycle.masks.method.surgery import masked_ffns
 
 _BISECTION_STEPS = 30
 _SEARCH_RANGE = 12.0

@@ -22,9 +22,9 @@ import torch
 from torch import nn
 
 from upcycle.errors import UserError
-from upcycle.masks.ffn_inputs import collect_ffn_inputs, intermediate
-from upcycle.masks.hard_concrete import open_log_alpha
-from upcycle.masks.surgery import masked_ffns
+from upcycle.masks.method.ffn_inputs import collect_ffn_inputs, intermediate
+from upcycle.masks.method.hard_concrete import open_log_alpha
+from upcycle.masks.method.surgery import masked_ffns
 
 _OPEN_MARGIN = 0.1
 """How far above `open_log_alpha()` the least important neuron starts, so that it is open beyond rounding."""

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 
 from upcycle.io import read_json, write_json
-from upcycle.masks.active import collect_expected_active
-from upcycle.masks.cluster_init import apply_cluster_starts, cluster_starts
 from upcycle.masks.config import MaskTrainConfig
-from upcycle.masks.lagrangian import Lagrangian
-from upcycle.masks.surgery import add_masks, mask_parameters, mask_state_dict, masked_ffns
+from upcycle.masks.method.active import collect_expected_active
+from upcycle.masks.method.cluster_init import apply_cluster_starts, cluster_starts
+from upcycle.masks.method.lagrangian import Lagrangian
+from upcycle.masks.method.surgery import add_masks, mask_parameters, mask_state_dict, masked_ffns
 from upcycle.training.loop import TrainResult, is_main_process, train
 
 log = logging.getLogger(__name__)
