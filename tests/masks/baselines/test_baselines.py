@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mask_helpers import tiny_decoder
 
+from tests.masks.mask_helpers import tiny_decoder
 from upcycle.errors import UserError
 from upcycle.masks.baselines.moefication import MoEficationConfig, cluster_neurons, moefy
 from upcycle.masks.baselines.pruning import finetune_pruned, neuron_importance, prune_ffns

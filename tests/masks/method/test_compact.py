@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mask_helpers import shape_gates, tiny_decoder
 
+from tests.masks.mask_helpers import shape_gates, tiny_decoder
 from upcycle.errors import UserError
 from upcycle.masks.config import MaskConfig
 from upcycle.masks.method.analysis import analyze_masks

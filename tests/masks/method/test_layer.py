@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mask_helpers import randomize_gates, tiny_decoder
 from torch import nn
 
+from tests.masks.mask_helpers import randomize_gates, tiny_decoder
 from upcycle.errors import UserError
 from upcycle.masks.config import MaskConfig
 from upcycle.masks.method.active import collect_expected_active

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mask_helpers import corpus_dir, shape_gates, small_recipe, tiny_decoder
 
+from tests.masks.mask_helpers import corpus_dir, shape_gates, small_recipe, tiny_decoder
 from upcycle.errors import UserError
 from upcycle.masks.baselines.teal import ThresholdFFN, sparsify_activations
 from upcycle.masks.config import BaselineSettings, MaskConfig

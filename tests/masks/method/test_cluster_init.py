@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mask_helpers import tiny_decoder
 
+from tests.masks.mask_helpers import tiny_decoder
 from upcycle.errors import UserError
 from upcycle.masks.config import MaskConfig, MaskTrainConfig
 from upcycle.masks.method.cluster_init import apply_cluster_starts, cluster_starts
