@@ -105,6 +105,28 @@ def test_shared_floors_do_not_import_methods_or_serving():
     assert upward == []
 
 
+MASKS_ORDER = ("method", "baselines", "experiments")
+"""masks/ sub-packages, lowest first: the method on a model, the baselines built from its parts, and the experiments
+that run and report both. An arrow may point only down this list."""
+
+
+def masks_level(module: str) -> int | None:
+    """The index in MASKS_ORDER of the masks/ sub-package that holds `module`; None outside them."""
+    parts = module.split(".")
+    if len(parts) > 2 and parts[1] == "masks" and parts[2] in MASKS_ORDER:
+        return MASKS_ORDER.index(parts[2])
+    return None
+
+
+def test_masks_sub_packages_point_down():
+    assert [masks_level(f"upcycle.masks.{p}.x") for p in MASKS_ORDER] == [0, 1, 2]
+    assert masks_level("upcycle.masks.commands") is None
+    upward = sorted(f"{module} -> {target}" for module, targets in import_graph().items()
+                    if masks_level(module) is not None for target in targets
+                    if masks_level(target) is not None and masks_level(target) > masks_level(module))
+    assert upward == []
+
+
 MAX_FUNCTION_LINES = 60
 
 
