@@ -105,6 +105,14 @@ def test_shared_floors_do_not_import_methods_or_serving():
     assert upward == []
 
 
+def test_methods_do_not_import_each_other():
+    # Each method stands on the shared floors alone; a concept two methods need belongs on a floor (ops/kmeans.py).
+    methods = ("introvert", "moe", "masks")
+    across = sorted(f"{module} -> {target}" for module, targets in import_graph().items() if floor(module) in methods
+                    for target in targets if floor(target) in methods and floor(target) != floor(module))
+    assert across == []
+
+
 MASKS_ORDER = ("method", "baselines", "experiments")
 """masks/ sub-packages, lowest first: the method on a model, the baselines built from its parts, and the experiments
 that run and report both. An arrow may point only down this list."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from upcycle.errors import UserError
 from upcycle.io import atomic_write_bytes, ensure_writable_dir, read_json, write_json
-from upcycle.ops.kmeans import balanced_kmeans, search, unit_rows
+from upcycle.ops.kmeans import balanced_kmeans, kmeans_centroids, search, unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -124,23 +124,17 @@ def fit_kmeans(embeddings: np.ndarray, k: int, *, metric: str = "cosine", balanc
     `restarts` > 1 runs k-means from that many random starts and keeps the tightest: FAISS starts from random points,
     so one start can leave two centroids in one group of documents and merge two others.
     """
-    import faiss
-
     check_metric(metric)
     x = as_points(embeddings, metric)  # [N, D]
-    n, dim = x.shape
+    n = x.shape[0]
     if not isinstance(k, (int, np.integer)) or k < 1:
         raise UserError(f"--clusters must be a positive integer, got {k!r}")
     if n < k:
         raise UserError(f"k-means: {n} documents but --clusters {k}; use --clusters <= {n} or add data")
     if iterations < 1 or restarts < 1:
         raise UserError(f"k-means iterations and restarts must be >= 1, got {iterations} and {restarts}")
-    # min_points_per_centroid=1: FAISS would only warn below 39 points per cluster, and few points per cluster is
-    # the point of thousands of experts. FAISS subsamples to 256 points per cluster when N is larger (bounded cost).
-    kmeans = faiss.Kmeans(dim, int(k), niter=iterations, nredo=restarts, seed=seed, spherical=metric == "cosine",
-                          min_points_per_centroid=1, verbose=False)
-    kmeans.train(x)
-    centroids = as_points(kmeans.centroids, metric)  # [K, D]
+    centroids = as_points(kmeans_centroids(x, int(k), iterations, restarts, seed, spherical=metric == "cosine"),
+                          metric)  # [K, D]
     if balanced:
         centroids, assignments = balanced_kmeans(x, centroids, math.ceil(n / k), min(iterations, _BALANCE_ROUNDS),
                                                  spherical=metric == "cosine")

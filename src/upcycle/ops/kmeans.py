@@ -156,3 +156,19 @@ def search(x: np.ndarray, centroids: np.ndarray, m: int) -> tuple[np.ndarray, np
     index.add(np.ascontiguousarray(centroids, dtype=np.float32))
     distances, ids = index.search(np.ascontiguousarray(x, dtype=np.float32), m)
     return distances, ids.astype(np.int64)
+
+
+def kmeans_centroids(x: np.ndarray, k: int, iterations: int = 25, restarts: int = 1, seed: int = 0,
+                     spherical: bool = False) -> np.ndarray:
+    """Centroids [K, D] of (unbalanced) k-means of points x [N, D], by FAISS; `restarts` keeps the tightest run.
+
+    min_points_per_centroid=1: FAISS would only warn below 39 points per cluster, and few points per cluster is the
+    point of thousands of experts. FAISS subsamples to 256 points per cluster when N is larger (bounded cost).
+    """
+    import faiss
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    kmeans = faiss.Kmeans(x.shape[1], int(k), niter=iterations, nredo=restarts, seed=seed, spherical=spherical,
+                          min_points_per_centroid=1, verbose=False)
+    kmeans.train(x)
+    return kmeans.centroids

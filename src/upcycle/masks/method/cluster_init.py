@@ -25,6 +25,7 @@ from upcycle.errors import UserError
 from upcycle.masks.method.ffn_inputs import collect_ffn_inputs, intermediate
 from upcycle.masks.method.hard_concrete import open_log_alpha
 from upcycle.masks.method.surgery import masked_ffns
+from upcycle.ops.kmeans import kmeans_centroids, search
 
 _OPEN_MARGIN = 0.1
 """How far above `open_log_alpha()` the least important neuron starts, so that it is open beyond rounding."""
@@ -52,8 +53,6 @@ def cluster_starts(model: nn.Module, inputs: torch.Tensor, experts: int, max_tok
                    seed: int = 0) -> dict[str, ClusterStart]:
     """Per SwiGLU FFN of the (not yet masked) `model`, keyed by module name: its `ClusterStart`, from k-means of
     its inputs over the first `max_tokens` tokens of blocks `inputs` [N, L]."""
-    from upcycle.introvert.clustering import fit_kmeans
-
     ffns = dict(model.named_modules())
     starts = {}
     for name, x in collect_ffn_inputs(model, inputs, max_tokens=max_tokens).items():
@@ -61,9 +60,10 @@ def cluster_starts(model: nn.Module, inputs: torch.Tensor, experts: int, max_tok
             raise UserError(f"the cluster init needs at least --recipe.masks.experts ({experts}) training tokens, "
                             f"got {x.shape[0]}")
         x = x.float()
-        clusters = fit_kmeans(x.numpy(), experts, metric="l2", seed=seed)
-        labels = torch.from_numpy(np.asarray(clusters.assignments)).long()  # [T]
-        centroids = torch.from_numpy(np.asarray(clusters.centroids, dtype=np.float32))  # [E, D]
+        points = x.numpy()
+        found = kmeans_centroids(points, experts, seed=seed)  # [E, D]
+        labels = torch.from_numpy(search(points, found, 1)[1][:, 0])  # [T] nearest centroid
+        centroids = torch.from_numpy(np.asarray(found, dtype=np.float32))  # [E, D]
         weight, bias = 2.0 * centroids, -(centroids * centroids).sum(dim=1)
         spread = float((x @ weight.T + bias).std(dim=1).mean())
         scale = _ROUTER_LOGIT_STD / max(spread, 1e-12)  # leaves the argmax alone; sets the softmax's temperature
