@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from upcycle.data.packing import pack, tokenize
+from upcycle.data.blocks import pack_texts
 from upcycle.errors import UserError
 from upcycle.introvert.config import BaselineConfig, ExpertConfig
 from upcycle.introvert.data import load_run_data
@@ -94,8 +94,7 @@ def _train(run: Run, names: list[str], expert_config: ExpertConfig, total_tokens
     """Train the baselines `names` on the run's training split, from the clean `base_model` (left unchanged)."""
     k = run.meta["clusters"]["k"]
     docs = load_run_data(run).docs("train")
-    blocks = pack(tokenize(tokenizer, [d.text for d in docs]), expert_config.block_size, tokenizer.pad_token_id,
-                  keep_remainder=False)
+    blocks = pack_texts(tokenizer, [d.text for d in docs], expert_config.block_size, keep_remainder=False)
     steps = max(1, math.ceil(total_tokens / (expert_config.batch_size * expert_config.block_size)))
     train_config = TrainConfig(steps=steps, batch_size=expert_config.batch_size, lr=expert_config.lr,
                                warmup_steps=min(expert_config.warmup_steps * 4, steps - 1) or 1,
