@@ -50,7 +50,7 @@ def assert_one_line_error(code: int, err: str, needle: str = "", expected_code: 
 def assert_run_loads(run: Path, experts: int | None = None) -> None:
     """The run opens, its router routes, and every listed expert is a complete adapter (without loading the base)."""
     from upcycle.introvert.model import check_adapter
-    from upcycle.introvert.routing import load_sequence_router
+    from upcycle.introvert.router import load_sequence_router
     from upcycle.introvert.run import Run
 
     opened = Run.open(run)

@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import small_corpus_texts
 from upcycle.errors import UserError
-from upcycle.introvert.cluster_summary import summarize_clusters, top_terms, write_summary
-from upcycle.introvert.clustering import Clusters, fit_kmeans, read_assignments
+from upcycle.introvert.clustering.summary import summarize_clusters, top_terms, write_summary
+from upcycle.introvert.clustering.clusters import Clusters, fit_kmeans, read_assignments
 from upcycle.ops.kmeans import balanced_assign, reference_balanced_assign
 
 SMALL_CORPUS_IDS = ["json/decoder.py", "json/encoder.py", "email/message.py", "email/utils.py", "asyncio/queues.py",
@@ -161,7 +161,7 @@ def _reference_top_terms(texts, assignments, k, terms):
     """c-TF-IDF as loops: words per cluster, counts per term, score = tf / words(c) * log(1 + A / f(t))."""
     from sklearn.feature_extraction.text import CountVectorizer
 
-    from upcycle.introvert.cluster_summary import TOKEN_PATTERN, stop_words
+    from upcycle.introvert.clustering.summary import TOKEN_PATTERN, stop_words
 
     analyze = CountVectorizer(token_pattern=TOKEN_PATTERN, stop_words=list(stop_words())).build_analyzer()
     counts = [dict() for _ in range(k)]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from upcycle.errors import UserError
-from upcycle.introvert.clustering import fit_kmeans
+from upcycle.introvert.clustering.clusters import fit_kmeans
 from upcycle.introvert.router import CentroidRouter, _reference_mixture, _reference_route
 
 GRID = settings(max_examples=60, deadline=None)

@@ -134,7 +134,7 @@ def test_a_full_disk_during_cluster_leaves_no_run_and_a_rerun_works(tmp_path, ca
                                                                     monkeypatch):
     out = tmp_path / "run"
     with monkeypatch.context() as patch:
-        patch.setattr("upcycle.introvert.clustering_step.fit_and_label", _disk_full)
+        patch.setattr("upcycle.introvert.clustering.corpus.fit_and_label", _disk_full)
         code, _, err = run_cli(capsys, cluster_args(corpus, tiny_llama_dir, out))
     assert_one_line_error(code, err, "No space left on device")
     assert not (out / "run.json").exists() and not (out / "clusters").exists()
@@ -155,7 +155,7 @@ def test_a_full_disk_while_writing_run_json_keeps_the_previous_clusters(tmp_path
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         real(path, obj)
 
-    monkeypatch.setattr("upcycle.introvert.clustering_step.write_json", full_at_run_json)
+    monkeypatch.setattr("upcycle.introvert.clustering.corpus.write_json", full_at_run_json)
     monkeypatch.setattr("upcycle.introvert.run.write_json", full_at_run_json)
     code, _, err = run_cli(capsys, cluster_args(corpus, tiny_llama_dir, run, clusters=3))  # other settings: refit
     assert_one_line_error(code, err, "No space left on device")

@@ -247,7 +247,7 @@ CASES = [
     Case("cluster-unwritable-parent", CLUSTER, needle="cannot write", start="none", prepare=unwritable_parent,
          loads=False, check=nothing_created),
     Case("cluster-disk-full-fresh", CLUSTER, needle="No space left on device", start="none",
-         prepare=disk_full_in("upcycle.introvert.clustering_step.fit_and_label"), loads=False,
+         prepare=disk_full_in("upcycle.introvert.clustering.corpus.fit_and_label"), loads=False,
          check=only_the_lock_left),
     Case("cluster-disk-full-at-run-json", cluster_with("--clustering.clusters", "3"), needle="No space left on device",
          start="clustered", prepare=disk_full_in("upcycle.introvert.run.write_json", "run.json"),

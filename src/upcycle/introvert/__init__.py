@@ -2,9 +2,9 @@
 
 Reading order:
 - `run`                     the run directory, the contract between the steps
-- `embedding`, `clustering`, `clustering_step`, `cluster_summary`   embed documents, k-means, the `cluster` step
+- `embedding`, `clustering/`  embed documents; k-means clusters, the `cluster` step, cluster summaries
 - `data`, `experts`         each document's split and cluster; one LoRA expert per cluster through the shared loop
-- `router`, `routing`       nearest-centroid (or c-BTM top-k) routing; the run's EmbeddingRouter (embed + route)
+- `router`                  nearest-centroid (or c-BTM top-k) routing; the run's EmbeddingRouter (embed + route)
 - `model`, `lm_eval`        IntrovertExperts (the routed model as a Python API) and its lm-eval `LM`
 - `baselines`, `evaluate`, `ablation`, `report`   matched baselines, held-out scoring, the K ablation, report.md
 - `commands`                the CLI

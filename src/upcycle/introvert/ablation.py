@@ -10,7 +10,7 @@ import logging
 from dataclasses import replace
 
 from upcycle.eval.stats import mean_ci
-from upcycle.introvert.clustering_step import refit_clusters
+from upcycle.introvert.clustering.corpus import refit_clusters
 from upcycle.introvert.config import ClusterConfig, EvalConfig, ExpertConfig
 from upcycle.introvert.evaluate import evaluate
 from upcycle.introvert.experts import train_experts

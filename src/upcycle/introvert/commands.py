@@ -29,7 +29,7 @@ def cluster(out: str = "runs/demo", data: str = "stdlib", base: str | None = Non
         clustering: Embedding and k-means settings (K, embedder, metric...).
         splits: Held-out fractions (the split is by a hash of each document's text).
     """
-    from upcycle.introvert.clustering_step import cluster_corpus
+    from upcycle.introvert.clustering.corpus import cluster_corpus
     from upcycle.models.base import resolve_base
 
     run = cluster_corpus(out, data, resolve_base(base), clustering, splits, text_field, command=_command_line())

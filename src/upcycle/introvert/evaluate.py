@@ -38,7 +38,7 @@ from upcycle.introvert.baselines import (
 from upcycle.introvert.config import EvalConfig
 from upcycle.introvert.data import load_run_data
 from upcycle.introvert.model import IntrovertExperts
-from upcycle.introvert.routing import load_sequence_router
+from upcycle.introvert.router import load_sequence_router
 from upcycle.introvert.run import Run, cluster_of, expert_id
 from upcycle.io import ensure_writable_dir, read_json, write_json
 from upcycle.models.base import load_base

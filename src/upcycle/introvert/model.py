@@ -66,7 +66,7 @@ class IntrovertExperts:
     @classmethod
     def from_run(cls, path: Run | str | Path, device: str | None = None, max_loaded: int = 64) -> IntrovertExperts:
         """Load a run directory made by `upcycle introvert cluster` and `upcycle introvert train-experts`."""
-        from upcycle.introvert.routing import load_sequence_router
+        from upcycle.introvert.router import load_sequence_router
         from upcycle.models.base import load_base
 
         run = Run.of(path)

@@ -1,5 +1,8 @@
 """Sequence-level routing for MoIN: each whole document goes to its nearest cluster centroid (one expert).
 
+`CentroidRouter` searches centroids for embeddings; `EmbeddingRouter` is a run's router: it embeds whole texts with
+the run's embedder first (`load_sequence_router`).
+
 `CentroidRouter.route` is the MoIN rule (never per token, outputs never mixed); `mixture` is c-BTM's top-k rule with
 weights softmax(−d² / T) over the k nearest centroids. Both search a FAISS flat (exact) index built once.
 
@@ -12,13 +15,16 @@ Shapes: N queries, K centroids (experts), D embedding width, k experts chosen pe
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from upcycle.errors import UserError
-from upcycle.introvert.clustering import Clusters, as_points, check_metric
+from upcycle.introvert.clustering.clusters import Clusters, as_points, check_metric
+from upcycle.introvert.config import RoutingConfig
+from upcycle.introvert.run import Run, expert_id
 
 # Below this many queries FAISS searches without BLAS, one query per OpenMP thread: extra threads get no work but
 # still join the barrier, and when the cores are busy (training next door) waiting for them costs milliseconds.
@@ -57,7 +63,7 @@ class CentroidRouter:
 
     def route(self, embeddings: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Nearest centroid of each embedding [N, D]: ([N] int64 expert ids, [N] float32 squared distances)."""
-        ids, distances = self._search(embeddings, 1)  # [N, 1] each
+        ids, distances = self.search(embeddings, 1)  # [N, 1] each
         return ids[:, 0], distances[:, 0]
 
     def mixture(self, embeddings: np.ndarray, top_k: int, temperature: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
@@ -66,10 +72,10 @@ class CentroidRouter:
             raise UserError(f"top_k must be between 1 and the number of experts ({self.num_experts}), got {top_k}")
         if not temperature > 0:
             raise UserError(f"the mixture temperature must be > 0, got {temperature}")
-        ids, distances = self._search(embeddings, top_k)  # [N, k] each, ascending distance
+        ids, distances = self.search(embeddings, top_k)  # [N, k] each, ascending distance
         return ids, _softmax(-distances.astype(np.float64) / temperature).astype(np.float32)
 
-    def _search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest centroids of each query: ([N, k] int64 ids, [N, k] float32 squared distances)."""
         queries = as_points(embeddings, self.metric)  # [N, D]
         if queries.shape[1] != self.dim:
@@ -79,6 +85,133 @@ class CentroidRouter:
             scores, ids = self.index.search(queries, k)  # [N, k]: inner products (cosine) or squared distances (l2)
         distances = np.maximum(2.0 - 2.0 * scores, 0.0) if self.metric == "cosine" else scores
         return ids.astype(np.int64), distances.astype(np.float32)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one request goes: its clusters (nearest first) with mixture weights, or none (the base model)."""
+
+    clusters: tuple[int, ...]
+    """Cluster indices whose experts are mixed, nearest first; empty when the guard sends the request to the base."""
+    weights: tuple[float, ...]
+    """Mixture weight of each cluster (they sum to 1)."""
+    distance: float
+    """Squared distance to the nearest centroid."""
+    in_domain: bool
+    """Whether `distance` is within the guard's threshold (always True without a guard)."""
+    confidence: float | None
+    """Share of the validation documents that lie at least this far from their own nearest centroid: near 1 for a
+    typical in-domain request, near 0 beyond all of them (None without a calibrated guard)."""
+
+    @property
+    def experts(self) -> tuple[str, ...]:
+        return tuple(expert_id(c) for c in self.clusters)
+
+
+@dataclass(frozen=True)
+class Guard:
+    """The out-of-domain guard: a threshold on the squared distance to the nearest centroid, calibrated on the
+    validation documents' own distances (`calibrate_guard`)."""
+
+    threshold: float
+    validation_distances: np.ndarray
+    """Sorted squared distances of the validation documents to their nearest centroid (for `Route.confidence`)."""
+
+    def confidence(self, distance: float) -> float | None:
+        if not len(self.validation_distances):
+            return None
+        below = np.searchsorted(self.validation_distances, distance, side="left")
+        return float(1.0 - below / len(self.validation_distances))
+
+
+class EmbeddingRouter:
+    """Routes whole texts to experts: `route(texts) -> expert ids`. Never per token.
+
+    It is what `upcycle.serving.router.ExpertRouter` asks of a router, so the server's model "auto" can use it.
+    `decide` adds c-BTM's top-k mixture and the out-of-domain guard (`RoutingConfig`).
+    """
+
+    def __init__(self, embedder, centroid_router: CentroidRouter, config: RoutingConfig | None = None,
+                 guard: Guard | None = None):
+        self.embedder = embedder
+        self.centroid_router = centroid_router
+        self.config = config or RoutingConfig(guard_percentile=None)
+        self.guard = guard
+
+    @property
+    def experts(self) -> list[str]:
+        """The expert id of every centroid."""
+        return [expert_id(c) for c in range(self.centroid_router.num_experts)]
+
+    def clusters(self, texts: list[str]) -> np.ndarray:
+        """Nearest-centroid cluster index of each text."""
+        ids, _ = self.centroid_router.route(self.embedder.encode(list(texts)))
+        return np.asarray(ids)
+
+    def route(self, texts: list[str]) -> list[str]:
+        """The expert id for each text."""
+        return [expert_id(int(c)) for c in self.clusters(texts)]
+
+    def mixture(self, texts: list[str], top_k: int = 2, temperature: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
+        """c-BTM mixing: the top-k clusters of each text and weights softmax(-d^2 / T) over them."""
+        return self.centroid_router.mixture(self.embedder.encode(list(texts)), top_k, temperature)
+
+    def decide(self, texts: list[str], top_k: int | None = None) -> list[Route]:
+        """The route of each text under `self.config`, with `top_k` overriding the config's k.
+
+        In domain: the k nearest experts, weighted softmax(-d² / T). Beyond the guard's threshold: the base model,
+        or with out_of_domain='mixture' the max(k, 2) nearest experts.
+        """
+        config, experts = self.config, self.centroid_router.num_experts
+        k = config.top_k if top_k is None else top_k
+        if not 1 <= k <= experts:
+            raise UserError(f"top_k must be between 1 and the number of experts ({experts}), got {k}")
+        outside_k = min(max(k, 2), experts) if config.out_of_domain == "mixture" else 0
+        ids, distances = self.centroid_router.search(self.embedder.encode(list(texts)), max(k, outside_k))
+        routes = []
+        for row_ids, row_distances in zip(ids, distances):
+            nearest = float(row_distances[0])
+            inside = self.guard is None or nearest <= self.guard.threshold
+            take = k if inside else outside_k
+            weights = _softmax(-row_distances[None, :take].astype(np.float64) / config.temperature)[0] if take else ()
+            routes.append(Route(tuple(int(c) for c in row_ids[:take]), tuple(float(w) for w in weights), nearest,
+                                inside, self.guard.confidence(nearest) if self.guard else None))
+        return routes
+
+
+def calibrate_guard(run: Run, config: RoutingConfig) -> Guard | None:
+    """The guard of `run` under `config`: a fixed threshold, or the `guard_percentile`-th percentile of the
+    validation documents' distances to their nearest centroid (from the embeddings the cluster step saved)."""
+    if config.guard_threshold is None and config.guard_percentile is None:
+        return None
+    clusters = Clusters.load(run.clusters_dir)
+    if config.guard_threshold is not None and clusters.metric == "cosine" and not 0 <= config.guard_threshold <= 4:
+        raise UserError(f"--routing.guard_threshold {config.guard_threshold}: for the cosine metric squared "
+                        "distances lie in [0, 4]; choose a threshold inside that range")
+    saved = run.clusters_dir / "embeddings" / "validation.npy"
+    validation = np.load(saved) if saved.is_file() else np.zeros((0, clusters.dim), np.float32)
+    distances = (np.sort(CentroidRouter(clusters.centroids, clusters.metric).route(validation)[1])
+                 if len(validation) else np.zeros(0, np.float32))
+    if config.guard_threshold is not None:
+        return Guard(float(config.guard_threshold), distances)
+    if not len(distances):
+        raise UserError(f"{run.path}: the guard is calibrated on validation documents, but this run has none; "
+                        "give --routing.guard_threshold or --routing.guard_percentile null")
+    return Guard(float(np.percentile(distances, config.guard_percentile)), distances)
+
+
+def load_sequence_router(run: Run, config: RoutingConfig | None = None) -> EmbeddingRouter:
+    """The run's embedder and centroids, ready to route under `config` (None: top-1 with no guard)."""
+    from upcycle.introvert.embedding import load_embedder
+
+    config = config or RoutingConfig(guard_percentile=None)
+    return EmbeddingRouter(load_embedder(run.clusters_dir / "embedder"), CentroidRouter.load(run.clusters_dir),
+                           config, calibrate_guard(run, config))
+
+
+def router_for_run(run_path: str) -> EmbeddingRouter:
+    """The router of the run at `run_path` (a `--router` factory; `upcycle serve` uses the run's own by default)."""
+    return load_sequence_router(Run.open(run_path))
 
 
 @contextlib.contextmanager

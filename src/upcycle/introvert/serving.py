@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 def served_run(run: Run | str | Path, router: bool = True) -> ServedModel:
     """The run's base, {expert id: adapter dir} of its trained experts, and (when `router` and the run has
     centroids) its sequence router for model "auto"."""
-    from upcycle.introvert.routing import load_sequence_router
+    from upcycle.introvert.router import load_sequence_router
 
     run = Run.of(run)
     routes = router and (run.clusters_dir / "centroids.npy").is_file()

@@ -1,6 +1,6 @@
 """What the server needs from a router: one expert name per request text, and the names it can choose from.
 
-Any method plugs in here: introvert's centroid router (`upcycle.introvert.routing.EmbeddingRouter`) routes whole
+Any method plugs in here: introvert's centroid router (`upcycle.introvert.router.EmbeddingRouter`) routes whole
 sequences by their embedding; a router for another method only has to have these two members.
 """
 

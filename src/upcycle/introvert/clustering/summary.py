@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from upcycle.introvert.clustering import Clusters
+from upcycle.introvert.clustering.clusters import Clusters
 from upcycle.io import atomic_write_text, ensure_writable_dir, write_json
 
 SUMMARY_JSON = "summary.json"

@@ -85,7 +85,7 @@ def _same_settings(meta: dict, settings: dict, config: ClusterConfig) -> bool:
 
 def clusters_complete(run: Run, config: ClusterConfig) -> bool:
     """Whether clusters/ loads and was fitted with `config`: every file the later steps read is there."""
-    from upcycle.introvert.clustering import CLUSTERS_FILE, Clusters
+    from upcycle.introvert.clustering.clusters import CLUSTERS_FILE, Clusters
     from upcycle.introvert.embedding import load_embedder
 
     folder = run.clusters_dir
@@ -122,8 +122,8 @@ def write_clusters(run: Run, meta: dict, docs: dict, embeddings: dict[str, np.nd
 def fit_and_label(directory: Path, docs: dict, embeddings: dict[str, np.ndarray], config: ClusterConfig,
                   embedder: str) -> list[int]:
     """Fit k-means on the training embeddings and write centroids, labels and summary into `directory`."""
-    from upcycle.introvert.cluster_summary import write_summary
-    from upcycle.introvert.clustering import fit_kmeans
+    from upcycle.introvert.clustering.summary import write_summary
+    from upcycle.introvert.clustering.clusters import fit_kmeans
     from upcycle.introvert.router import CentroidRouter
 
     fitted = replace(fit_kmeans(embeddings["train"], config.clusters, metric=config.metric,
