@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from tests.conftest import small_corpus_texts
 from upcycle.errors import UserError
-from upcycle.introvert.clustering.summary import summarize_clusters, top_terms, write_summary
 from upcycle.introvert.clustering.clusters import Clusters, fit_kmeans, read_assignments
+from upcycle.introvert.clustering.summary import summarize_clusters, top_terms, write_summary
 from upcycle.ops.kmeans import balanced_assign, reference_balanced_assign
 
 SMALL_CORPUS_IDS = ["json/decoder.py", "json/encoder.py", "email/message.py", "email/utils.py", "asyncio/queues.py",

@@ -15,8 +15,8 @@ Shapes: N queries, K centroids (experts), D embedding width, k experts chosen pe
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

@@ -122,8 +122,8 @@ def write_clusters(run: Run, meta: dict, docs: dict, embeddings: dict[str, np.nd
 def fit_and_label(directory: Path, docs: dict, embeddings: dict[str, np.ndarray], config: ClusterConfig,
                   embedder: str) -> list[int]:
     """Fit k-means on the training embeddings and write centroids, labels and summary into `directory`."""
-    from upcycle.introvert.clustering.summary import write_summary
     from upcycle.introvert.clustering.clusters import fit_kmeans
+    from upcycle.introvert.clustering.summary import write_summary
     from upcycle.introvert.router import CentroidRouter
 
     fitted = replace(fit_kmeans(embeddings["train"], config.clusters, metric=config.metric,
