@@ -42,6 +42,35 @@ def test_every_command_has_help(path, capsys):
     assert "usage:" in out and len(out) > 200
 
 
+def _help_of(tree: dict, argv: list[str], capsys) -> str:
+    from jsonargparse import auto_cli, set_parsing_settings
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    with pytest.raises(SystemExit):
+        auto_cli(tree, args=argv, as_positional=True)
+    return capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", [[], ["introvert"], ["introvert", "cluster"], ["masks", "sweep"], ["serve"]],
+                         ids=lambda p: " ".join(p) or "top")
+def test_help_from_the_pruned_tree_equals_the_full_tree(path, capsys):
+    from upcycle.cli import _on_path
+
+    argv = [*path, "--help"]
+    assert _help_of(_on_path(_commands(), argv), argv, capsys) == _help_of(_commands(), argv, capsys)
+
+
+def test_only_the_named_command_is_built_in_full():
+    from upcycle.cli import _on_path
+
+    table = _commands()
+    pruned = _on_path(table, ["introvert", "cluster", "--out", "moe"])
+    assert pruned["introvert"]["cluster"] is table["introvert"]["cluster"]
+    assert pruned["introvert"]["evaluate"] is not table["introvert"]["evaluate"]
+    assert pruned["moe"]["train"].__doc__.split("\n")[0] == table["moe"]["train"].__doc__.strip().split("\n")[0]
+    assert _on_path(table, ["--config", "x.yaml"]) is table  # the YAML may name the command: keep everything
+
+
 def test_every_recipe_is_mapped_and_parses(capsys):
     shipped = {str(p.relative_to(RECIPES)) for p in RECIPES.rglob("*.yaml")}
     assert shipped == set(RECIPE_COMMANDS), "add new recipes to RECIPE_COMMANDS"

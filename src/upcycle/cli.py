@@ -66,6 +66,42 @@ def _resolve_alias(argv: list[str]) -> list[str]:
     return argv
 
 
+def _on_path(tree: dict, argv: list[str]) -> dict:
+    """`tree` with every command off the path that `argv` names replaced by a stub with the same help line.
+
+    jsonargparse builds a parser for every command it is given, reading each config's field docstrings, which is
+    most of the time `upcycle --help` takes. Only the named command can run, so the others need only their names and
+    help lines. A level where `argv` names no command is kept whole unless --help is asked (a YAML --config may
+    name the command there).
+    """
+    words = [(i, w) for i, w in enumerate(argv) if not w.startswith("-") and (i == 0 or argv[i - 1] != "--config")]
+    position, chosen = words[0] if words and words[0][1] in tree else (None, None)
+    if chosen is None and not {"-h", "--help"} & set(argv):
+        return tree
+    pruned = {}
+    for name, entry in tree.items():
+        if name == "_help":
+            pruned[name] = entry
+        elif name == chosen:
+            pruned[name] = _on_path(entry, argv[position + 1:]) if isinstance(entry, dict) else entry
+        else:
+            pruned[name] = _stub(entry)
+    return pruned
+
+
+def _stub(entry):
+    """A command (or group) that takes nothing and has the same help line as `entry`."""
+    if isinstance(entry, dict):
+        return {name: sub if name == "_help" else _stub(sub) for name, sub in entry.items()}
+
+    def stub() -> None:
+        pass
+
+    stub.__doc__ = (entry.__doc__ or "").strip().split("\n\n")[0]
+    stub.__name__ = stub.__qualname__ = entry.__name__
+    return stub
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: parse, run, and turn UserError / Ctrl-C into one line and a non-zero exit code."""
     from jsonargparse import auto_cli, set_parsing_settings
@@ -79,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning)
     argv = _resolve_alias(sys.argv[1:] if argv is None else list(argv))
     try:
-        auto_cli(_commands(), args=argv, as_positional=True)
+        auto_cli(_on_path(_commands(), argv), args=argv, as_positional=True)
     except UserError as error:
         print(f"upcycle: error: {error}", file=sys.stderr)
         return 2
