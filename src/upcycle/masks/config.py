@@ -3,12 +3,14 @@ how they train (the Lagrangian steering the active ratio), and the baselines of 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from upcycle.errors import UserError
 from upcycle.training.config import TrainConfig
 
 ROUTINGS = ("topk", "soft")
+LAYOUTS = ("overlap", "partition")
 INITS = ("clusters", "open")
 
 
@@ -38,6 +40,13 @@ class MaskConfig:
     """'open' init: std of Gaussian noise added to the initial log α, so that experts are not exact copies."""
     router_bias: bool = True
     """Give the router's linear layer a bias (the 'clusters' init needs it)."""
+    layout: str = "overlap"
+    """'overlap': each expert's mask may keep any neuron (the compacted model stores a neuron once per expert that
+    keeps it). 'partition': each neuron is shared, in exactly one expert's block, or dropped, so the compacted model
+    stores every neuron once and skips whole blocks (upcycle.masks.method.partition); needs the 'clusters' init and
+    top-k routing, and suits few experts (8-16)."""
+    partition_slack: float = 0.1
+    """'partition': the share of the FFN above the target that a token uses at the start, for the gates to close."""
 
     def __post_init__(self) -> None:
         if self.experts < 1:
@@ -56,6 +65,28 @@ class MaskConfig:
             raise UserError(f"--recipe.masks.rank_spread must be >= 0, got {self.rank_spread}")
         if self.init_noise < 0:
             raise UserError(f"--recipe.masks.init_noise must be >= 0, got {self.init_noise}")
+        if self.layout not in LAYOUTS:
+            raise UserError(f"--recipe.masks.layout must be one of {', '.join(LAYOUTS)}, got '{self.layout}'")
+        if self.layout == "partition":
+            if self.init != "clusters" or self.routing != "topk":
+                raise UserError("--recipe.masks.layout partition assigns neurons from the token clusters and skips "
+                                "blocks per token: it needs --recipe.masks.init clusters and --recipe.masks.routing "
+                                "topk")
+            if self.top_k >= self.experts:
+                raise UserError(f"--recipe.masks.layout partition needs top_k < experts (got top_k {self.top_k} "
+                                f"of {self.experts}): every token would use every block, so nothing is routed")
+        if not 0.0 <= self.partition_slack < 1.0:
+            raise UserError(f"--recipe.masks.partition_slack must be in [0, 1), got {self.partition_slack}")
+
+    def check_reachable(self, target: float) -> None:
+        """Refuse a target the partition layout cannot reach: below the share k of E equal expert blocks hold with
+        nothing shared, the gates would have to close most of every block."""
+        floor = self.top_k / self.experts
+        if self.layout == "partition" and target < floor:
+            raise UserError(f"--recipe.target {target:g} is below {self.top_k}/{self.experts} = {floor:.3g}, the "
+                            f"share of the FFN that {self.top_k} of {self.experts} equal expert blocks hold with "
+                            f"nothing shared; the partition layout cannot reach it: use at least "
+                            f"{math.ceil(self.top_k / target)} experts (--recipe.masks.experts) or a higher target")
 
 
 @dataclass
@@ -129,6 +160,7 @@ class MaskTrainConfig:
         if self.cluster_tokens < 1:
             raise UserError(f"--recipe.cluster_tokens must be >= 1, got {self.cluster_tokens}")
         self.lagrangian()  # validates target, lambda_lr and initial_lambda2
+        self.masks.check_reachable(self.target)
 
     def lagrangian(self) -> LagrangianConfig:
         """The controller's settings, with the warm-up in steps."""

@@ -24,6 +24,7 @@ from torch import nn
 from upcycle.errors import UserError
 from upcycle.masks.method.ffn_inputs import collect_ffn_inputs, intermediate
 from upcycle.masks.method.hard_concrete import open_log_alpha
+from upcycle.masks.method.partition import PartitionedGates, assign_neurons, shared_neurons
 from upcycle.masks.method.surgery import masked_ffns
 from upcycle.ops.kmeans import kmeans_centroids, search
 
@@ -76,8 +77,14 @@ def cluster_starts(model: nn.Module, inputs: torch.Tensor, experts: int, max_tok
 
 
 @torch.no_grad()
-def apply_cluster_starts(model: nn.Module, starts: dict[str, ClusterStart], rank_spread: float) -> None:
-    """Set every MaskedFFN's router to its nearest-centroid rule and its gates to open, importance-ranked log α."""
+def apply_cluster_starts(model: nn.Module, starts: dict[str, ClusterStart], rank_spread: float,
+                         partition_active: float | None = None) -> None:
+    """Set every MaskedFFN's router to its nearest-centroid rule and its gates to open, importance-ranked log α.
+
+    Partitioned gates (`upcycle.masks.method.partition`) first get their neuron assignment, with as many shared
+    neurons as make a token use `partition_active` of the FFN; each neuron's rank is then by its importance in the
+    group it was given (mean over clusters for a shared neuron, its expert's cluster otherwise).
+    """
     low = open_log_alpha() + _OPEN_MARGIN
     for name, layer in masked_ffns(model):
         start, router = starts[name], layer.router.proj
@@ -85,6 +92,16 @@ def apply_cluster_starts(model: nn.Module, starts: dict[str, ClusterStart], rank
             raise UserError("the cluster init needs routers with a bias (--masks.router_bias true)")
         router.weight.copy_(start.router_weight)
         router.bias.copy_(start.router_bias)
-        importance = start.importance
-        rank = importance.argsort(dim=1).argsort(dim=1).float() / max(importance.shape[1] - 1, 1)  # [E, I] in [0, 1]
+        importance = start.importance  # [E, I]
+        if isinstance(layer.gates, PartitionedGates):
+            if partition_active is None:
+                raise ValueError("partitioned gates need the active share to size the shared block")
+            experts, width = importance.shape
+            assignment = assign_neurons(importance, shared_neurons(width, experts, layer.router.top_k,
+                                                                   partition_active))
+            layer.gates.assign(assignment)
+            shared = assignment.all(dim=0)
+            own = torch.where(shared, importance.mean(dim=0), (importance * assignment).amax(dim=0))
+            importance = own[None, :]  # [1, I]
+        rank = importance.argsort(dim=1).argsort(dim=1).float() / max(importance.shape[1] - 1, 1)  # in [0, 1]
         layer.gates.log_alpha.copy_(low + rank_spread * rank)

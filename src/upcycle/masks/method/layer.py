@@ -15,19 +15,20 @@ from torch import nn
 
 from upcycle.masks.config import MaskConfig
 from upcycle.masks.method.hard_concrete import HardConcreteGate
+from upcycle.masks.method.partition import PartitionedGates
 from upcycle.masks.method.router import MaskRouting, TokenRouter
 
 
 class MaskedFFN(nn.Module):
     """SwiGLU FFN (gate_proj, up_proj, down_proj, act_fn) whose intermediate neurons are gated per token."""
 
-    def __init__(self, mlp: nn.Module, router: TokenRouter, gates: HardConcreteGate) -> None:
+    def __init__(self, mlp: nn.Module, router: TokenRouter, gates: HardConcreteGate | PartitionedGates) -> None:
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = mlp.gate_proj, mlp.up_proj, mlp.down_proj
         self.act_fn = mlp.act_fn
         shape = (router.num_experts, self.gate_proj.out_features)
-        if tuple(gates.log_alpha.shape) != shape:
-            raise ValueError(f"gates must be {list(shape)}, got {list(gates.log_alpha.shape)}")
+        if tuple(gates.expected_l0().shape) != shape:
+            raise ValueError(f"gates must be {list(shape)}, got {list(gates.expected_l0().shape)}")
         self.router, self.gates = router, gates
 
     @classmethod
@@ -36,7 +37,10 @@ class MaskedFFN(nn.Module):
         hidden, intermediate = mlp.gate_proj.in_features, mlp.gate_proj.out_features
         weight = mlp.gate_proj.weight
         router = TokenRouter(hidden, config.experts, config.top_k, config.routing, config.router_bias)
-        gates = HardConcreteGate((config.experts, intermediate), config.init_log_alpha, config.init_noise)
+        if config.layout == "partition":
+            gates = PartitionedGates(config.experts, intermediate, config.init_log_alpha, config.init_noise)
+        else:
+            gates = HardConcreteGate((config.experts, intermediate), config.init_log_alpha, config.init_noise)
         # Gates stay at least float32 even in a bf16 model: log α moves by small steps and must not round away.
         gates = gates.to(weight.device, torch.promote_types(weight.dtype, torch.float32))
         return cls(mlp, router.to(weight.device, weight.dtype), gates)

@@ -43,7 +43,8 @@ def prepare_masked_model(model: nn.Module, config: MaskTrainConfig, train_inputs
                                     seed=config.train.seed)
         add_masks(model, config.masks, seed=config.train.seed)
         if starts is not None:
-            apply_cluster_starts(model, starts, config.masks.rank_spread)
+            apply_cluster_starts(model, starts, config.masks.rank_spread,
+                                 min(1.0, config.target + config.masks.partition_slack))
     for param in model.parameters():
         param.requires_grad_(False)
     params = mask_parameters(model, routers=config.train_routers)
