@@ -69,6 +69,25 @@ def analyze(run: str, base: str | None = None, eval_blocks: int = 32) -> None:
           f"{run}/analysis.md, {run}/experts.png")
 
 
+def export(run: str, out: str | None = None, base: str | None = None, eval_blocks: int = 32,
+           max_ratio: float = 1.25) -> None:
+    """Write a finished mask run's fast model: the compacted FFNs (shared block + expert blocks), loadable with
+    `upcycle.masks.method.export.load_compact` and by `upcycle generate --base` / `upcycle serve --base`.
+
+    Args:
+        run: Run directory made by `upcycle masks train`.
+        out: Where to write the model (default RUN/compact).
+        base: The base the masks were trained on (default: the path recorded in the run).
+        eval_blocks: Held-out blocks whose routing decides which experts are never used (they are removed).
+        max_ratio: Refuse a model storing more than this many times the dense FFNs' weights.
+    """
+    from upcycle.masks.experiments.end_to_end import export_run
+
+    entry = export_run(run, out, base, eval_blocks, max_ratio)
+    print(f"{entry['path']}: {entry['packed_rows_ratio']:.2f}x the dense FFN rows ({entry['bytes'] / 2**20:.1f} MiB), "
+          f"largest |logit| difference from the masked model {entry['max_abs_logit_difference']:.2g}")
+
+
 def sweep(base: str = "default", out: str = "runs/masks-sweep", data: str = "stdlib", eval_blocks: int = 64,
           targets: list[float] = [0.25, 0.5, 0.75],  # noqa: B006 - CLI default
           methods: list[str] = ["masks", "moefication", "pruning", "teal"],  # noqa: B006 - CLI default

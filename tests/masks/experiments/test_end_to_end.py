@@ -55,5 +55,44 @@ def test_oversized_compact_export_is_skipped_with_a_reason(tmp_path, tiny_llama_
                    recipe=small_recipe(steps=4), splits=SplitConfig(validation=0.3, test=0.0))
     assert "compact export skipped" in capsys.readouterr().out
     compact = read_json(run / "masks.json")["compact"]
-    assert "use fewer --recipe.masks.experts" in compact["skipped"] and compact["packed_rows_ratio"] > 0.5
+    assert "--recipe.masks.layout partition" in compact["skipped"] and compact["packed_rows_ratio"] > 0.5
     assert not (run / "compact").exists() and (run / "masks.safetensors").is_file()
+
+
+def test_export_writes_the_partitioned_fast_model_and_refuses_what_it_cannot_export(tmp_path, tiny_llama_dir,
+                                                                                      capsys):
+    from dataclasses import replace
+
+    from upcycle.data.splits import SplitConfig
+    from upcycle.io import read_json
+    from upcycle.masks import commands
+    from upcycle.masks.config import MaskConfig
+    from upcycle.masks.method.export import load_compact
+
+    data, splits = str(corpus_dir(tmp_path)), SplitConfig(validation=0.3, test=0.0)
+    with pytest.raises(UserError, match="is not a mask run"):
+        commands.export(str(tmp_path / "nothing"))
+    interrupted = tmp_path / "interrupted"
+    (interrupted / ".work").mkdir(parents=True)
+    with pytest.raises(UserError, match="still training or was interrupted"):
+        commands.export(str(interrupted))
+
+    run = tmp_path / "partition"
+    recipe = small_recipe(steps=6)
+    recipe = replace(recipe, masks=replace(recipe.masks, experts=4, layout="partition"))
+    commands.train(str(tiny_llama_dir), out=str(run), data=data, eval_blocks=2, recipe=recipe, splits=splits,
+                   compact=False)
+    commands.export(str(run), out=str(tmp_path / "fast"))
+    assert "the dense FFN rows" in capsys.readouterr().out
+    entry = read_json(run / "masks.json")["compact"]
+    assert entry["packed_rows_ratio"] <= 1.0 and entry["max_abs_logit_difference"] < 1e-4
+    model = load_compact(tmp_path / "fast")
+    for _, layer in model.named_modules():
+        if hasattr(layer, "ffn") and hasattr(layer.ffn, "overlap"):  # disjoint blocks: no gathers
+            assert torch.equal(layer.ffn.overlap, torch.diag(layer.ffn.overlap.diagonal()))
+
+    overlap = tmp_path / "overlap"
+    commands.train(str(tiny_llama_dir), out=str(overlap), data=data, eval_blocks=2, recipe=small_recipe(steps=4),
+                   splits=splits, compact=False)
+    with pytest.raises(UserError, match=r"above the cap of 1.25x .*layout partition"):
+        commands.export(str(overlap))

@@ -16,6 +16,7 @@ from torch import nn
 from upcycle.data import SplitConfig
 from upcycle.data.blocks import corpus_blocks
 from upcycle.eval.perplexity import mean_loss, perplexity
+from upcycle.errors import UserError
 from upcycle.io import atomic_write_text, ensure_writable_dir, write_json
 from upcycle.masks.config import MaskTrainConfig
 from upcycle.masks.experiments.run_dir import (
@@ -23,6 +24,7 @@ from upcycle.masks.experiments.run_dir import (
     ANALYSIS_TABLE,
     COMPACT,
     EXPERTS_PLOT,
+    META,
     WORK,
     apply_masks,
     base_identity,
@@ -145,21 +147,64 @@ def compact_export(model: nn.Module, analysis: MaskAnalysis, blocks: torch.Tenso
                    target: float) -> dict:
     """Compact `model` in place and save it to OUT/compact, unless that would be too large (`SKIP_COMPACT_ABOVE`).
     Returns masks.json's "compact" entry."""
-    packed, dense_rows = packed_rows(model, analysis)
-    ratio = packed / dense_rows
-    weight = masked_ffns(model)[0][1].gate_proj.weight  # [I, D]
-    size = packed * 3 * weight.shape[1] * weight.element_size()  # a packed row: gate, up and down rows of D each
+    ratio, size = _export_size(model, analysis)
     if ratio > SKIP_COMPACT_ABOVE[0] and size > SKIP_COMPACT_ABOVE[1]:
         message = (f"compact export skipped: it would hold {ratio:.0f}x the dense FFNs' weights ({size / 2**30:.1f} "
                    "GiB), because every expert keeps its own copy of the neurons it shares with others; the masks "
-                   "are saved and load onto the base (upcycle.masks.experiments.run_dir.apply_masks); use fewer "
-                   "--recipe.masks.experts for a compact model")
+                   "are saved and load onto the base (upcycle.masks.experiments.run_dir.apply_masks); train with "
+                   "--recipe.masks.layout partition for a compact model")
         log.warning(message)
         return {"skipped": message, "packed_rows_ratio": ratio}
+    return _write_compact(model, analysis, blocks, tokenizer, out / COMPACT, {"masks_run": str(out), "target": target})
+
+
+def _export_size(model: nn.Module, analysis: MaskAnalysis) -> tuple[float, int]:
+    """(compact FFN rows / dense FFN rows, bytes of the compact FFN weights) of the masked `model`."""
+    packed, dense_rows = packed_rows(model, analysis)
+    weight = masked_ffns(model)[0][1].gate_proj.weight  # [I, D]
+    return packed / dense_rows, packed * 3 * weight.shape[1] * weight.element_size()  # gate, up, down rows
+
+
+def _write_compact(model: nn.Module, analysis: MaskAnalysis, blocks: torch.Tensor, tokenizer, out: Path,
+                   extra: dict) -> dict:
+    ratio, size = _export_size(model, analysis)
     gap = compact_and_check(model, analysis, blocks)
-    save_compact(model, out / COMPACT, tokenizer, extra={"masks_run": str(out), "target": target})
-    return {"path": str(out / COMPACT), "max_abs_logit_difference": gap, "packed_rows_ratio": ratio,
-            "bytes": size}
+    save_compact(model, out, tokenizer, extra=extra)
+    return {"path": str(out), "max_abs_logit_difference": gap, "packed_rows_ratio": ratio, "bytes": size}
+
+
+EXPORT_CAP = 1.25
+"""`masks export` refuses a compact model larger than this many times the dense FFNs' weights (--max_ratio)."""
+
+
+def export_run(run: str | Path, out: str | Path | None = None, base: str | None = None, eval_blocks: int = 32,
+               max_ratio: float = EXPORT_CAP) -> dict:
+    """Compact a finished mask run's model and save it to `out` (default RUN/compact); returns masks.json's
+    "compact" entry, which is also written into RUN/masks.json."""
+    from upcycle.models.base import load_base, resolve_base
+
+    run = Path(run)
+    if not (run / META).exists() and (run / WORK).exists():
+        raise UserError(f"{run} is still training or was interrupted: its training state is in {run / WORK} and "
+                        f"it has no {META} yet; finish it with the same `upcycle masks train` command, then export")
+    meta = read_meta(run)
+    base = resolve_base(base or meta["base"]["path"])
+    model, tokenizer = load_base(base)
+    apply_masks(run, model, base)
+    blocks = corpus_blocks(tokenizer, meta["data"], SplitConfig(**meta["splits"]), meta["config"]["block_size"],
+                           **HELD_OUT, train_tokens=1, eval_blocks=eval_blocks)
+    analysis = analyze_masks(model, *blocks["validation"])
+    ratio, size = _export_size(model, analysis)
+    if ratio > max_ratio:
+        raise UserError(f"the compact model would store {ratio:.2f}x the dense FFNs' weights ({size / 2**20:.0f} "
+                        f"MiB), above the cap of {max_ratio:g}x (--max_ratio): with the "
+                        f"'{meta['masks'].get('layout', 'overlap')}' layout every expert keeps its own copy of the "
+                        "neurons it shares with others; train with --recipe.masks.layout partition, which stores "
+                        "each neuron once")
+    entry = _write_compact(model, analysis, blocks["validation"][0][:8], tokenizer, Path(out or run / COMPACT),
+                           {"masks_run": str(run), "target": meta["evaluation"]["target"]})
+    write_meta(run, meta | {"compact": entry})
+    return entry
 
 
 def analyze_run(run: str | Path, base: str | None = None, eval_blocks: int = 32) -> dict:
