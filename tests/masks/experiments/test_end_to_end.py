@@ -66,7 +66,6 @@ def test_export_writes_the_partitioned_fast_model_and_refuses_what_it_cannot_exp
     from upcycle.data.splits import SplitConfig
     from upcycle.io import read_json
     from upcycle.masks import commands
-    from upcycle.masks.config import MaskConfig
     from upcycle.masks.method.export import load_compact
 
     data, splits = str(corpus_dir(tmp_path)), SplitConfig(validation=0.3, test=0.0)

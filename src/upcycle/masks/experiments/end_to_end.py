@@ -15,8 +15,8 @@ from torch import nn
 
 from upcycle.data import SplitConfig
 from upcycle.data.blocks import corpus_blocks
-from upcycle.eval.perplexity import mean_loss, perplexity
 from upcycle.errors import UserError
+from upcycle.eval.perplexity import mean_loss, perplexity
 from upcycle.io import atomic_write_text, ensure_writable_dir, write_json
 from upcycle.masks.config import MaskTrainConfig
 from upcycle.masks.experiments.run_dir import (
