@@ -8,7 +8,11 @@ from dataclasses import dataclass, field
 
 from upcycle.data.splits import SPLITS
 from upcycle.errors import UserError
+from upcycle.serving.config import OUT_OF_DOMAIN, RoutingConfig  # noqa: F401 (re-exported, see below)
 from upcycle.training.config import LoraSettings, TrainConfig
+
+# RoutingConfig (--routing.*) is one setting group shared by `introvert evaluate` and `upcycle serve`; serving may not
+# import a method, so its home is serving/config.py and it is re-exported here.
 
 
 @dataclass
@@ -118,39 +122,3 @@ class EvalConfig:
                 raise UserError(f"--eval.{name} must be >= 1, got {getattr(self, name)}")
         if self.best_expert_max_k < 0:
             raise UserError(f"--eval.best_expert_max_k must be >= 0, got {self.best_expert_max_k}")
-
-
-OUT_OF_DOMAIN = ("base", "mixture")
-
-
-@dataclass
-class RoutingConfig:
-    """How a run routes a whole request: MoIN's nearest expert, c-BTM's top-k mixture, and the out-of-domain guard.
-
-    Distances are squared: for the cosine metric they lie in [0, 4] (see `upcycle.introvert.router`).
-    """
-
-    top_k: int = 1
-    """Experts mixed per request (1: MoIN's single nearest expert; k > 1: c-BTM's mixture of the k nearest)."""
-    temperature: float = 0.1
-    """Mixture weights are softmax(-d² / temperature) over the k nearest centroids."""
-    guard_percentile: float | None = 99.0
-    """The guard's threshold is this percentile of the validation documents' distances to their nearest centroid
-    (calibrated on validation, never on test). None turns the guard off."""
-    guard_threshold: float | None = None
-    """A fixed threshold on the squared distance instead of the calibrated one (cosine: within [0, 4])."""
-    out_of_domain: str = "base"
-    """Where a request beyond the threshold goes: 'base' (the model without adapters) or 'mixture' (top-k mixture,
-    with k = max(top_k, 2))."""
-
-    def __post_init__(self) -> None:
-        if self.top_k < 1:
-            raise UserError(f"--routing.top_k must be >= 1, got {self.top_k}")
-        if not self.temperature > 0:
-            raise UserError(f"--routing.temperature must be > 0, got {self.temperature}")
-        if self.guard_percentile is not None and not 0 < self.guard_percentile <= 100:
-            raise UserError(f"--routing.guard_percentile must be in (0, 100], got {self.guard_percentile}")
-        if self.guard_threshold is not None and not self.guard_threshold >= 0:
-            raise UserError(f"--routing.guard_threshold must be >= 0, got {self.guard_threshold}")
-        if self.out_of_domain not in OUT_OF_DOMAIN:
-            raise UserError(f"--routing.out_of_domain {self.out_of_domain}: choose one of {', '.join(OUT_OF_DOMAIN)}")

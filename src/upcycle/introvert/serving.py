@@ -2,6 +2,8 @@
 
 `served_run` is the one adapter between the run directory and the method-agnostic serving stack
 (`upcycle.serving.source.ServedModel`); `upcycle serve RUN` finds it through `serving.source.DEFAULT_SOURCE`.
+Its router is the run's `EmbeddingRouter`, whose `decide` (top-k mixture, out-of-domain guard under the
+`--routing.*` settings) answers serving's `MixingRouter` protocol: a `Route` has a `RouteDecision`'s fields.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from upcycle.introvert.config import RoutingConfig
 from upcycle.introvert.run import Run, expert_id
 from upcycle.serving.source import ServedModel
 
@@ -18,16 +21,16 @@ if TYPE_CHECKING:
     from upcycle.serving.engine import Engine
 
 
-def served_run(run: Run | str | Path, router: bool = True) -> ServedModel:
+def served_run(run: Run | str | Path, router: bool = True, routing: RoutingConfig | None = None) -> ServedModel:
     """The run's base, {expert id: adapter dir} of its trained experts, and (when `router` and the run has
-    centroids) its sequence router for model "auto"."""
+    centroids) its sequence router for model "auto", deciding under `routing` (None: the nearest expert, no guard)."""
     from upcycle.introvert.router import load_sequence_router
 
     run = Run.of(run)
     routes = router and (run.clusters_dir / "centroids.npy").is_file()
     return ServedModel(base=run.base, experts={e: run.expert_dir(e) for e in run.expert_ids()},
-                       router=load_sequence_router(run) if routes else None, experts_dir=run.experts_dir,
-                       root=run.path)
+                       router=load_sequence_router(run, routing) if routes else None,
+                       experts_dir=run.experts_dir, root=run.path)
 
 
 def engine_for_run(run: Run | str | Path, config: EngineConfig | None = None) -> Engine:

@@ -3,9 +3,10 @@
 Serving knows no method: a method hands it a `ServedModel` (base, {expert name: adapter dir}, optional router);
 introvert runs do so through `upcycle.introvert.serving.served_run`. Reading order:
 ```
-config.py       CacheConfig, EngineConfig, ServerConfig: the typed settings (`upcycle serve --engine.* --server.*`)
+config.py       CacheConfig, EngineConfig, ServerConfig, RoutingConfig: the typed settings (`upcycle serve
+                --engine.* --server.* --routing.*`)
 source.py       ServedModel: what a method hands the server; `open_source` finds the factory for a directory
-router.py       the ExpertRouter protocol that model "auto" uses
+router.py       the ExpertRouter protocol that model "auto" uses; RouteDecision (top-k mixture, out-of-domain)
 adapters.py     read a PEFT LoRA dir into tensors (refusing what cannot be served)
 cache.py        three tiers: active slots in the model / CPU LRU / disk, with pinning, prefetch, eviction hooks
 kv_cache.py     fixed-capacity per-row KV cache for continuous batching

@@ -11,7 +11,7 @@ import socket
 from dataclasses import replace
 
 from upcycle.errors import UserError
-from upcycle.serving.config import EngineConfig, ServerConfig
+from upcycle.serving.config import EngineConfig, RoutingConfig, ServerConfig
 
 log = logging.getLogger(__name__)
 SERVE_MODULES = ("fastapi", "uvicorn", "prometheus_client")
@@ -72,11 +72,13 @@ def check_serve_flags(port: int, log_level: str, engine: EngineConfig, server: S
 
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, router: str | None = None, watch: bool = False,
-          log_level: str = "info", engine: EngineConfig = EngineConfig(), server: ServerConfig = ServerConfig()
-          ) -> None:
+          log_level: str = "info", engine: EngineConfig = EngineConfig(), server: ServerConfig = ServerConfig(),
+          routing: RoutingConfig = RoutingConfig()) -> None:
     """Serve a run's base model and all its introvert experts behind one OpenAI-compatible endpoint.
 
     Clients use model "base", "auto" (routed by content; needs --router) or an expert id such as expert-00003.
+    With "auto" a request may send `top_k` to mix the k nearest experts; the answer's x-upcycle-expert header lists
+    the experts used ("base" when the out-of-domain guard sent it there).
 
     Args:
         run: Run directory (its run.json names the base model; experts/ holds the PEFT adapters).
@@ -89,6 +91,9 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, router: str | Non
         engine: The batching engine: batch, queue, context, adapter slots and cache, dtype, device, threads.
         server: The HTTP side. api_key and admin_key default to $UPCYCLE_API_KEY and $UPCYCLE_ADMIN_KEY;
             adapter_roots to the run directory; local_only is set from --host.
+        routing: How model "auto" decides with the run's own router: the default top_k, the mixture temperature,
+            and the out-of-domain guard (calibrated on the run's validation documents) with where it sends a
+            request beyond it. Ignored with --router.
     """
     require_serve_extra()
     server = replace(server, api_key=server.api_key or os.environ.get("UPCYCLE_API_KEY") or None,
@@ -105,7 +110,7 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, router: str | Non
     if server.api_key is None and not local:
         raise UserError(f"binding to {host} exposes the server beyond this machine: pass --server.api_key (or set "
                         "UPCYCLE_API_KEY), or bind to 127.0.0.1")
-    served = open_source(run, router=router is None)  # an introvert run routes with its own centroids
+    served = open_source(run, router=router is None, routing=routing)  # an introvert run: its own centroids
     batching = Engine.from_pretrained(served.base, served.experts, engine)
     root = str(served.root or run)
     server = replace(server, local_only=local, adapter_roots=tuple(server.adapter_roots or [root]),

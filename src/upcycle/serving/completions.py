@@ -3,9 +3,12 @@
 A request goes: encode the prompt (off the event loop) -> `resolve` the expert its `model` names -> `sampling`
 parameters per prompt -> `submit` to the engine -> `respond` with one JSON body or a stream of server-sent events.
 
-`model` picks the adapter: "base" uses none, "auto" asks the `ExpertRouter` (whole request text, one expert), an
-expert name forces that expert. Every answer names the expert that produced it: header `x-upcycle-expert` and the
-body field `expert` ("base" when none).
+`model` picks the adapter: "base" uses none, "auto" asks the `ExpertRouter` (whole request text), an expert name
+forces that expert. With "auto" the request field `top_k` (default: the server's --routing.top_k, 1) mixes the k
+nearest experts when the router can (`MixingRouter`), and the router's out-of-domain guard may send the request to the
+base model or a mixture. Every answer says where it went: header `x-upcycle-expert` and body field `expert` (the
+experts comma-separated, or "base"), headers `x-upcycle-in-domain` and `x-upcycle-confidence` (when the router gives
+one), and body fields `experts`, `weights`, `in_domain` and `confidence`.
 """
 
 from __future__ import annotations
@@ -44,12 +47,14 @@ from upcycle.serving.protocol import (
     stream_chunk,
     usage,
 )
-from upcycle.serving.router import AUTO, BASE, ExpertRouter
+from upcycle.serving.router import AUTO, BASE, ExpertRouter, RouteDecision, route_requests
 from upcycle.serving.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
 EXPERT_HEADER = "x-upcycle-expert"
+IN_DOMAIN_HEADER = "x-upcycle-in-domain"
+CONFIDENCE_HEADER = "x-upcycle-confidence"
 Body = CompletionRequest | ChatCompletionRequest
 
 
@@ -86,20 +91,24 @@ class Completions:
             return model_card(model_id, "expert")
         raise UnknownModel(f"the model '{model_id}' does not exist", param="model")
 
-    async def resolve(self, model: str, text: str) -> str | None:
-        """The expert answering `model` for this text (None: base)."""
+    async def resolve(self, model: str, text: str, top_k: int | None = None) -> RouteDecision:
+        """Where `model` sends this text: no expert (base), one, or (model "auto") the router's decision."""
+        if model != AUTO and top_k not in (None, 1):
+            raise InvalidRequest(f"top_k applies to model 'auto' only; model '{model}' is a single model, so leave "
+                                 "top_k out or send model 'auto'", param="top_k")
         if model == BASE:
-            return None
+            return RouteDecision(())
         if model == AUTO:
             if self.router is None:
                 raise UnknownModel("model 'auto' needs a router and this server was started without one",
                                    param="model")
-            [expert] = await asyncio.to_thread(self.router.route, [text])
-            if not self.is_served(expert):
-                raise _routed_to_removed(expert)
-            return expert
+            [decision] = await asyncio.to_thread(route_requests, self.router, [text], top_k)
+            for expert in decision.experts:
+                if not self.is_served(expert):
+                    raise _routed_to_removed(expert)
+            return decision
         if self.is_served(model):
-            return model
+            return RouteDecision((model,), (1.0,))
         raise UnknownModel(f"the model '{model}' does not exist", param="model")
 
     # -- the two endpoints --------------------------------------------------------------------------------------------
@@ -135,11 +144,11 @@ class Completions:
 
     async def run(self, http: Request, body: Body, prompts: list[list[int]], route_text: str, extra_stop: list[str],
                   chat: bool):
-        """Resolve the expert, queue every prompt, and answer (all prompts share the expert and the deadline)."""
+        """Resolve the experts, queue every prompt, and answer (all prompts share the experts and the deadline)."""
         if http.app.state.draining:
             raise Overloaded("the server is shutting down")
-        expert = await self.resolve(body.model, route_text)
-        if expert is not None and self.on_expert is not None:
+        decision = await self.resolve(body.model, route_text, body.top_k)
+        for expert in decision.experts if self.on_expert is not None else ():
             await self.on_expert(expert)
         max_tokens = body.token_limit() if chat else body.max_tokens
         params = [self.sampling(body, max_tokens, len(p), extra_stop) for p in prompts]
@@ -147,10 +156,10 @@ class Completions:
         clients: list[_Client] = []
         try:
             for ids, p in zip(prompts, params, strict=True):
-                clients.append(self.submit(ids, expert, p, body.model))
+                clients.append(self.submit(ids, decision, p, body.model))
             meta = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}", "created": now(),
-                    "model": body.model, "expert": expert or BASE}
-            headers = {EXPERT_HEADER: expert or BASE}
+                    "model": body.model, **_routing_fields(decision)}
+            headers = _routing_headers(decision)
             if body.stream:
                 response = await _stream(http, clients[0], deadline, meta, chat, body, headers)
                 clients = []  # the stream owns the request now
@@ -161,14 +170,16 @@ class Completions:
             for client in clients:
                 client.cancel()
 
-    def submit(self, ids: list[int], expert: str | None, params: SamplingParams, model: str) -> _Client:
+    def submit(self, ids: list[int], decision: RouteDecision, params: SamplingParams, model: str) -> _Client:
         """Queue one prompt; its events arrive in the returned client's queue."""
         client = _Client(asyncio.get_running_loop())
         try:
-            client.request = self.engine.submit(ids, expert, params, client.sink)
+            client.request = self.engine.submit(ids, decision.experts or None, params, client.sink,
+                                                decision.weights or None)
         except UnknownModel:
-            if model == AUTO and expert is not None:  # removed between routing and queueing
-                raise _routed_to_removed(expert) from None
+            removed = [e for e in decision.experts if not self.is_served(e)]
+            if model == AUTO and removed:  # removed between routing and queueing
+                raise _routed_to_removed(removed[0]) from None
             raise
         return client
 
@@ -213,6 +224,21 @@ def _encode_chat(engine: Engine, messages: list[dict[str, str]]) -> tuple[list[i
     # a chat template writes its own BOS and role markers; the fallback text gets the usual special tokens
     ids = engine.tokenizer(prompt, add_special_tokens=not templated)["input_ids"]
     return ids, extra_stop, "\n".join(m["content"] for m in messages)  # the words, not the template's scaffolding
+
+
+def _routing_fields(decision: RouteDecision) -> dict[str, Any]:
+    """The body's fields saying where the request went (beside the OpenAI ones)."""
+    return {"expert": decision.label, "experts": list(decision.experts),
+            "weights": list(decision.mixture_weights),
+            "in_domain": decision.in_domain, "confidence": decision.confidence}
+
+
+def _routing_headers(decision: RouteDecision) -> dict[str, str]:
+    """The response headers saying where the request went."""
+    headers = {EXPERT_HEADER: decision.label, IN_DOMAIN_HEADER: "true" if decision.in_domain else "false"}
+    if decision.confidence is not None:
+        headers[CONFIDENCE_HEADER] = f"{decision.confidence:.4f}"
+    return headers
 
 
 def _routed_to_removed(expert: str) -> ExpertUnavailable:

@@ -1,7 +1,8 @@
 """Typed settings of the server: the adapter cache, the batching engine and the HTTP side (importable without torch).
 
-`upcycle serve` takes them as the groups --engine.* (with --engine.cache.*) and --server.*; a bad value is refused
-with the flag's name when the command line is parsed, before any model is loaded.
+`upcycle serve` takes them as the groups --engine.* (with --engine.cache.*), --server.* and --routing.* (also what
+`upcycle introvert evaluate` routes with); a bad value is refused with the flag's name when the command line is
+parsed, before any model is loaded.
 """
 
 from __future__ import annotations
@@ -131,3 +132,40 @@ class ServerConfig:
         if self.admin_key is not None and self.admin_key == self.api_key:
             raise UserError("--server.admin_key must differ from --server.api_key: inference clients must not manage "
                             "experts")
+
+
+OUT_OF_DOMAIN = ("base", "mixture")
+
+
+@dataclass
+class RoutingConfig:
+    """How model "auto" routes a whole request: MoIN's nearest expert, c-BTM's top-k mixture, and the out-of-domain
+    guard (the method's router applies them: for introvert runs `upcycle.introvert.router.EmbeddingRouter.decide`).
+
+    Distances are squared: for the cosine metric they lie in [0, 4]. A request's `top_k` field overrides `top_k`.
+    """
+
+    top_k: int = 1
+    """Experts mixed per request (1: MoIN's single nearest expert; k > 1: c-BTM's mixture of the k nearest)."""
+    temperature: float = 0.1
+    """Mixture weights are softmax(-d² / temperature) over the k nearest centroids."""
+    guard_percentile: float | None = 99.0
+    """The guard's threshold is this percentile of the validation documents' distances to their nearest centroid
+    (calibrated on validation, never on test). None turns the guard off."""
+    guard_threshold: float | None = None
+    """A fixed threshold on the squared distance instead of the calibrated one (cosine: within [0, 4])."""
+    out_of_domain: str = "base"
+    """Where a request beyond the threshold goes: 'base' (the model without adapters) or 'mixture' (top-k mixture,
+    with k = max(top_k, 2))."""
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1:
+            raise UserError(f"--routing.top_k must be >= 1, got {self.top_k}")
+        if not self.temperature > 0:
+            raise UserError(f"--routing.temperature must be > 0, got {self.temperature}")
+        if self.guard_percentile is not None and not 0 < self.guard_percentile <= 100:
+            raise UserError(f"--routing.guard_percentile must be in (0, 100], got {self.guard_percentile}")
+        if self.guard_threshold is not None and not self.guard_threshold >= 0:
+            raise UserError(f"--routing.guard_threshold must be >= 0, got {self.guard_threshold}")
+        if self.out_of_domain not in OUT_OF_DOMAIN:
+            raise UserError(f"--routing.out_of_domain {self.out_of_domain}: choose one of {', '.join(OUT_OF_DOMAIN)}")

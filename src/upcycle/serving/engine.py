@@ -6,6 +6,12 @@ from disk waits while others run, its prefetch started at submit), (4) runs one 
 chunk of their prompt and the others decode one token, each row through its own adapter (`MultiLoRA.select`), and
 (5) samples, streams text, and retires finished rows. Keys and values live in a fixed `SlotKVCache`.
 
+A request may mix k experts (c-BTM top-k): it then runs as a group of k rows of the same forward, one per expert's
+adapter, over the same tokens. Each step the group samples one token from the weighted mixture of its rows'
+next-token distributions (`sampling.mixture_scores`) and feeds that token to all k rows. The group is one `Request`:
+it is admitted only when k rows and all k adapters are available (never half), and cancellation, timeout, expert
+removal and errors retire all of its rows together. A request's rows are contiguous in the KV cache.
+
 Requests talk back through a `sink` callable, called on the engine thread with `Delta`, `Finished` or `Failed`.
 """
 
@@ -15,12 +21,13 @@ import contextlib
 import inspect
 import itertools
 import logging
+import math
 import queue
 import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
@@ -45,7 +52,7 @@ from upcycle.serving.errors import (
     UnknownModel,
 )
 from upcycle.serving.kv_cache import SlotKVCache
-from upcycle.serving.sampling import SamplingParams, TextStream, sample_tokens
+from upcycle.serving.sampling import SamplingParams, TextStream, mixture_scores, sample_tokens
 from upcycle.serving.stats import Counters, LatencyStats
 
 log = logging.getLogger(__name__)
@@ -89,6 +96,7 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     expert: str | None
+    """The expert, the comma-separated experts of a mixture, or None (the base model)."""
 
 
 class Request:
@@ -96,19 +104,31 @@ class Request:
 
     _ids = itertools.count()
 
-    def __init__(self, prompt_ids: list[int], expert: str | None, params: SamplingParams, sink: Sink,
-                 stream: TextStream, deadline: float | None, wake: Callable[[], None]) -> None:
+    def __init__(self, prompt_ids: list[int], experts: tuple[str, ...], weights: tuple[float, ...],
+                 params: SamplingParams, sink: Sink, stream: TextStream, deadline: float | None,
+                 wake: Callable[[], None]) -> None:
         self.id = f"cmpl-{uuid.uuid4().hex[:24]}"
         self.order = next(self._ids)
-        self.prompt_ids, self.expert, self.params, self.sink = prompt_ids, expert, params, sink
+        self.prompt_ids, self.params, self.sink = prompt_ids, params, sink
+        self.experts, self.weights = experts, weights  # () : the base model; k > 1: a mixture of k rows
         self.stream, self.deadline, self._wake = stream, deadline, wake
         self.created = time.monotonic()
         self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         self.cancelled = False
-        self.slot = -1  # adapter slot while running (-1: base model)
+        self.slots = [-1] * self.width  # adapter slot of each row while running (-1: base model)
         self.prefilled = 0  # prompt tokens already in the KV cache
         self.generated: list[int] = []
         self.first_token_at: float | None = None
+
+    @property
+    def width(self) -> int:
+        """Batch rows this request occupies: one per expert mixed (one for the base model)."""
+        return max(1, len(self.experts))
+
+    @property
+    def expert(self) -> str | None:
+        """The expert, the comma-separated experts of a mixture, or None (the base model)."""
+        return ",".join(self.experts) or None
 
     def cancel(self) -> None:
         """Stop generating (the client went away); frees the row at the next step."""
@@ -243,13 +263,17 @@ class Engine:
         """Token ids of a prompt (with the tokenizer's special tokens, e.g. BOS)."""
         return self.tokenizer(text, add_special_tokens=True)["input_ids"]
 
-    def submit(self, prompt_ids: list[int], expert: str | None = None, params: SamplingParams | None = None,
-               sink: Sink | None = None) -> Request:
-        """Queue a generation for `expert` (None: the base model). Raises a ServingError if it cannot be taken."""
+    def submit(self, prompt_ids: list[int], expert: str | Sequence[str] | None = None,
+               params: SamplingParams | None = None, sink: Sink | None = None,
+               weights: Sequence[float] | None = None) -> Request:
+        """Queue a generation for `expert` (None: the base model; a sequence of k names: their mixture with
+        `weights`, uniform when None). Raises a ServingError if it cannot be taken."""
         if not self._accepting:
             raise self._not_accepting()
-        if expert is not None and (self.cache is None or not self.cache.is_registered(expert)):
-            raise UnknownModel(f"the model '{expert}' does not exist", param="model")
+        experts, weights = self._members(expert, weights)
+        for name in experts:
+            if self.cache is None or not self.cache.is_registered(name):
+                raise UnknownModel(f"the model '{name}' does not exist", param="model")
         if not prompt_ids:
             if self.tokenizer.bos_token_id is None:
                 raise InvalidRequest("the prompt is empty", param="prompt")
@@ -262,7 +286,7 @@ class Engine:
                 f"this server's maximum context length is {self.max_seq_len} tokens; the request has "
                 f"{len(prompt_ids)} prompt tokens and asks for {params.max_tokens} more", param="max_tokens")
         deadline = None if self.config.request_timeout_s is None else time.monotonic() + self.config.request_timeout_s
-        request = Request(list(prompt_ids), expert, params, sink or (lambda event: None),
+        request = Request(list(prompt_ids), experts, weights, params, sink or (lambda event: None),
                           TextStream(self.tokenizer, params.stop), deadline, self._wake)
         with self._lock:
             if not self._accepting:  # checked again under the lock: stop() and _die() empty the inbox under it
@@ -271,10 +295,26 @@ class Engine:
                 raise QueueFull(f"{self._queued} requests are already waiting; retry later")
             self._queued += 1
             self._inbox.append(request)
-        if expert is not None:
-            self.cache.prefetch(expert)  # disk -> CPU while it queues
+        for name in experts:
+            self.cache.prefetch(name)  # disk -> CPU while it queues
         self._wake()
         return request
+
+    def _members(self, expert: str | Sequence[str] | None, weights: Sequence[float] | None
+                 ) -> tuple[tuple[str, ...], tuple[float, ...]]:
+        """(experts, weights summing to 1) of a submitted request; InvalidRequest for a mixture it cannot run."""
+        experts = () if expert is None else (expert,) if isinstance(expert, str) else tuple(expert)
+        if weights is None:
+            weights = [1.0] * len(experts)
+        if len(weights) != len(experts):
+            raise InvalidRequest(f"{len(experts)} experts but {len(weights)} mixture weights", param="top_k")
+        if not all(math.isfinite(w) and w >= 0 for w in weights) or (experts and not sum(weights) > 0):
+            raise InvalidRequest("mixture weights must be finite, non-negative and not all zero", param="top_k")
+        if len(experts) > self.config.max_batch:
+            raise InvalidRequest(f"a mixture of {len(experts)} experts runs as {len(experts)} batch rows, and this "
+                                 f"server has {self.config.max_batch} (--engine.max_batch)", param="top_k")
+        total = sum(weights)
+        return experts, tuple(w / total for w in weights)
 
     def check_token_ids(self, prompt_ids: list[int]) -> None:
         """400 for ids the embedding cannot look up: caught here, they would fail the forward of a whole batch."""
@@ -312,7 +352,10 @@ class Engine:
         return True
 
     def _forward_and_sample(self) -> None:
-        """One forward over every running row, then sampling; a row whose part fails is retired with the error."""
+        """One forward over every running row, then sampling; a request whose part fails is retired with the error.
+
+        (`rows` here are running requests: a mixture's request spans several batch rows, see `_forward`.)
+        """
         rows = self.running
         inputs = [r.next_input(self.config.prefill_chunk) for r in rows]
         logits, failed = _per_row(list(range(len(rows))), lambda idx: self._forward(inputs, idx))
@@ -321,7 +364,7 @@ class Engine:
                 request.prefilled += len(inputs[row])
         ready = [row for row in logits if rows[row].prefilled >= len(rows[row].prompt_ids)]  # rows that sample now
         tokens, failed_sampling = _per_row(ready, lambda idx: sample_tokens(
-            torch.stack([logits[row] for row in idx]), [rows[row].params for row in idx],
+            _stack([_next_token_scores(rows[row], logits[row]) for row in idx]), [rows[row].params for row in idx],
             [rows[row].generator for row in idx]))
         failed |= failed_sampling
         self.stats.record_tokens(len(tokens))
@@ -342,22 +385,35 @@ class Engine:
             else:
                 self._retire(row, reason=end)
 
-    def _forward(self, inputs: list[list[int]], rows: list[int]) -> list[torch.Tensor]:
-        """Logits [V] of the last new position of each of `rows` (all running rows, or a single one alone)."""
-        # Legend: n rows, T tokens this step (longest prefill chunk, 1 when all decode), V vocab, D hidden.
-        counts = [len(inputs[row]) for row in rows]
-        ids = torch.full((len(rows), max(counts)), self.pad_id, dtype=torch.long)  # [n, T], right-padded
-        for i, row in enumerate(rows):
-            ids[i, : counts[i]] = torch.tensor(inputs[row])
+    def _forward(self, inputs: list[list[int]], requests: list[int]) -> list[torch.Tensor]:
+        """Logits [k, V] of the last new position of each of `requests` (indices into `running`: all of them, or a
+        single one alone), one row per expert it mixes (k = 1 for a single expert or the base)."""
+        # Legend: n batch rows (sum of the requests' k), T tokens this step (longest prefill chunk, 1 when all
+        # decode), V vocab, D hidden. A request's k rows feed the same tokens, each through its own adapter.
+        members = [(i, slot) for i in requests for slot in self.running[i].slots]
+        counts = [len(inputs[i]) for i, _ in members]
+        ids = torch.full((len(members), max(counts)), self.pad_id, dtype=torch.long)  # [n, T], right-padded
+        for row, (i, _) in enumerate(members):
+            ids[row, : counts[row]] = torch.tensor(inputs[i])
         device = self.kv.keys[0].device
-        position_ids, mask = self.kv.plan(counts, first=rows[0])  # rows are contiguous: all of them, or one
-        with torch.inference_mode(), self._select([self.running[row].slot for row in rows]):
+        first = self._first_row(requests[0])  # rows are contiguous: all requests, or one request's group
+        position_ids, mask = self.kv.plan(counts, first=first)
+        with torch.inference_mode(), self._select([slot for _, slot in members]):
             hidden = self.decoder(input_ids=ids.to(device), attention_mask=mask, position_ids=position_ids,
                                   use_cache=True, **{self._cache_kwarg: self.kv}).last_hidden_state  # [n, T, D]
-            last = hidden[torch.arange(len(rows), device=device), torch.tensor(counts, device=device) - 1]  # [n, D]
+            last = hidden[torch.arange(len(members), device=device), torch.tensor(counts, device=device) - 1]  # [n, D]
             logits = self.lm_head(last).float()  # [n, V]: the head runs on one position per row only
         self.kv.commit()
-        return list(logits)
+        return list(logits.split([self.running[i].width for i in requests]))  # [k, V] per request
+
+    def _first_row(self, index: int) -> int:
+        """The batch (KV cache) row where running request `index`'s rows begin."""
+        return sum(request.width for request in self.running[:index])
+
+    @property
+    def rows_in_use(self) -> int:
+        """Batch rows the running requests occupy (a mixture of k experts takes k)."""
+        return sum(request.width for request in self.running)
 
     def _accept_token(self, request: Request, token: int) -> str | None:
         """Record one sampled token and stream its text; returns a finish reason or None."""
@@ -393,9 +449,10 @@ class Engine:
             removed = set(self._removed)
             self._removed.clear()
         if removed:
-            for request in [r for r in self.waiting if r.expert in removed]:
+            for request in [r for r in self.waiting if removed.intersection(r.experts)]:
+                gone = sorted(removed.intersection(request.experts))[0]
                 self._fail_waiting(request, ExpertRemoved(
-                    f"expert '{request.expert}' was removed from this server while the request waited"))
+                    f"expert '{gone}' was removed from this server while the request waited"))
 
     def _drop_dead(self) -> None:
         now = time.monotonic()
@@ -414,29 +471,42 @@ class Engine:
 
     def _admit(self) -> None:
         for request in list(self.waiting):
-            if len(self.running) >= self.config.max_batch:
-                return
-            if request.expert is not None:
-                if not self.cache.is_resident(request.expert) and self.running:
-                    # Its adapter is still coming from disk: let the running rows decode meanwhile.
-                    future = self.cache.prefetch(request.expert)
-                    if future is not None and not future.done():
-                        continue
-                try:
-                    request.slot = self.cache.acquire(request.expert)
-                except ServingError as error:
-                    self._fail_waiting(request, error)
-                    continue
-                except Exception as error:  # a cache bug must fail this request, not the scheduler thread
-                    log.exception("acquiring %s failed", request.expert)
-                    self._fail_waiting(request, _internal_error(error))
-                    continue
+            if self.rows_in_use + request.width > self.config.max_batch:
+                return  # first come, first served: a mixture waiting for k rows is not overtaken by single rows
+            if self.running and any(self._still_loading(expert) for expert in request.experts):
+                continue  # an adapter is still coming from disk: let the running rows decode meanwhile
+            if not self._acquire_slots(request):
+                continue
             self.waiting.remove(request)
             with self._lock:
                 self._queued -= 1
-            self.kv.reset_row(len(self.running))
+            first = self.rows_in_use
+            for row in range(first, first + request.width):
+                self.kv.reset_row(row)
             self.running.append(request)
             self.stats.tokens.add("prompt", len(request.prompt_ids))
+
+    def _still_loading(self, expert: str) -> bool:
+        if self.cache.is_resident(expert):
+            return False
+        future = self.cache.prefetch(expert)
+        return future is not None and not future.done()
+
+    def _acquire_slots(self, request: Request) -> bool:
+        """Give `request` the slot of each of its experts, all or none (on failure it is failed, and False)."""
+        slots: list[int] = []
+        try:
+            for expert in request.experts:
+                slots.append(self.cache.acquire(expert))
+        except Exception as error:  # ServingError: that request's fault; anything else is a cache bug
+            for slot in slots:
+                self.cache.release(slot)
+            if not isinstance(error, ServingError):  # a cache bug must fail this request, not the scheduler thread
+                log.exception("acquiring %s failed", request.expert)
+            self._fail_waiting(request, _internal_error(error))
+            return False
+        request.slots = slots or [-1]
+        return True
 
     def _fail_waiting(self, request: Request, error: ServingError) -> None:
         self.waiting.remove(request)
@@ -445,21 +515,34 @@ class Engine:
         self._finish(request, failure=error)
 
     def _retire(self, row: int, reason: str | None = None, failure: ServingError | None = None) -> None:
-        """Take running row `row` out (the last row moves into its place) and tell its client."""
+        """Take running request `row` out, all of its batch rows, and tell its client."""
         request = self.running[row]
-        last = len(self.running) - 1
-        if row != last:
-            self.kv.move_row(last, row)
-            self.running[row] = self.running[last]
-        self.running.pop()
-        if request.slot >= 0:
-            self.cache.release(request.slot)
-            request.slot = -1
+        self._close_gap(row)
+        for slot in request.slots:
+            if slot >= 0:
+                self.cache.release(slot)
+        request.slots = [-1] * request.width
         if failure is None:
             tail = request.stream.finish()
             if tail:
                 self._emit(request, Delta(tail, []))
         self._finish(request, reason=reason, failure=failure)
+
+    def _close_gap(self, index: int) -> None:
+        """Remove running request `index` and keep the KV rows contiguous: the last request moves into its rows
+        when it is as wide (one group of row copies, as with single rows), else every later row shifts down."""
+        start, width = self._first_row(index), self.running[index].width
+        last = len(self.running) - 1
+        if index != last and self.running[last].width == width:
+            source = self._first_row(last)
+            for offset in range(width):
+                self.kv.move_row(source + offset, start + offset)
+            self.running[index] = self.running.pop()
+            return
+        end = self.rows_in_use
+        for row in range(start + width, end):
+            self.kv.move_row(row, row - width)
+        self.running.pop(index)
 
     def _finish(self, request: Request, reason: str | None = None, failure: ServingError | None = None) -> None:
         if failure is not None:
@@ -584,12 +667,13 @@ class Engine:
             self.cache.close()
 
     # -- convenience ------------------------------------------------------------------------------------------------
-    def generate(self, prompt: str | list[int], expert: str | None = None, params: SamplingParams | None = None,
-                 timeout: float | None = 120.0) -> Completion:
+    def generate(self, prompt: str | list[int], expert: str | Sequence[str] | None = None,
+                 params: SamplingParams | None = None, timeout: float | None = 120.0,
+                 weights: Sequence[float] | None = None) -> Completion:
         """Blocking single generation (the engine thread must be running). Raises the request's ServingError."""
         events: queue.Queue[Event] = queue.Queue()
         ids = self.encode(prompt) if isinstance(prompt, str) else prompt
-        request = self.submit(ids, expert, params, events.put)
+        request = self.submit(ids, expert, params, events.put, weights)
         text = []
         while True:
             event = events.get(timeout=timeout)
@@ -598,7 +682,8 @@ class Engine:
             elif isinstance(event, Failed):
                 raise event.error
             else:
-                return Completion("".join(text), request.generated, event.reason, event.prompt_tokens, expert)
+                return Completion("".join(text), request.generated, event.reason, event.prompt_tokens,
+                                  request.expert)
 
 
 MAX_FAILED_STEPS = 3
@@ -627,6 +712,20 @@ def _per_row(rows: list[int], batched: Callable[[list[int]], list[T]]) -> tuple[
         except Exception as error:
             failures[row] = error
     return results, failures
+
+
+def _next_token_scores(request: Request, logits: torch.Tensor) -> torch.Tensor:
+    """What `request` samples its next token from: its row's logits [V], or for a mixture of k rows ([k, V]) the
+    log of the weighted mixture of their distributions (float64)."""
+    if request.width == 1:
+        return logits[0]
+    return mixture_scores(logits, torch.tensor(request.weights, dtype=torch.float64, device=logits.device))
+
+
+def _stack(scores: list[torch.Tensor]) -> torch.Tensor:
+    """[n, V] of n requests' scores; float64 when a mixture is among them (its log-probabilities stay exact)."""
+    dtype = torch.float64 if any(s.dtype == torch.float64 for s in scores) else scores[0].dtype
+    return torch.stack([s.to(dtype) for s in scores])
 
 
 def _internal_error(error: Exception) -> ServingError:

@@ -71,6 +71,7 @@ class _Sampling(BaseModel):
     n: int = 1
     user: str | None = None
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks, load tests)
+    top_k: int | None = Field(default=None, ge=1)  # ours: experts mixed by model "auto" (None: the server's default)
 
     def stop_list(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -1,4 +1,11 @@
-"""Choosing the next token (greedy, temperature, top-p) and turning tokens into streamed text with stop strings."""
+"""Choosing the next token (greedy, temperature, top-p) and turning tokens into streamed text with stop strings.
+
+A request mixing k experts (c-BTM) samples from one distribution: `mixture_scores` turns the k rows' logits into the
+log of the mixture, log Σ_i w_i softmax(logits_i), which then goes through the same temperature / top-p / greedy
+path as a single row's logits. So the temperature applies to the mixture, not to each expert: the sampled
+distribution is p^(1/T) / Σ p^(1/T) with p the mixture (T = 1: p itself; greedy: argmax of p). With one expert this is
+softmax(logits / T), exactly what a single row samples.
+"""
 
 from __future__ import annotations
 
@@ -47,12 +54,20 @@ class SamplingParams:
 
 def sample_tokens(logits: torch.Tensor, params: Sequence[SamplingParams],
                   generators: Sequence[torch.Generator | None]) -> list[int]:
-    """One token per row of `logits` [n, V] following that row's params (greedy rows share one argmax)."""
+    """One token per row of `logits` [n, V] (or mixture log-probabilities) following that row's params (greedy rows
+    share one argmax)."""
     chosen = logits.argmax(dim=-1).tolist()
     for row, p in enumerate(params):
         if not p.greedy:
-            chosen[row] = _sample_row(logits[row].float(), p, generators[row])
+            chosen[row] = _sample_row(logits[row], p, generators[row])
     return chosen
+
+
+def mixture_scores(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities [V] (float64) of the mixture Σ_i weights[i] · softmax(logits[i]) of k rows' logits [k, V]
+    with weights [k] summing to 1; sampling them as logits samples the mixture (see the module docstring)."""
+    log_probs = torch.log_softmax(logits.double(), dim=-1)  # [k, V]
+    return torch.logsumexp(log_probs + weights.double().log()[:, None], dim=0)  # [V]: mixed in probability space
 
 
 def _sample_row(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

@@ -34,7 +34,15 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from upcycle.serving.admin import admin_routes
-from upcycle.serving.completions import AUTO, BASE, EXPERT_HEADER, Completions, completion_routes
+from upcycle.serving.completions import (
+    AUTO,
+    BASE,
+    CONFIDENCE_HEADER,
+    EXPERT_HEADER,
+    IN_DOMAIN_HEADER,
+    Completions,
+    completion_routes,
+)
 from upcycle.serving.config import ServerConfig
 from upcycle.serving.engine import Engine
 from upcycle.serving.errors import BodyTooLarge, InvalidRequest, NotFound, ServingError, Unauthorized
@@ -44,7 +52,8 @@ from upcycle.serving.router import ExpertRouter
 from upcycle.serving.watch import ExpertDirectoryWatcher
 
 log = logging.getLogger(__name__)
-__all__ = ["AUTO", "BASE", "EXPERT_HEADER", "ServerConfig", "admin_check", "create_app", "make_server"]
+__all__ = ["AUTO", "BASE", "CONFIDENCE_HEADER", "EXPERT_HEADER", "IN_DOMAIN_HEADER", "ServerConfig", "admin_check",
+           "create_app", "make_server"]
 
 
 class _HttpMetrics:

@@ -1,8 +1,9 @@
 """What a method hands the server: a base model, a table of named LoRA adapters, and optionally a router.
 
 Serving knows no method. A method makes its trained experts servable with one factory `f(path, router=True) ->
-ServedModel`; `upcycle serve RUN` calls `DEFAULT_SOURCE` (introvert runs), and the engine, the server, the Ray Serve
-deployment and the vLLM command all start from the `ServedModel` it returns.
+ServedModel`, which may also take `routing=RoutingConfig` (the `--routing.*` settings of model "auto"); `upcycle serve
+RUN` calls `DEFAULT_SOURCE` (introvert runs), and the engine, the server, the Ray Serve deployment and the vLLM
+command all start from the `ServedModel` it returns.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from upcycle.serving.config import RoutingConfig
 from upcycle.serving.router import ExpertRouter, load_factory
 
 DEFAULT_SOURCE = "upcycle.introvert.serving:served_run"
@@ -37,7 +39,9 @@ Source = Callable[..., ServedModel]
 """`source(path, router=True)`: the ServedModel of the directory at `path` (router=False skips loading one)."""
 
 
-def open_source(path: str | Path, router: bool = True, spec: str = DEFAULT_SOURCE) -> ServedModel:
-    """The ServedModel that the factory named by `spec` makes of the directory at `path`."""
+def open_source(path: str | Path, router: bool = True, spec: str = DEFAULT_SOURCE,
+                routing: RoutingConfig | None = None) -> ServedModel:
+    """The ServedModel that the factory named by `spec` makes of the directory at `path` (with `routing`, when
+    given, for its router)."""
     factory: Source = load_factory(spec, "source")
-    return factory(path, router=router)
+    return factory(path, router=router) if routing is None else factory(path, router=router, routing=routing)
