@@ -47,7 +47,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what PEF
 _EXPERT_ID = re.compile(r"^expert-(\d{5})$")
 # Artefacts written through upcycle.io's atomic helpers, per folder of the run (regexes of their names): a killed
 # process can leave their temporaries behind, and only these are ever removed.
-_ATOMIC_NAMES = {".": r"run\.json|clusters|report\.md|[\w-]+\.png", "experts": r"expert-\d{5}",
+_ATOMIC_NAMES = {".": r"run\.json|clusters|add-data\.pending|report\.md|[\w-]+\.png", "experts": r"expert-\d{5}",
                  "baselines": r"lora-all|lora-wide|full", "eval": r"[\w-]+\.json"}
 
 
