@@ -11,8 +11,9 @@ RUN/
                            checkpoints)
   eval/results.json        every number in the report (schema in docs/run-directory.md)
   report.md, *.png         the readable report
+  add-data.pending/        the plan of an `add-data` not yet committed (plan.json, the new clusters/)
   .upcycle-lock             held (flock) by the process that writes the run: cluster, train-experts,
-                           train-baselines, evaluate
+                           train-baselines, evaluate, add-data
 ```
 Expert ids are `expert-<cluster index, 5 digits>`, so a directory listing sorts by cluster.
 """
