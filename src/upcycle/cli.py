@@ -28,6 +28,7 @@ def _commands() -> dict:
         "introvert": {"_help": "Introvert experts (MoIN): a LoRA expert per document cluster, a sequence router.",
                       "cluster": introvert.cluster, "train-experts": introvert.train_experts,
                       "train-baselines": introvert.train_baselines, "evaluate": introvert.evaluate,
+                      "add-data": introvert.add_data,
                       "ablate": introvert.ablate, "report": introvert.report, "generate": introvert.generate},
         "moe": {"_help": "Sparse mixtures of experts (Flan-MoE): upcycle, train, export, inspect, experiment.",
                 "upcycle": moe.moe_upcycle, "train": moe.moe_train, "export-mixtral": moe.moe_export_mixtral,

@@ -8,7 +8,7 @@ import time
 
 from upcycle.data.splits import SplitConfig
 from upcycle.errors import UserError
-from upcycle.introvert.config import BaselineConfig, ClusterConfig, EvalConfig, ExpertConfig
+from upcycle.introvert.config import AddConfig, BaselineConfig, ClusterConfig, EvalConfig, ExpertConfig
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,34 @@ def train_experts(run: str, expert: ExpertConfig = ExpertConfig(), executor: str
     tokens = sum(r["tokens"] for r in trained)
     print(f"{len(trained)} experts trained, {len(results) - len(trained)} already done; {tokens} tokens in "
           f"{time.perf_counter() - start:.0f} s ({tokens / max(time.perf_counter() - start, 1e-9):.0f} tokens/s)")
+
+
+def add_data(run: str, data: str = "", base: str | None = None, add: AddConfig = AddConfig()) -> None:
+    """Grow a trained run with new documents: those near a cluster join it, the rest form new clusters; only new
+    experts and those of clusters that grew are trained. Rerun after an interruption to finish; adding the same
+    content twice does nothing.
+
+    Args:
+        run: Run directory with trained experts.
+        data: The new corpus, required (as for `upcycle introvert cluster`; read with the run's --text_field).
+        base: Only checked: it must be the run's base (the default is the run's own).
+        add: Which documents join, how many new clusters, which experts are continued.
+    """
+    from upcycle.introvert.growth import add_data as grow
+    from upcycle.introvert.run import Run
+
+    if not data:
+        raise UserError("--data is required: the corpus to add to the run")
+    opened = Run.open(run)
+    record = grow(opened, data, add, base)
+    if record.get("already"):
+        print(f"{run}: this content was already added as generation {record['generation']} ({record['data']}); "
+              "nothing to do")
+        return
+    opened.record_command(_command_line())
+    print(f"{run}: generation {record['generation']}: {sum(record['documents'].values())} new documents, "
+          f"{record['joined']} joined existing clusters, {record['new_clusters']} new clusters; experts trained "
+          f"{record['experts_trained']}, {record['tokens']} tokens in {record['seconds']:.0f} s")
 
 
 def train_baselines(run: str, baseline: BaselineConfig = BaselineConfig()) -> None:

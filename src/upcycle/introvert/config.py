@@ -122,3 +122,38 @@ class EvalConfig:
                 raise UserError(f"--eval.{name} must be >= 1, got {getattr(self, name)}")
         if self.best_expert_max_k < 0:
             raise UserError(f"--eval.best_expert_max_k must be >= 0, got {self.best_expert_max_k}")
+
+
+@dataclass
+class AddConfig:
+    """How `upcycle introvert add-data` grows a run with a new generation of documents."""
+
+    guard_percentile: float | None = 99.0
+    """A new training document joins its nearest cluster when its squared distance is within the out-of-domain
+    guard's threshold: this percentile of the validation documents' distances (as --routing.guard_percentile)."""
+    guard_threshold: float | None = None
+    """A fixed threshold on the squared distance instead of the calibrated one (cosine: within [0, 4])."""
+    new_clusters: int | None = None
+    """Clusters to fit on the documents beyond the threshold (None: about the mean size of the existing clusters)."""
+    min_cluster_documents: int = 8
+    """Fewer documents than this beyond the threshold form no new cluster: they join their nearest one instead."""
+    grow_fraction: float = 0.2
+    """An existing cluster whose training documents grew by more than this fraction gets its expert continued."""
+
+    def __post_init__(self) -> None:
+        if self.guard_percentile is None and self.guard_threshold is None:
+            raise UserError("--add.guard_percentile and --add.guard_threshold are both null; give one of them")
+        if self.guard_percentile is not None and not 0 < self.guard_percentile <= 100:
+            raise UserError(f"--add.guard_percentile must be in (0, 100], got {self.guard_percentile}")
+        if self.guard_threshold is not None and not self.guard_threshold >= 0:
+            raise UserError(f"--add.guard_threshold must be >= 0, got {self.guard_threshold}")
+        if self.new_clusters is not None and self.new_clusters < 0:
+            raise UserError(f"--add.new_clusters must be >= 0, got {self.new_clusters}")
+        if self.min_cluster_documents < 1:
+            raise UserError(f"--add.min_cluster_documents must be >= 1, got {self.min_cluster_documents}")
+        if not self.grow_fraction >= 0:
+            raise UserError(f"--add.grow_fraction must be >= 0, got {self.grow_fraction}")
+
+    def routing(self) -> RoutingConfig:
+        """The guard settings as a RoutingConfig (what `calibrate_guard` takes)."""
+        return RoutingConfig(guard_percentile=self.guard_percentile, guard_threshold=self.guard_threshold)

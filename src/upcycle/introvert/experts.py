@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 @lru_cache(maxsize=1)
-def _cached_base(base: str):
+def cached_base(base: str):
+    """The base model and tokenizer on CPU, loaded once per process for all the experts it trains."""
     from upcycle.models.base import load_base
 
     return load_base(base, device="cpu")
@@ -45,7 +46,7 @@ def train_expert(run: Run | str, cluster: int, config: ExpertConfig, progress=No
     out = run.expert_dir(name)
     if run.is_trained(name):
         return read_json(out / "train.json") | {"skipped": True}
-    model, tokenizer = _cached_base(run.base)
+    model, tokenizer = cached_base(run.base)
     blocks = cluster_blocks(run, cluster, "train", config.block_size, tokenizer)
     if blocks[0].shape[0] == 0:
         raise UserError(f"{name}: cluster {cluster} has no training text; use fewer clusters")

@@ -11,8 +11,9 @@ RUN/
                            checkpoints)
   eval/results.json        every number in the report (schema in docs/run-directory.md)
   report.md, *.png         the readable report
+  add-data.pending/        the plan of an `add-data` not yet committed (plan.json, the new clusters/)
   .upcycle-lock             held (flock) by the process that writes the run: cluster, train-experts,
-                           train-baselines, evaluate
+                           train-baselines, evaluate, add-data
 ```
 Expert ids are `expert-<cluster index, 5 digits>`, so a directory listing sorts by cluster.
 """
@@ -47,7 +48,7 @@ ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")  # what PEF
 _EXPERT_ID = re.compile(r"^expert-(\d{5})$")
 # Artefacts written through upcycle.io's atomic helpers, per folder of the run (regexes of their names): a killed
 # process can leave their temporaries behind, and only these are ever removed.
-_ATOMIC_NAMES = {".": r"run\.json|clusters|report\.md|[\w-]+\.png", "experts": r"expert-\d{5}",
+_ATOMIC_NAMES = {".": r"run\.json|clusters|add-data\.pending|report\.md|[\w-]+\.png", "experts": r"expert-\d{5}",
                  "baselines": r"lora-all|lora-wide|full", "eval": r"[\w-]+\.json"}
 
 

@@ -19,6 +19,8 @@ class AdapterJob:
 
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
+    init_from: str | None = None
+    """A PEFT adapter directory to continue training (its own shape then applies), instead of a fresh adapter."""
 
 
 def train_lora_adapter(base_model: torch.nn.Module, blocks: tuple[torch.Tensor, torch.Tensor], job: AdapterJob,
@@ -29,10 +31,13 @@ def train_lora_adapter(base_model: torch.nn.Module, blocks: tuple[torch.Tensor, 
     `out` holds `adapter_config.json` + `adapter_model.safetensors` (load with `PeftModel.from_pretrained`) and
     `train.json` with the settings, token count and loss history.
     """
-    from peft import get_peft_model
+    from peft import PeftModel, get_peft_model
 
     torch.manual_seed(job.train.seed)
-    model = get_peft_model(copy.deepcopy(base_model), job.lora.peft_config())
+    if job.init_from is not None:  # read fully before `out` (possibly the same directory) is replaced below
+        model = PeftModel.from_pretrained(copy.deepcopy(base_model), job.init_from, is_trainable=True)
+    else:
+        model = get_peft_model(copy.deepcopy(base_model), job.lora.peft_config())
     result = train(model, blocks, job.train, description=description, progress=progress)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)

@@ -147,13 +147,15 @@ def _show_progress() -> bool:
 
 def refit_clusters(parent: Run, out: Path, config: ClusterConfig) -> Run:
     """A new run in `out` sharing `parent`'s data, base and embeddings, with clusters refitted for `config`."""
+    from upcycle.introvert.data import run_splits
+
     meta = parent.meta
-    docs = split_documents(load_documents(meta["data"], text_field=meta.get("text_field", "text")),
-                           SplitConfig(**meta["splits"]))
+    docs = run_splits(meta)  # with every generation `add-data` added, as the saved embeddings are
     embeddings = {name: np.load(parent.clusters_dir / EMBEDDINGS / f"{name}.npy") for name in docs}
     run = Run(ensure_writable_dir(out))
+    added = {"generations": meta["generations"]} if meta.get("generations") else {}
     child = Run.new_meta(data=meta["data"], text_field=meta.get("text_field", "text"), base=meta["base"],
-                         splits=meta["splits"], parent=str(parent.path))
+                         splits=meta["splits"], parent=str(parent.path), **added)
     write_clusters(run, child, docs, embeddings, config, meta["clusters"]["embedder"],
                    lambda folder: shutil.copytree(parent.clusters_dir / "embedder", folder / "embedder"))
     return run
