@@ -85,7 +85,7 @@ def test_the_tree_has_one_group_per_method():
     table = _commands()
     assert set(table) == {"introvert", "moe", "masks", "demo", "serve", "pretrain", "make-corpus"}
     assert set(table["moe"]) - {"_help"} == {"upcycle", "train", "export-mixtral", "inspect", "experiment"}
-    assert set(table["masks"]) - {"_help"} == {"train", "analyze", "export", "sweep"}
+    assert set(table["masks"]) - {"_help"} == {"train", "analyze", "export", "generate", "sweep"}
 
 
 @pytest.mark.parametrize(("old", "new"), sorted(_ALIASES.items()))

@@ -36,7 +36,8 @@ def served_run(run: Run | str | Path, router: bool = True, routing: RoutingConfi
     run = Run.of(run)
     routes = router and (run.clusters_dir / "centroids.npy").is_file()
     return ServedModel(base=run.base, experts={e: run.expert_dir(e) for e in run.expert_ids()},
-                       router=ReloadingRouter(run, routing) if routes else None, experts_dir=run.experts_dir, root=run.path)
+                       router=ReloadingRouter(run, routing) if routes else None, experts_dir=run.experts_dir,
+                       root=run.path)
 
 
 class ReloadingRouter:

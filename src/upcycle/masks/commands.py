@@ -88,6 +88,33 @@ def export(run: str, out: str | None = None, base: str | None = None, eval_block
           f"largest |logit| difference from the masked model {entry['max_abs_logit_difference']:.2g}")
 
 
+def generate(model: str, prompt: str, max_new_tokens: int = 64) -> None:
+    """Greedy continuation of a prompt by an exported mask model, with its decode speed (tokens per second).
+
+    Args:
+        model: A directory written by `upcycle masks export` (or `masks train`'s RUN/compact).
+        prompt: The text to continue.
+        max_new_tokens: Tokens to generate.
+    """
+    import time
+
+    from transformers import AutoTokenizer
+
+    from upcycle.masks.experiments.serving import served_compact
+    from upcycle.masks.method.export import load_compact
+
+    served = served_compact(model)
+    tokenizer = AutoTokenizer.from_pretrained(served.base)
+    lm = load_compact(served.base)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    start = time.perf_counter()
+    out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    seconds = time.perf_counter() - start
+    new = out.shape[1] - ids.shape[1]
+    print(f"{prompt}{tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)}")
+    print(f"[{new} tokens in {seconds:.2f} s: {new / max(seconds, 1e-9):.1f} tokens/s]")
+
+
 def sweep(base: str = "default", out: str = "runs/masks-sweep", data: str = "stdlib", eval_blocks: int = 64,
           targets: list[float] = [0.25, 0.5, 0.75],  # noqa: B006 - CLI default
           methods: list[str] = ["masks", "moefication", "pruning", "teal"],  # noqa: B006 - CLI default

@@ -73,7 +73,7 @@ def check_serve_flags(port: int, log_level: str, engine: EngineConfig, server: S
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, router: str | None = None, watch: bool = False,
           log_level: str = "info", engine: EngineConfig = EngineConfig(), server: ServerConfig = ServerConfig(),
-          routing: RoutingConfig = RoutingConfig()) -> None:
+          routing: RoutingConfig = RoutingConfig(), source: str = "introvert") -> None:
     """Serve a run's base model and all its introvert experts behind one OpenAI-compatible endpoint.
 
     Clients use model "base", "auto" (routed by content; needs --router) or an expert id such as expert-00003.
@@ -94,6 +94,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, router: str | Non
         routing: How model "auto" decides with the run's own router: the default top_k, the mixture temperature,
             and the out-of-domain guard (calibrated on the run's validation documents) with where it sends a
             request beyond it. Ignored with --router.
+        source: What `run` is: 'introvert' (a run of `upcycle introvert`), 'masks' (a model written by `upcycle
+            masks export`, served as model "base") or a `package.module:factory` returning a ServedModel.
     """
     require_serve_extra()
     server = replace(server, api_key=server.api_key or os.environ.get("UPCYCLE_API_KEY") or None,
@@ -110,8 +112,8 @@ def serve(run: str, host: str = "127.0.0.1", port: int = 8000, router: str | Non
     if server.api_key is None and not local:
         raise UserError(f"binding to {host} exposes the server beyond this machine: pass --server.api_key (or set "
                         "UPCYCLE_API_KEY), or bind to 127.0.0.1")
-    served = open_source(run, router=router is None, routing=routing)  # an introvert run: its own centroids
-    batching = Engine.from_pretrained(served.base, served.experts, engine)
+    served = open_source(run, router=router is None, spec=source, routing=routing)
+    batching = Engine.from_pretrained(served.base, served.experts, engine, served.loader)
     root = str(served.root or run)
     server = replace(server, local_only=local, adapter_roots=tuple(server.adapter_roots or [root]),
                      watch_dir=str(served.experts_dir) if watch and served.experts_dir else server.watch_dir)

@@ -208,13 +208,18 @@ class Engine:
 
     # -- construction ---------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, base: str | Path, experts: dict[str, Path], config: EngineConfig | None = None) -> Engine:
-        """Load `base` (a Hugging Face directory or hub id) in the config's dtype and device, then `from_model`."""
+    def from_pretrained(cls, base: str | Path, experts: dict[str, Path], config: EngineConfig | None = None,
+                        loader: str | None = None) -> Engine:
+        """Load `base` (a Hugging Face directory or hub id) in the config's dtype and device, then `from_model`.
+        `loader` (`module:function(path, dtype=...)`, see `ServedModel.loader`) replaces AutoModelForCausalLM."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from upcycle.serving.router import load_factory
 
         config = config or EngineConfig()
         tokenizer = AutoTokenizer.from_pretrained(base)
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, config.dtype))
+        load = load_factory(loader, "loader") if loader else AutoModelForCausalLM.from_pretrained
+        model = load(base, dtype=getattr(torch, config.dtype))
         return cls.from_model(model.to(config.device).eval(), tokenizer, experts, config)
 
     @classmethod

@@ -199,7 +199,7 @@ def _serve_and_load(args, tmp: Path) -> dict:
     rss_start = _rss_mb()
     served, corrupt = _served_model(args, tmp)
     engine_config = EngineConfig(max_batch=args.max_batch, max_seq_len=256, max_waiting=4 * args.clients)
-    engine = Engine.from_pretrained(served.base, served.experts, engine_config)
+    engine = Engine.from_pretrained(served.base, served.experts, engine_config, served.loader)
     server_config = ServerConfig(api_key=args.api_key)
     server, thread, port = _start_server(create_app(engine, server_config))
     url = f"http://127.0.0.1:{port}/v1"

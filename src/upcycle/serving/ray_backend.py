@@ -39,7 +39,7 @@ def build_app(run: str, engine_config: EngineConfig | None = None, server_config
             from upcycle.serving.source import open_source
 
             served = open_source(run, router=False)
-            self.engine = Engine.from_pretrained(served.base, served.experts, engine_config)
+            self.engine = Engine.from_pretrained(served.base, served.experts, engine_config, served.loader)
 
         def __serve_build_asgi_app__(self):
             from upcycle.serving.server import create_app

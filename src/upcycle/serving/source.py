@@ -17,6 +17,8 @@ from upcycle.serving.router import ExpertRouter, load_factory
 
 DEFAULT_SOURCE = "upcycle.introvert.serving:served_run"
 """The factory `upcycle serve` reads a directory with (a plugin reference, like `--router`: not an import)."""
+SOURCES = {"introvert": DEFAULT_SOURCE, "masks": "upcycle.masks.experiments.serving:served_compact"}
+"""The names `upcycle serve --source` takes for the methods' factories (anything else is a `module:factory`)."""
 
 
 @dataclass
@@ -33,6 +35,9 @@ class ServedModel:
     """The folder holding every expert as `<name>/` (what `--watch` follows and vLLM's resolver reads), if any."""
     root: Path | None = None
     """The directory served (the default adapter root of /admin/experts)."""
+    loader: str | None = None
+    """`module:function(path, dtype=...)` that loads `base` when AutoModelForCausalLM cannot (e.g. a compacted
+    mask model); None: AutoModelForCausalLM.from_pretrained."""
 
 
 Source = Callable[..., ServedModel]
@@ -43,5 +48,5 @@ def open_source(path: str | Path, router: bool = True, spec: str = DEFAULT_SOURC
                 routing: RoutingConfig | None = None) -> ServedModel:
     """The ServedModel that the factory named by `spec` makes of the directory at `path` (with `routing`, when
     given, for its router)."""
-    factory: Source = load_factory(spec, "source")
+    factory: Source = load_factory(SOURCES.get(spec, spec), "--source")
     return factory(path, router=router) if routing is None else factory(path, router=router, routing=routing)
