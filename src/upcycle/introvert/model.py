@@ -180,7 +180,7 @@ class IntrovertExperts:
         """(NLL sum, predicted tokens) of each tokenised document under its route: c-BTM's mixture of the route's
         experts, per token log p(x_t) = logsumexp_i(log w_i + log p_i(x_t)), with the weights fixed per document
         (a route with no clusters: the base). `reference_mixture_nll` is the same as a plain loop."""
-        members = [_members(route) for route in routes]
+        members = [route_members(route) for route in routes]
         scored = self.token_log_probs(ids, [dict(m) for m in members], block_size, batch_size)
         return mix_documents(scored, members)
 
@@ -210,7 +210,7 @@ class IntrovertExperts:
                           prompt_tokens=encoded["input_ids"].shape[1], completion_tokens=int(new.shape[0]))
 
 
-def _members(route: Route) -> list[tuple[str, float]]:
+def route_members(route: Route) -> list[tuple[str, float]]:
     """(expert, weight) of each member of the route's mixture; the base alone when the route has no clusters."""
     return list(zip(route.experts, route.weights)) if route.clusters else [(BASE, 1.0)]
 
@@ -244,7 +244,7 @@ def reference_mixture_nll(experts: IntrovertExperts, ids: Sequence[Sequence[int]
             if block.shape[1] < 2:
                 continue
             mixed = torch.zeros(block.shape[1] - 1, dtype=torch.float64)
-            for expert, weight in _members(route):
+            for expert, weight in route_members(route):
                 with experts.using(expert) as model:
                     logits = model(input_ids=block.to(experts.device)).logits[0, :-1].double().cpu()
                 mixed += weight * torch.softmax(logits, dim=-1).gather(1, block[0, 1:, None])[:, 0]
