@@ -150,8 +150,9 @@ def _evaluate(run: Run, config: EvalConfig) -> dict:
                               batch_size=config.batch_size)[0] for name in baselines}
     experts = IntrovertExperts(run, base_model, tok, load_sequence_router(run), max_loaded=k + 1)
     validation = PromptRoutes(experts.router, [d.text[:config.route_chars] for d in data.docs("validation")])
+    tuned = sorted(set(top_ks) | ({min(2, k)} if config.guard_percentile is not None else set()))  # k=2: the guard's
     temperatures, mixture = choose_temperatures(experts, _token_ids(tok, data.docs("validation"), config), validation,
-                                                top_ks, config.temperatures, config.batch_size)
+                                                tuned, config.temperatures, config.batch_size)
     guard = _guard(run, config, validation)
     prompts = PromptRoutes(experts.router, [d.text[:config.route_chars] for d in docs])
     test = _score_split(experts, ids, own, prompts, top_ks, temperatures, guard, config)
