@@ -1,4 +1,5 @@
-"""Held-out loss: batched per-document scoring against the one-document-at-a-time reference, mean loss, perplexity."""
+"""Held-out loss: batched per-document scoring against the one-document-at-a-time reference, per-token
+log-probabilities and their mixtures against plain loops, mean loss, perplexity."""
 
 import math
 
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM
 
 from upcycle.data.packing import IGNORE_INDEX, pack
-from upcycle.eval.perplexity import document_nll, token_nll
+from upcycle.eval.perplexity import document_log_probs, document_nll, mix_log_probs, token_nll
 
 
 @pytest.fixture(scope="module")
@@ -56,3 +57,46 @@ def test_mean_loss_and_perplexity_agree_with_token_nll(tiny_model):
     assert count == 4 * 11 + 6
     assert mean_loss(tiny_model, inputs, labels, batch_size=3) == pytest.approx(total / count, rel=1e-6)
     assert perplexity(tiny_model, inputs, labels) == pytest.approx(math.exp(total / count), rel=1e-6)
+
+
+@torch.no_grad()
+def reference_log_probs(model, document, block_size):
+    """Plain float64 loop: each block run alone, log softmax of the logits at t - 1 read at token t."""
+    out = []
+    for start in range(0, len(document), block_size):
+        block = torch.tensor(document[start:start + block_size])[None]
+        if block.shape[1] < 2:
+            continue
+        logits = model(input_ids=block).logits[0, :-1].double()
+        out += [float(torch.log_softmax(logits[t], -1)[block[0, t + 1]]) for t in range(block.shape[1] - 1)]
+    return np.array(out)
+
+
+@settings(max_examples=10, deadline=None)
+@given(lengths=st.lists(st.integers(0, 70), min_size=1, max_size=6), batch_size=st.integers(1, 4),
+       seed=st.integers(0, 1000))
+def test_document_log_probs_match_a_plain_loop_token_by_token(tiny_model, lengths, batch_size, seed):
+    rng = np.random.default_rng(seed)
+    documents = [rng.integers(1, tiny_model.config.vocab_size, n).tolist() for n in lengths]
+    batched = document_log_probs(tiny_model, documents, pad_id=0, block_size=16, batch_size=batch_size)
+    for doc, log_probs in zip(documents, batched):
+        expected = reference_log_probs(tiny_model, doc, 16)
+        assert log_probs.shape == expected.shape
+        np.testing.assert_allclose(log_probs, expected, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(1, 4), tokens=st.integers(0, 6), seed=st.integers(0, 1000))
+def test_mix_log_probs_matches_a_plain_loop(k, tokens, seed):
+    rng = np.random.default_rng(seed)
+    log_probs = [rng.uniform(-30, 0, tokens) for _ in range(k)]
+    weights = rng.dirichlet(np.ones(k))
+    expected = [math.log(sum(w * math.exp(lp[t]) for w, lp in zip(weights, log_probs))) for t in range(tokens)]
+    np.testing.assert_allclose(mix_log_probs(log_probs, weights), expected, rtol=1e-12)
+
+
+def test_a_mixture_with_one_weight_of_one_is_that_member():
+    rng = np.random.default_rng(0)
+    first, second = rng.uniform(-20, 0, 9), rng.uniform(-20, 0, 9)
+    second[3] = -np.inf  # a member with weight 0 drops out, whatever its log-probabilities
+    np.testing.assert_allclose(mix_log_probs([first, second], [1.0, 0.0]), first, rtol=1e-12)

@@ -85,7 +85,8 @@ def test_evaluate_scores_every_method_and_writes_the_report(trained_run, capsys)
     assert main(["introvert", "train-baselines", str(trained_run)]) == 0
     assert main(["introvert", "evaluate", str(trained_run), "--eval.bootstrap", "50"]) == 0
     results = json.loads((trained_run / "eval" / "results.json").read_text())
-    assert set(results["methods"]) == {"base", "routed", "oracle", "best", "random", "lora-all", "lora-wide", "full"}
+    assert set(results["methods"]) == {"base", "routed", "routed-top2", "routed-top3", "oracle", "best", "random",
+                                       "lora-all", "lora-wide", "full"}  # top-1/2/4 mixtures, k capped at K = 3
     methods = results["methods"]
     # 'best' picks the lowest-loss expert per document, so it can never lose to oracle or random routing
     assert methods["best"]["perplexity"] <= min(methods["oracle"]["perplexity"], methods["random"]["perplexity"])
@@ -93,6 +94,7 @@ def test_evaluate_scores_every_method_and_writes_the_report(trained_run, capsys)
     assert len(tokens) == 1  # every method scored on exactly the same tokens
     assert 0 <= results["routing"]["accuracy"] <= 1
     paired = {(p["method"], p["reference"]): p for p in results["paired"]}
+    assert {("routed-top2", "lora-all"), ("routed-top3", "lora-wide"), ("routed-top2", "full")} <= set(paired)
     routed_vs_base = paired[("routed", "base")]
     expected = 100 * (methods["routed"]["perplexity"] / methods["base"]["perplexity"] - 1)
     assert routed_vs_base["delta_pct"] == pytest.approx(expected)

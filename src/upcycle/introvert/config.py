@@ -109,6 +109,18 @@ class EvalConfig:
     """Bootstrap resamples of documents for the 95% confidence intervals."""
     seed: int = 0
     """Seed for random routing and the bootstrap."""
+    top_ks: list[int] | None = None
+    """Experts mixed per document in the routed top-k rows (c-BTM's mixture of the k experts nearest to the prompt).
+    None: 1, 2 and 4, each capped at K; a k given here above K is refused."""
+    temperatures: list[float] = field(default_factory=lambda: [0.01, 0.03, 0.1, 0.3, 1.0])
+    """Mixture temperatures T tried (weights softmax(-d² / T)); each top-k row uses the T with the lowest perplexity
+    on the validation split, never chosen on test."""
+    guard_percentile: float | None = 99.0
+    """The out-of-domain guard scored: its threshold is this percentile of the validation documents' distances to
+    their nearest centroid (as --routing.guard_percentile). None: no guard rows."""
+    heldout_data: str | None = None
+    """A corpus from a domain no cluster was built from (a folder, .txt/.jsonl/.parquet file or 'hf:NAME', read like
+    --data); its documents of `split` (split as the run's data) are scored with and without the guard."""
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     """Baseline training settings: what `upcycle demo` trains the baselines with before it evaluates
     (`upcycle introvert train-baselines` takes them as --baseline.*); evaluation itself trains nothing."""
@@ -122,6 +134,21 @@ class EvalConfig:
                 raise UserError(f"--eval.{name} must be >= 1, got {getattr(self, name)}")
         if self.best_expert_max_k < 0:
             raise UserError(f"--eval.best_expert_max_k must be >= 0, got {self.best_expert_max_k}")
+        if self.top_ks is not None and (not self.top_ks or min(self.top_ks) < 1):
+            raise UserError(f"--eval.top_ks must be a non-empty list of values >= 1, got {self.top_ks}")
+        if not self.temperatures or not min(self.temperatures) > 0:
+            raise UserError(f"--eval.temperatures must be a non-empty list of values > 0, got {self.temperatures}")
+        if self.guard_percentile is not None and not 0 < self.guard_percentile <= 100:
+            raise UserError(f"--eval.guard_percentile must be in (0, 100], got {self.guard_percentile}")
+
+    def top_ks_for(self, clusters: int) -> list[int]:
+        """The k values to score for a run of `clusters` experts (the default's capped at K; given ones checked)."""
+        if self.top_ks is None:
+            return sorted({min(k, clusters) for k in (1, 2, 4)})
+        if max(self.top_ks) > clusters:
+            raise UserError(f"--eval.top_ks {max(self.top_ks)}: top_k must be between 1 and the number of experts "
+                            f"({clusters})")
+        return sorted(set(self.top_ks))
 
 
 @dataclass

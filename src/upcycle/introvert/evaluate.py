@@ -18,11 +18,12 @@ from __future__ import annotations
 import logging
 import random
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
+from upcycle.data import Document, SplitConfig, load_documents, split_documents
 from upcycle.data.packing import token_ids, tokenize
 from upcycle.errors import UserError
 from upcycle.eval.perplexity import document_nll
@@ -35,30 +36,44 @@ from upcycle.introvert.baselines import (
     is_trained,
     load_baseline,
 )
-from upcycle.introvert.config import EvalConfig
+from upcycle.introvert.config import EvalConfig, RoutingConfig
 from upcycle.introvert.data import load_run_data
-from upcycle.introvert.model import IntrovertExperts
-from upcycle.introvert.router import load_sequence_router
-from upcycle.introvert.run import Run, cluster_of, expert_id
+from upcycle.introvert.evaluate_routing import (
+    PromptRoutes,
+    choose_temperatures,
+    guarded_members,
+    nearest_distances,
+    wanted_experts,
+)
+from upcycle.introvert.model import IntrovertExperts, mix_documents
+from upcycle.introvert.router import Guard, calibrate_guard, load_sequence_router
+from upcycle.introvert.run import Run, expert_id
 from upcycle.io import ensure_writable_dir, read_json, write_json
 from upcycle.models.base import load_base
+from upcycle.serving.router import BASE
 
 log = logging.getLogger(__name__)
 RESULTS_SCHEMA = 1
 # (method, reference) pairs reported with paired bootstrap intervals
 PAIRED_COMPARISONS = [("routed", "base"), ("routed", "lora-all"), ("routed", "lora-wide"), ("routed", "full"),
                       ("routed", "random"), ("full", "base"), ("lora-all", "base")]
+# The guard's comparisons: in domain it should change nothing; out of domain it should never lose to the base.
+GUARD_TEST_COMPARISONS = [("guarded-base", "routed"), ("guarded-mixture", "routed")]
+GUARD_HELDOUT_COMPARISONS = [("routed", "base"), ("guarded-base", "base"), ("guarded-mixture", "base"),
+                             ("guarded-base", "routed")]
 
 
-def summarise(nll: np.ndarray, count: np.ndarray, clusters: np.ndarray, k: int, bootstrap: int,
+def summarise(nll: np.ndarray, count: np.ndarray, clusters: np.ndarray | None, k: int, bootstrap: int,
               seed: int) -> dict:
-    """Token-weighted perplexity overall and per cluster, with a bootstrap CI over documents."""
-    return {"perplexity": token_perplexity(nll, count),
-            "ci95": bootstrap_ci(lambda idx: token_perplexity(nll[idx], count[idx]), len(nll), bootstrap, seed),
-            "per_cluster": {str(c): token_perplexity(nll[clusters == c], count[clusters == c])
-                            if (clusters == c).any() else None
-                            for c in range(k)},
-            "tokens": int(count.sum())}
+    """Token-weighted perplexity overall and per cluster (without `clusters`: overall only), with a bootstrap CI over
+    documents."""
+    summary = {"perplexity": token_perplexity(nll, count),
+               "ci95": bootstrap_ci(lambda idx: token_perplexity(nll[idx], count[idx]), len(nll), bootstrap, seed),
+               "tokens": int(count.sum())}
+    if clusters is not None:
+        summary["per_cluster"] = {str(c): token_perplexity(nll[clusters == c], count[clusters == c])
+                                  if (clusters == c).any() else None for c in range(k)}
+    return summary
 
 
 def paired_delta(nll: dict[str, np.ndarray], count: np.ndarray, method: str, reference: str, bootstrap: int,
@@ -119,33 +134,29 @@ def evaluate(run: Run | str, config: EvalConfig = EvalConfig()) -> dict:
 def _evaluate(run: Run, config: EvalConfig) -> dict:
     expert_ids = check_experts_trained(run)
     k = run.meta["clusters"]["k"]
+    top_ks = config.top_ks_for(k)
     baselines = _trained_baselines(run, k, config)
     data = load_run_data(run)
     docs = data.docs(config.split)
     if not docs:
         raise UserError(f"the {config.split} split is empty; use a larger corpus")
+    heldout = _heldout_documents(run, config)  # a bad path fails before anything is scored
     base_model, tok = load_base(run.base)
-    ids = tokenize(tok, [d.text for d in docs], add_eos=False, max_tokens=config.max_tokens_per_doc)
+    ids = _token_ids(tok, docs, config)
     own = np.array([data.own_cluster[config.split][d.id] for d in docs])
-    score = lambda model, blocks: document_nll(model, blocks, tok.pad_token_id, batch_size=config.batch_size)  # noqa: E731
 
     # Baselines first: they copy the clean base, before IntrovertExperts wraps it with the experts' adapters.
-    nll = {name: score(load_baseline(run, name, base_model), ids)[0] for name in baselines}
+    nll = {name: document_nll(load_baseline(run, name, base_model), ids, tok.pad_token_id,
+                              batch_size=config.batch_size)[0] for name in baselines}
     experts = IntrovertExperts(run, base_model, tok, load_sequence_router(run), max_loaded=k + 1)
-    t0 = time.perf_counter()
-    routed = np.array([cluster_of(e) for e in experts.route([d.text[: config.route_chars] for d in docs])])
-    route_seconds = time.perf_counter() - t0
-    rng = random.Random(config.seed)
-    random_choice = np.array([rng.randrange(k) for _ in docs])
-    with experts.using(None) as model:
-        nll["base"], counts = score(model, ids)
-    every = k <= config.best_expert_max_k
-    expert_nll = _expert_nll(experts, ids, score, k, None if every else [own, routed, random_choice])
-    pick = lambda choice: expert_nll[choice, np.arange(len(docs))]  # noqa: E731
-    nll |= {"routed": pick(routed), "oracle": pick(own), "random": pick(random_choice)}
-    if every:
-        nll["best"] = np.nanmin(expert_nll / np.maximum(counts, 1), axis=0) * counts
-
+    validation = PromptRoutes(experts.router, [d.text[:config.route_chars] for d in data.docs("validation")])
+    tuned = sorted(set(top_ks) | ({min(2, k)} if config.guard_percentile is not None else set()))  # k=2: the guard's
+    temperatures, mixture = choose_temperatures(experts, _token_ids(tok, data.docs("validation"), config), validation,
+                                                tuned, config.temperatures, config.batch_size)
+    guard = _guard(run, config, validation)
+    prompts = PromptRoutes(experts.router, [d.text[:config.route_chars] for d in docs])
+    test = _score_split(experts, ids, own, prompts, top_ks, temperatures, guard, config)
+    nll |= test.nll
     results = {
         "schema": RESULTS_SCHEMA,
         "split": config.split,
@@ -153,19 +164,143 @@ def _evaluate(run: Run, config: EvalConfig) -> dict:
         "k": k,
         "documents": len(docs),
         "cluster_sizes": {config.split: np.bincount(own, minlength=k).tolist()},
-        "methods": {name: summarise(values, counts, own, k, config.bootstrap, config.seed)
+        "methods": {name: summarise(values, test.counts, own, k, config.bootstrap, config.seed)
                     for name, values in nll.items()},
-        "routing": {"accuracy": float((routed == own).mean()), "documents": len(docs),
-                    "seconds_per_document": route_seconds / len(docs),
-                    "best_expert_accuracy": (float((np.nanargmin(expert_nll / np.maximum(counts, 1), axis=0)
-                                                    == routed).mean()) if "best" in nll else None)},
+        "routing": test.routing,
+        "mixture": mixture | {"top_ks": top_ks, "methods": {str(n): _mixture_name(n) for n in top_ks}},
         "training": _training_summary(run, expert_ids, baselines),
-        "paired": [paired_delta(nll, counts, m, ref, config.bootstrap, config.seed)
-                   for m, ref in PAIRED_COMPARISONS if m in nll and ref in nll],
+        "paired": [paired_delta(nll, test.counts, m, ref, config.bootstrap, config.seed)
+                   for m, ref in _paired_comparisons(top_ks) if m in nll and ref in nll],
         "cost": measure_cost(experts, max((d.text for d in docs), key=len), config.route_chars),
     }
+    if guard is not None:
+        out_temperature = temperatures.get(2, config.temperatures[0])
+        results["guard"] = {"percentile": config.guard_percentile, "threshold": guard.threshold,
+                            "out_of_domain_temperature": out_temperature,
+                            "validation_prompts_flagged": _flagged_share(validation, guard),
+                            config.split: _guard_split(test.guarded | {"routed": nll["routed"]}, test.counts,
+                                                       nearest_distances(prompts), guard, GUARD_TEST_COMPARISONS,
+                                                       config)}
+        if heldout is not None:
+            results["guard"]["heldout"] = _score_heldout(experts, heldout, guard, out_temperature, config)
     write_json(run.eval_dir / "results.json", results)
     return results
+
+
+@dataclass
+class _SplitScores:
+    """Every method's per-document NLL on one split, its tokens per document, and how its prompts were routed."""
+
+    nll: dict[str, np.ndarray]
+    counts: np.ndarray
+    guarded: dict[str, np.ndarray]
+    routing: dict
+
+
+def _score_split(experts: IntrovertExperts, ids: list, own: np.ndarray, prompts: PromptRoutes, top_ks: list[int],
+                 temperatures: dict[int, float], guard: Guard | None, config: EvalConfig) -> _SplitScores:
+    """Score each document under every expert a method needs, once each (one adapter swap per expert), and derive
+    the methods: base, routed (top-1), oracle, random, best, routed-top{k} mixtures and the guarded routes."""
+    k = experts.router.centroid_router.num_experts
+    routed = np.array([route.clusters[0] for route in prompts.top1])
+    rng = random.Random(config.seed)
+    random_choice = np.array([rng.randrange(k) for _ in ids])
+    every = k <= config.best_expert_max_k
+    mixtures = {_mixture_name(n): prompts.members(n, temperatures.get(n, 1.0)) for n in top_ks if n > 1}
+    guarded = guarded_members(prompts, guard, temperatures.get(2, config.temperatures[0])) if guard else {}
+    singles = [{BASE, *(expert_id(c) for c in (range(k) if every else (own[i], routed[i], random_choice[i])))}
+               for i in range(len(ids))]
+    scored = experts.token_log_probs(ids, wanted_experts(*mixtures.values(), *guarded.values(), extra=singles),
+                                     batch_size=config.batch_size)
+    counts = np.array([len(lp[BASE]) for lp in scored], dtype=np.int64)
+    expert_nll = np.array([_nll(scored, expert_id(c)) for c in range(k)])  # [K, N], NaN where not scored
+    pick = lambda choice: expert_nll[choice, np.arange(len(ids))]  # noqa: E731
+    nll = {"base": _nll(scored, BASE), "routed": pick(routed), "oracle": pick(own), "random": pick(random_choice)}
+    if every:
+        nll["best"] = np.nanmin(expert_nll / np.maximum(counts, 1), axis=0) * counts
+    nll |= {name: mix_documents(scored, members)[0] for name, members in mixtures.items()}
+    routing = {"accuracy": float((routed == own).mean()), "documents": len(ids),
+               "seconds_per_document": prompts.seconds / len(ids),
+               "best_expert_accuracy": (float((np.nanargmin(expert_nll / np.maximum(counts, 1), axis=0)
+                                               == routed).mean()) if every else None)}
+    return _SplitScores(nll, counts, {name: mix_documents(scored, m)[0] for name, m in guarded.items()}, routing)
+
+
+def _score_heldout(experts: IntrovertExperts, docs: list[Document], guard: Guard, temperature: float,
+                   config: EvalConfig) -> dict:
+    """Base, routed top-1 and the guarded routes on documents of a domain no cluster was built from."""
+    prompts = PromptRoutes(experts.router, [d.text[:config.route_chars] for d in docs])
+    members = {"routed": prompts.members(1), **guarded_members(prompts, guard, temperature)}
+    scored = experts.token_log_probs(_token_ids(experts.tokenizer, docs, config),
+                                     wanted_experts(*members.values(), extra=[{BASE}] * len(docs)),
+                                     batch_size=config.batch_size)
+    nll = {"base": _nll(scored, BASE)} | {name: mix_documents(scored, m)[0] for name, m in members.items()}
+    counts = np.array([len(lp[BASE]) for lp in scored], dtype=np.int64)
+    return {"data": config.heldout_data,
+            **_guard_split(nll, counts, nearest_distances(prompts), guard, GUARD_HELDOUT_COMPARISONS, config)}
+
+
+def _guard_split(nll: dict[str, np.ndarray], counts: np.ndarray, distances: np.ndarray, guard: Guard,
+                 comparisons: list[tuple[str, str]], config: EvalConfig) -> dict:
+    """How many documents the guard flags, each method's perplexity and the paired comparisons."""
+    flagged = distances > guard.threshold
+    return {"documents": len(counts), "flagged": int(flagged.sum()), "flagged_share": float(flagged.mean()),
+            "methods": {name: summarise(values, counts, None, 0, config.bootstrap, config.seed)
+                        for name, values in nll.items()},
+            "paired": [paired_delta(nll, counts, m, ref, config.bootstrap, config.seed) for m, ref in comparisons]}
+
+
+def _guard(run: Run, config: EvalConfig, validation: PromptRoutes) -> Guard | None:
+    """The guard scored (None when --eval.guard_percentile is null), calibrated on the validation split."""
+    if config.guard_percentile is None:
+        if config.heldout_data is not None:
+            raise UserError("--eval.heldout_data scores the out-of-domain guard; give --eval.guard_percentile too")
+        return None
+    if not validation.prompts:
+        raise UserError(f"{run.path}: the guard is calibrated on the validation split, which is empty in this run; "
+                        "give --eval.guard_percentile null")
+    return calibrate_guard(run, RoutingConfig(guard_percentile=config.guard_percentile))
+
+
+def _flagged_share(prompts: PromptRoutes, guard: Guard) -> float | None:
+    """Share of these prompts beyond the threshold. The threshold comes from the validation documents' full texts,
+    so on the validation prompts this shows what the guard does to in-domain requests that are only a prefix."""
+    return float((nearest_distances(prompts) > guard.threshold).mean()) if prompts.prompts else None
+
+
+def _heldout_documents(run: Run, config: EvalConfig) -> list[Document] | None:
+    """The `split` documents of --eval.heldout_data (split by the run's fractions), or None without one."""
+    if config.heldout_data is None:
+        return None
+    try:
+        docs = load_documents(config.heldout_data, text_field=run.meta.get("text_field", "text"))
+    except UserError as error:  # load_documents names --data, the flag of the cluster step
+        raise UserError(str(error).replace("--data", "--eval.heldout_data", 1)) from None
+    split = split_documents(docs, SplitConfig(**run.meta.get("splits", {})))[config.split]
+    if not split:
+        raise UserError(f"--eval.heldout_data {config.heldout_data}: its {config.split} split is empty; use a larger "
+                        "corpus")
+    return split
+
+
+def _token_ids(tokenizer, docs: list[Document], config: EvalConfig) -> list[np.ndarray]:
+    return tokenize(tokenizer, [d.text for d in docs], add_eos=False, max_tokens=config.max_tokens_per_doc)
+
+
+def _nll(scored: list[dict[str, np.ndarray]], expert: str) -> np.ndarray:
+    """[N] NLL sum of each document under `expert` (NaN where it was not scored)."""
+    return np.array([-lp[expert].sum(dtype=np.float64) if expert in lp else np.nan for lp in scored])
+
+
+def _mixture_name(top_k: int) -> str:
+    return "routed" if top_k == 1 else f"routed-top{top_k}"
+
+
+def _paired_comparisons(top_ks: list[int]) -> list[tuple[str, str]]:
+    """PAIRED_COMPARISONS and each top-k mixture against the base, the baselines and top-1 routing."""
+    mixtures = [_mixture_name(n) for n in top_ks if n > 1]
+    return PAIRED_COMPARISONS + [(m, ref) for m in mixtures for ref in ("base", "lora-all", "lora-wide", "full",
+                                                                         "routed")]
 
 
 def _trained_baselines(run: Run, k: int, config: EvalConfig) -> list[str]:
@@ -176,21 +311,6 @@ def _trained_baselines(run: Run, k: int, config: EvalConfig) -> list[str]:
         raise UserError(f"{run.path}: baselines not trained ({', '.join(untrained)}); run `upcycle introvert "
                         f"train-baselines {run.path}` first, or evaluate without them (--eval.baselines false)")
     return baselines
-
-
-def _expert_nll(experts: IntrovertExperts, ids: list, score, k: int, choices: list[np.ndarray] | None) -> np.ndarray:
-    """[K, N] NLL of each document under the experts that `choices` (one expert index per document, for each method)
-    give it, or under every expert when `choices` is None ('best' needs them all); NaN where not scored."""
-    needed: dict[int, set[int]] = {c: set() for c in range(k)}
-    for i in range(len(ids)):
-        for c in (range(k) if choices is None else {int(choice[i]) for choice in choices}):
-            needed[c].add(i)
-    expert_nll = np.full((k, len(ids)), np.nan)
-    for c in range(k):
-        with experts.using(expert_id(c)) as model:
-            chosen = sorted(needed[c])
-            expert_nll[c, chosen], _ = score(model, [ids[i] for i in chosen])
-    return expert_nll
 
 
 def _training_summary(run: Run, expert_ids: list[str], baselines: list[str]) -> dict:

@@ -10,12 +10,15 @@ import contextlib
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from upcycle.errors import UserError
+from upcycle.introvert.router import Route
 from upcycle.introvert.run import Run, cluster_of
 from upcycle.serving.router import AUTO, BASE
 
@@ -152,6 +155,35 @@ class IntrovertExperts:
                 out[i] = (float(total), int(n))
         return out
 
+    @torch.no_grad()
+    def token_log_probs(self, ids: Sequence[Sequence[int]], experts: Sequence[Collection[str]], block_size: int = 256,
+                        batch_size: int = 16) -> list[dict[str, np.ndarray]]:
+        """Per-token log-probabilities of each tokenised document under each of its experts ('base': no adapter):
+        out[i][e] for every e in experts[i], in text order (`upcycle.eval.perplexity.document_log_probs`).
+
+        One adapter swap per expert, each expert's documents batched together.
+        """
+        from upcycle.eval.perplexity import document_log_probs
+
+        out: list[dict[str, np.ndarray]] = [{} for _ in ids]
+        for expert in sorted({e for wanted in experts for e in wanted}):
+            group = [i for i, wanted in enumerate(experts) if expert in wanted]
+            with self.using(expert) as model:
+                scored = document_log_probs(model, [ids[i] for i in group], self.tokenizer.pad_token_id, block_size,
+                                            batch_size)
+            for i, log_probs in zip(group, scored):
+                out[i][expert] = log_probs
+        return out
+
+    def mixture_nll(self, ids: Sequence[Sequence[int]], routes: Sequence[Route], block_size: int = 256,
+                    batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """(NLL sum, predicted tokens) of each tokenised document under its route: c-BTM's mixture of the route's
+        experts, per token log p(x_t) = logsumexp_i(log w_i + log p_i(x_t)), with the weights fixed per document
+        (a route with no clusters: the base). `reference_mixture_nll` is the same as a plain loop."""
+        members = [route_members(route) for route in routes]
+        scored = self.token_log_probs(ids, [dict(m) for m in members], block_size, batch_size)
+        return mix_documents(scored, members)
+
     def perplexity(self, texts: list[str], expert: str | None = AUTO, block_size: int = 256) -> list[float]:
         """Per-text perplexity with routed experts ('auto'), a named expert, or the base (None / 'base')."""
         scores = self.token_nll(texts, self._resolve(texts, expert), block_size)
@@ -176,3 +208,48 @@ class IntrovertExperts:
         new = output[0, encoded["input_ids"].shape[1]:]
         return Generation(text=self.tokenizer.decode(new, skip_special_tokens=True), expert=chosen,
                           prompt_tokens=encoded["input_ids"].shape[1], completion_tokens=int(new.shape[0]))
+
+
+def route_members(route: Route) -> list[tuple[str, float]]:
+    """(expert, weight) of each member of the route's mixture; the base alone when the route has no clusters."""
+    return list(zip(route.experts, route.weights)) if route.clusters else [(BASE, 1.0)]
+
+
+def mix_documents(scored: Sequence[dict[str, np.ndarray]], members: Sequence[Sequence[tuple[str, float]]]
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """(NLL sum, predicted tokens) per document of the mixtures `members[i]` ((expert, weight) pairs) from the
+    per-token log-probabilities `scored[i][expert]`."""
+    from upcycle.eval.perplexity import mix_log_probs
+
+    nll = np.array([-mix_log_probs([lp[e] for e, _ in m], [w for _, w in m]).sum() for lp, m in zip(scored, members)])
+    count = np.array([len(next(iter(lp.values()))) if lp else 0 for lp in scored], dtype=np.int64)
+    return nll, count
+
+
+@torch.no_grad()
+def reference_mixture_nll(experts: IntrovertExperts, ids: Sequence[Sequence[int]], routes: Sequence[Route],
+                          block_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Plain float64 mixture scoring, as a loop (what `IntrovertExperts.mixture_nll` computes in batches):
+
+        for each document, with its route's experts e_i and weights w_i (no clusters: the base, weight 1):
+            for each block of block_size consecutive tokens, and each position t >= 1 of the block:
+                p_i = softmax(logits of expert e_i run on the block alone)[t - 1] at token t, for every i
+                nll += -log(sum over i of w_i * p_i)
+    """
+    nll, count = [], []
+    for seq, route in zip(ids, routes):
+        total, n = 0.0, 0
+        for start in range(0, len(seq), block_size):
+            block = torch.as_tensor(list(seq[start:start + block_size]), dtype=torch.long)[None]  # [1, L]
+            if block.shape[1] < 2:
+                continue
+            mixed = torch.zeros(block.shape[1] - 1, dtype=torch.float64)
+            for expert, weight in route_members(route):
+                with experts.using(expert) as model:
+                    logits = model(input_ids=block.to(experts.device)).logits[0, :-1].double().cpu()
+                mixed += weight * torch.softmax(logits, dim=-1).gather(1, block[0, 1:, None])[:, 0]
+            total += float(-mixed.log().sum())
+            n += block.shape[1] - 1
+        nll.append(total)
+        count.append(n)
+    return np.array(nll), np.array(count, dtype=np.int64)

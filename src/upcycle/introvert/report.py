@@ -20,18 +20,52 @@ METHOD_LABELS = {
 }
 
 
-def results_table(results: dict) -> tuple[list[str], list[list[object]]]:
-    """Header and rows of the main table: method, perplexity, 95% CI, and delta vs base."""
-    base = results["methods"]["base"]["perplexity"]
+GUARD_LABELS = {
+    "base": "base (no training)",
+    "routed": "routed top-1, no guard",
+    "guarded-base": "guarded: beyond the threshold -> base",
+    "guarded-mixture": "guarded: beyond the threshold -> top-2 mixture",
+}
+
+
+def method_label(name: str, results: dict | None = None) -> str:
+    """The readable name of a method; a top-k mixture says its k and the temperature chosen on validation."""
+    if name.startswith("routed-top"):
+        k = name.removeprefix("routed-top")
+        chosen = ((results or {}).get("mixture") or {}).get("chosen", {}).get(k)
+        return f"routed top-{k} mixture (c-BTM{f', T={chosen:g} chosen on validation' if chosen else ''})"
+    return METHOD_LABELS.get(name) or GUARD_LABELS.get(name, name)
+
+
+def _ordered_methods(results: dict) -> list[str]:
+    """Methods in reading order: base, routed, the top-k mixtures, then the controls and baselines."""
+    mixtures = sorted((n for n in results["methods"] if n.startswith("routed-top")), key=lambda n: int(n[10:]))
+    order = ["base", "routed", *mixtures, *[n for n in METHOD_LABELS if n not in ("base", "routed")]]
+    return [n for n in order if n in results["methods"]]
+
+
+def _perplexity_rows(methods: dict, names: list[str], labels: list[str], base: float) -> list[list[object]]:
     rows = []
-    for name, label in METHOD_LABELS.items():
-        m = results["methods"].get(name)
-        if m is None:
-            continue
+    for name, label in zip(names, labels):
+        m = methods[name]
         ci = m.get("ci95")
         rows.append([label, m["perplexity"], f"{ci[0]:.2f}-{ci[1]:.2f}" if ci else "",
                      f"{100 * (m['perplexity'] / base - 1):+.1f}%"])
+    return rows
+
+
+def results_table(results: dict) -> tuple[list[str], list[list[object]]]:
+    """Header and rows of the main table: method, perplexity, 95% CI, and delta vs base."""
+    names = _ordered_methods(results)
+    rows = _perplexity_rows(results["methods"], names, [method_label(n, results) for n in names],
+                            results["methods"]["base"]["perplexity"])
     return ["method", f"{results['split']} perplexity", "95% CI (bootstrap over docs)", "vs base"], rows
+
+
+def _paired_table(paired: list[dict]) -> str:
+    rows = [[method_label(p["method"]).split(" (")[0], method_label(p["reference"]).split(" (")[0],
+             f"{p['delta_pct']:+.2f}%", f"{p['ci95_pct'][0]:+.2f}% to {p['ci95_pct'][1]:+.2f}%"] for p in paired]
+    return markdown_table(["method", "reference", "perplexity change", "95% CI (paired bootstrap)"], rows)
 
 
 def write_report(run: Run | str | Path) -> Path:
@@ -46,12 +80,10 @@ def write_report(run: Run | str | Path) -> Path:
              f"documents, first {results['config']['max_tokens_per_doc']} tokens of each scored.", "",
              "## Held-out perplexity", "", markdown_table(*results_table(results)), ""]
     if results.get("paired"):
-        rows = [[METHOD_LABELS[p["method"]].split(" (")[0], METHOD_LABELS[p["reference"]].split(" (")[0],
-                 f"{p['delta_pct']:+.2f}%", f"{p['ci95_pct'][0]:+.2f}% to {p['ci95_pct'][1]:+.2f}%"]
-                for p in results["paired"]]
         lines += ["Paired comparisons (the same documents resampled for both methods; a negative change means lower "
-                  "perplexity than the reference):", "",
-                  markdown_table(["method", "reference", "perplexity change", "95% CI (paired bootstrap)"], rows), ""]
+                  "perplexity than the reference):", "", _paired_table(results["paired"]), ""]
+    lines += _mixture_section(results)
+    lines += _guard_section(results)
     routing = results["routing"]
     lines += ["## Routing", "",
               f"- routing accuracy (prompt of {results['config']['route_chars']} chars -> own cluster): "
@@ -68,6 +100,49 @@ def write_report(run: Run | str | Path) -> Path:
     path = run.path / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def _mixture_section(results: dict) -> list[str]:
+    """The temperature grid the top-k mixtures were tuned on (validation split)."""
+    grid = (results.get("mixture") or {}).get("validation_perplexity") or {}
+    if not grid:
+        return []
+    temperatures = list(next(iter(grid.values())))
+    rows = [[f"top-{k}", *[values[t] for t in temperatures], results["mixture"]["chosen"][k]]
+            for k, values in grid.items()]
+    return ["## Top-k mixtures (c-BTM)", "",
+            f"Each document is scored by the mixture of the k experts nearest to its prompt, weights softmax(-d²/T). "
+            f"T is chosen per k on the {results['mixture']['validation_documents']} validation documents (never on "
+            "the test split):", "",
+            markdown_table(["k", *[f"T={t}" for t in temperatures], "chosen T"], rows), ""]
+
+
+def _guard_section(results: dict) -> list[str]:
+    """The out-of-domain guard: threshold, documents flagged, perplexities in domain and on a held-out domain."""
+    guard = results.get("guard")
+    if not guard:
+        return []
+    flagged = guard["validation_prompts_flagged"]
+    lines = ["## Out-of-domain guard", "",
+             f"Threshold d² = {guard['threshold']:.4f}: the {guard['percentile']:g}th percentile of the validation "
+             f"documents' squared distances to their nearest centroid. Beyond it a request goes to the base, or to "
+             f"the top-2 mixture (T = {guard['out_of_domain_temperature']:g})."
+             + (f" It flags {100 * flagged:.1f}% of the validation prompts." if flagged is not None else ""), ""]
+    for split, title in ((results["split"], f"in domain ({results['split']} split)"),
+                         ("heldout", f"held-out domain `{(guard.get('heldout') or {}).get('data')}`")):
+        entry = guard.get(split)
+        if not entry:
+            continue
+        names = [n for n in GUARD_LABELS if n in entry["methods"]]
+        base = entry["methods"].get("base", entry["methods"]["routed"])["perplexity"]
+        lines += [f"### {title}", "",
+                  f"The guard flags {entry['flagged']} of {entry['documents']} documents "
+                  f"({100 * entry['flagged_share']:.1f}%).", "",
+                  markdown_table(["method", "perplexity", "95% CI (bootstrap over docs)",
+                                  "vs base" if "base" in entry["methods"] else "vs routed"],
+                                 _perplexity_rows(entry["methods"], names, [GUARD_LABELS[n] for n in names], base)),
+                  "", _paired_table(entry["paired"]), ""]
+    return lines
 
 
 def _base_section(run: Run) -> list[str]:

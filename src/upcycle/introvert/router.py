@@ -73,7 +73,7 @@ class CentroidRouter:
         if not temperature > 0:
             raise UserError(f"the mixture temperature must be > 0, got {temperature}")
         ids, distances = self.search(embeddings, top_k)  # [N, k] each, ascending distance
-        return ids, _softmax(-distances.astype(np.float64) / temperature).astype(np.float32)
+        return ids, mixture_weights(distances, temperature).astype(np.float32)
 
     def search(self, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest centroids of each query: ([N, k] int64 ids, [N, k] float32 squared distances)."""
@@ -229,6 +229,11 @@ def _faiss_threads(threads: int | None) -> Iterator[None]:
         yield
     finally:
         faiss.omp_set_num_threads(previous)
+
+
+def mixture_weights(distances: np.ndarray, temperature: float) -> np.ndarray:
+    """c-BTM's weights softmax(−d² / T) over each row of squared distances [N, k], in float64."""
+    return _softmax(-np.asarray(distances, np.float64) / temperature)
 
 
 def _softmax(logits: np.ndarray) -> np.ndarray:
