@@ -257,6 +257,8 @@ def test_ctrl_c_leaves_no_half_written_expert_and_rerun_finishes(tmp_path, corpu
 
 
 def test_ablation_over_k_reuses_embeddings_and_reports_intervals(trained_run):
+    if not (trained_run / "eval" / "results.json").is_file():  # run alone: the report needs the evaluation
+        assert main(["introvert", "evaluate", str(trained_run), "--eval.bootstrap", "20"]) == 0
     code = main(["introvert", "ablate", str(trained_run), "--clusters", "[1,2]", "--seeds", "[0,1]",
                  "--total_tokens", "512", "--expert.batch_size", "2", "--expert.block_size", "64",
                  "--eval.bootstrap", "20"])

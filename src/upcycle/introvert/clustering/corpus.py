@@ -156,6 +156,10 @@ def refit_clusters(parent: Run, out: Path, config: ClusterConfig) -> Run:
     added = {"generations": meta["generations"]} if meta.get("generations") else {}
     child = Run.new_meta(data=meta["data"], text_field=meta.get("text_field", "text"), base=meta["base"],
                          splits=meta["splits"], parent=str(parent.path), **added)
-    write_clusters(run, child, docs, embeddings, config, meta["clusters"]["embedder"],
-                   lambda folder: shutil.copytree(parent.clusters_dir / "embedder", folder / "embedder"))
+
+    def save_inputs(folder: Path) -> None:  # the same inputs as the parent's: its embedder and split embeddings
+        for name in ("embedder", EMBEDDINGS):
+            shutil.copytree(parent.clusters_dir / name, folder / name)
+
+    write_clusters(run, child, docs, embeddings, config, meta["clusters"]["embedder"], save_inputs)
     return run
