@@ -72,3 +72,19 @@ def test_corrupt_checkpoint_says_what_to_do(tmp_path, tiny_llama_dir, tiny_token
     (tmp_path / "train_state.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(UserError, match="delete it"):
         train(_model(tiny_llama_dir), _blocks(tiny_tokenizer), TrainConfig(steps=1), checkpoint_dir=tmp_path)
+
+
+def test_parameter_groups_scale_the_schedule(tiny_llama_dir, tiny_tokenizer):
+    blocks = _blocks(tiny_tokenizer, n=8)
+    config = TrainConfig(steps=3, batch_size=4, lr=5e-3, warmup_steps=1)
+    plain, grouped, frozen = (_model(tiny_llama_dir) for _ in range(3))
+    train(plain, blocks, config, parameters=list(plain.parameters()))
+    train(grouped, blocks, config, parameters=[{"params": list(grouped.parameters()), "lr_scale": 1.0}])
+    for (name, a), b in zip(plain.state_dict().items(), grouped.state_dict().values()):
+        assert torch.equal(a, b), name
+    embeddings = frozen.get_input_embeddings().weight
+    before = embeddings.detach().clone()
+    rest = [p for p in frozen.parameters() if p is not embeddings]
+    train(frozen, blocks, config, parameters=[{"params": rest}, {"params": [embeddings], "lr_scale": 0.0}])
+    assert torch.equal(embeddings.detach(), before)
+    assert not torch.equal(frozen.model.norm.weight, _model(tiny_llama_dir).model.norm.weight)

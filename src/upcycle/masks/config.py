@@ -146,6 +146,10 @@ class MaskTrainConfig:
     round 3). The 'open' init needs it on."""
     cluster_tokens: int = 32768
     """Training tokens whose FFN inputs the 'clusters' init clusters."""
+    ffn_lr: float | None = None
+    """Also fine-tune the masked layers' FFN weights, at this learning rate, on the same tokens (the FFN adapts to
+    the neurons it keeps, as in pruning + fine-tune; masks.safetensors then holds the FFN weights too). None: the
+    FFN stays frozen and the masks alone learn."""
     train: TrainConfig = field(default_factory=_default_train)
     """Optimisation settings of the shared loop; `train.lr` is the masks' and routers' learning rate."""
 
@@ -157,6 +161,8 @@ class MaskTrainConfig:
         if self.masks.init == "open" and not self.train_routers:
             raise UserError("--recipe.masks.init open starts from random routers; train them too "
                             "(--recipe.train_routers true)")
+        if self.ffn_lr is not None and not self.ffn_lr > 0:
+            raise UserError(f"--recipe.ffn_lr must be > 0 (or null), got {self.ffn_lr}")
         if self.cluster_tokens < 1:
             raise UserError(f"--recipe.cluster_tokens must be >= 1, got {self.cluster_tokens}")
         self.lagrangian()  # validates target, lambda_lr and initial_lambda2

@@ -77,7 +77,7 @@ def train(
     *,
     eval_blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
     loss_fn: LossFn = causal_lm_loss,
-    parameters: list[nn.Parameter] | None = None,
+    parameters: list[nn.Parameter] | list[dict] | None = None,
     after_step: Callable[[int, dict[str, float]], None] | None = None,
     checkpoint_dir: str | Path | None = None,
     description: str = "train",
@@ -85,8 +85,9 @@ def train(
 ) -> TrainResult:
     """Train `model` on random blocks of `train_blocks` = (inputs [N, L], labels [N, L]) for `config.steps` steps.
 
-    Only `parameters` (default: those with requires_grad) are optimised. With `checkpoint_dir`, the run saves
-    resumable state every `config.checkpoint_every` steps and resumes from it when started again. `progress` is a
+    Only `parameters` (default: those with requires_grad) are optimised; they may be optimizer groups
+    `{"params": [...], "lr_scale": s}`, whose learning rate is the schedule's times s. With `checkpoint_dir`, the run
+    saves resumable state every `config.checkpoint_every` steps and resumes from it when started again. `progress` is a
     rich Progress to add a task to (one is made when None and the output is a terminal).
     """
     from accelerate import Accelerator
@@ -128,13 +129,15 @@ def train(
     return result
 
 
-def _optimizer(model: nn.Module, parameters: list[nn.Parameter] | None, config: TrainConfig,
+def _optimizer(model: nn.Module, parameters: list[nn.Parameter] | list[dict] | None, config: TrainConfig,
                description: str) -> tuple[list[nn.Parameter], torch.optim.Optimizer]:
-    """AdamW over `parameters`, or over every parameter that requires grad; refuses a model with nothing to train."""
-    params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    """AdamW over `parameters` (tensors or groups), or over every parameter that requires grad; refuses a model with
+    nothing to train. Returns the flat list of parameters too (what gradient clipping sees)."""
+    groups = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    params = [p for g in groups for p in g["params"]] if groups and isinstance(groups[0], dict) else list(groups)
     if not params:
         raise UserError(f"{description}: the model has no trainable parameters")
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay, betas=(0.9, 0.95))
     return params, optimizer
 
 
@@ -163,7 +166,7 @@ def _optimizer_step(model: nn.Module, optimizer, accelerator, params: list[nn.Pa
                     batch: tuple[torch.Tensor, torch.Tensor], step: int, config: TrainConfig) -> dict[str, float]:
     """One scheduled AdamW step on `batch`; returns the step's record (step, lr, loss and `loss_fn`'s metrics)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr_at(step, config)
+        group["lr"] = lr_at(step, config) * group.get("lr_scale", 1.0)
     loss, metrics = loss_fn(model, *batch)
     accelerator.backward(loss)
     if config.grad_clip:

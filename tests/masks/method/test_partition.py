@@ -80,3 +80,24 @@ def test_partition_training_compacts_to_disjoint_blocks_stored_once():
 def test_settings_the_partition_cannot_work_with_are_refused(masks, target, message):
     with pytest.raises(UserError, match=message):
         MaskTrainConfig(target=target, masks=MaskConfig(**masks))
+
+
+def test_ffn_fine_tuning_trains_the_masked_ffns_and_round_trips_through_the_mask_state():
+    from upcycle.masks.method.surgery import add_masks, load_mask_state, mask_state_dict
+
+    model = tiny_decoder()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = tiny_config(steps=6, masks=PARTITION, target=0.5, ffn_lr=1e-3)
+    train_masks(model, random_blocks(), config)
+    after = model.state_dict()
+    ffn = [k for k in before if any(f".mlp.{p}." in k for p in ("gate_proj", "up_proj", "down_proj"))]
+    assert ffn and all(not torch.equal(before[k], after[k]) for k in ffn)
+    untouched = [k for k in before if k not in ffn and k in after]
+    assert untouched and all(torch.equal(before[k], after[k]) for k in untouched)
+    state = mask_state_dict(model, ffn=True)
+    assert set(ffn) <= set(state) and not set(ffn) & set(mask_state_dict(model))
+    again = tiny_decoder()
+    add_masks(again, PARTITION)
+    load_mask_state(again, state, ffn=True)
+    tokens = random_blocks(2)[0]
+    torch.testing.assert_close(again.eval()(input_ids=tokens).logits, model.eval()(input_ids=tokens).logits)

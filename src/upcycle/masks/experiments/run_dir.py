@@ -49,8 +49,14 @@ def save_masks(run: str | Path, model: nn.Module, meta: dict) -> None:
 
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(run / WEIGHTS, save({k: v.contiguous().cpu() for k, v in mask_state_dict(model).items()}))
+    state = mask_state_dict(model, ffn=trains_ffn(meta))
+    atomic_write_bytes(run / WEIGHTS, save({k: v.contiguous().cpu() for k, v in state.items()}))
     write_meta(run, meta)
+
+
+def trains_ffn(meta: dict) -> bool:
+    """Whether the run fine-tuned the FFN weights with its masks (then masks.safetensors holds them too)."""
+    return meta.get("config", {}).get("ffn_lr") is not None
 
 
 def write_meta(run: str | Path, meta: dict) -> None:
@@ -83,5 +89,5 @@ def apply_masks(run: str | Path, model: nn.Module, base: str) -> dict:
                         f"{trained_on['fingerprint']}), not on {base} ({fingerprint}); pass the base they belong to")
     add_masks(model, MaskConfig(**meta["masks"]))
     state = load_file(str(Path(run) / WEIGHTS))
-    load_mask_state(model, state, source=f"the masks in {run}")
+    load_mask_state(model, state, source=f"the masks in {run}", ffn=trains_ffn(meta))
     return meta

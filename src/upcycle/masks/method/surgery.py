@@ -44,14 +44,26 @@ def mask_parameters(model: nn.Module, routers: bool = True) -> list[nn.Parameter
     return gates + [p for layer in layers for p in layer.router.parameters()] if routers else gates
 
 
-def mask_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Only the masks' tensors (router and gates), keyed as in model.state_dict()."""
-    return {k: v.detach().clone() for k, v in model.state_dict().items() if any(f in k for f in MASK_KEYS)}
+def ffn_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The masked layers' FFN weights (gate, up and down projections), for fine-tuning them with the masks."""
+    return [p for _, layer in masked_ffns(model)
+            for proj in (layer.gate_proj, layer.up_proj, layer.down_proj) for p in proj.parameters()]
 
 
-def load_mask_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "the masks") -> None:
-    """Load router and gate tensors saved by `mask_state_dict`, checking they fit this model's masked layers."""
-    own = mask_state_dict(model)
+def mask_state_dict(model: nn.Module, ffn: bool = False) -> dict[str, torch.Tensor]:
+    """Only the masks' tensors (router and gates), keyed as in model.state_dict(); with `ffn` also the masked
+    layers' FFN weights (a run that fine-tuned them)."""
+    prefixes = tuple(f"{name}.{proj}." for name, _ in masked_ffns(model) for proj in ("gate_proj", "up_proj",
+                                                                                        "down_proj")) if ffn else ()
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if any(f in k for f in MASK_KEYS) or k.startswith(prefixes)}
+
+
+def load_mask_state(model: nn.Module, state: dict[str, torch.Tensor], source: str = "the masks",
+                    ffn: bool = False) -> None:
+    """Load router and gate tensors (and with `ffn` the FFN weights) saved by `mask_state_dict`, checking they fit
+    this model's masked layers."""
+    own = mask_state_dict(model, ffn)
     missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
     if missing or unexpected:
         example = (missing or unexpected)[0]

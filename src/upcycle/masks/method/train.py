@@ -19,7 +19,13 @@ from upcycle.masks.config import MaskTrainConfig
 from upcycle.masks.method.active import collect_expected_active
 from upcycle.masks.method.cluster_init import apply_cluster_starts, cluster_starts
 from upcycle.masks.method.lagrangian import Lagrangian
-from upcycle.masks.method.surgery import add_masks, mask_parameters, mask_state_dict, masked_ffns
+from upcycle.masks.method.surgery import (
+    add_masks,
+    ffn_parameters,
+    mask_parameters,
+    mask_state_dict,
+    masked_ffns,
+)
 from upcycle.training.loop import TrainResult, is_main_process, train
 
 log = logging.getLogger(__name__)
@@ -31,9 +37,10 @@ exactly as before rather than trust k-means to come out bit-identical a second t
 
 
 def prepare_masked_model(model: nn.Module, config: MaskTrainConfig, train_inputs: torch.Tensor | None = None
-                         ) -> list[nn.Parameter]:
+                         ) -> list[nn.Parameter] | list[dict]:
     """Add mask experts to `model` (unless it has them), started as `config.masks.init` says (the 'clusters' init
-    reads `train_inputs` [N, L]), and freeze everything else. Returns the trainable parameters."""
+    reads `train_inputs` [N, L]), and freeze everything else. Returns the trainable parameters: with
+    `config.ffn_lr`, two optimizer groups, the masks' and the FFN weights' (at ffn_lr)."""
     if not masked_ffns(model):
         starts = None
         if config.masks.init == "clusters":
@@ -48,9 +55,12 @@ def prepare_masked_model(model: nn.Module, config: MaskTrainConfig, train_inputs
     for param in model.parameters():
         param.requires_grad_(False)
     params = mask_parameters(model, routers=config.train_routers)
-    for param in params:
+    ffn = ffn_parameters(model) if config.ffn_lr is not None else []
+    for param in params + ffn:
         param.requires_grad_(True)
-    return params
+    if not ffn:
+        return params
+    return [{"params": params}, {"params": ffn, "lr_scale": config.ffn_lr / config.train.lr}]
 
 
 def train_masks(model: nn.Module, train_blocks: tuple[torch.Tensor, torch.Tensor], config: MaskTrainConfig,
