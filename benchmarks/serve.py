@@ -20,6 +20,11 @@ Issue 15's scale row: 10,000 experts, Zipf traffic, concurrency 1, with the CPU 
 smaller than the traffic's working set, so that the disk tier does real work; its disk loads and swap latencies
 during the timed traffic are reported beside routed / base.
 
+The llama.cpp peer (`--llamacpp`, SmolLM2 shape): our base converted to an F32 GGUF and 100 experts to GGUF LoRA
+(`upcycle.serving.llamacpp`); tokens/s with one adapter at batch 1, with per-request switching among 100 adapters,
+and with 16 clients each on a different expert, ours and llama.cpp's in interleaved rounds, plus the shipped Q4_1
+GGUF under the same adapters for reference. Both sides run one thread.
+
 Swaps per tier (disk -> CPU, CPU -> active slot, disk -> active slot) and PEFT's `load_adapter` of the same files.
 
 Expert files are written once to `--cache-dir` (default $UPCYCLE_CACHE/bench-serve, else ~/.cache/upcycle/bench-serve)
@@ -33,6 +38,7 @@ Usage:
   python benchmarks/serve.py --out serve.json              # everything (the lead's full run; tens of minutes)
   python benchmarks/serve.py --shapes smollm2-135m --concurrency 1,16 --out part.json   # one part
   python benchmarks/serve.py --profile                     # torch.profiler of decode steps, SmolLM2 shape, 16 rows
+  python benchmarks/serve.py --llamacpp --out peer.json    # ours vs llama.cpp (F32, Q4_1), needs the llamacpp extra
 """
 
 from __future__ import annotations
@@ -518,6 +524,109 @@ def _top_ops(prof, n: int) -> list[dict]:
              "share": round(e.self_cpu_time_total / total, 3)} for e in events[:n]]
 
 
+# -- the llama.cpp peer (optional extra) ----------------------------------------------------------------------------
+def gguf_files(args: argparse.Namespace, base: Path, experts: dict[str, Path], n: int) -> tuple[Path, dict[str, Path]]:
+    """Our base as an F32 GGUF and the first `n` experts as GGUF LoRA adapters, converted once into the cache."""
+    from upcycle.serving.llamacpp import convert_adapter, convert_base
+
+    root = args.cache_dir / f"gguf-{base.name}"
+    f32 = root / "model-f32.gguf"
+    if not f32.is_file():
+        convert_base(base, f32)
+    loras = {}
+    for name, path in list(experts.items())[:n]:
+        source = path.resolve()
+        loras[name] = root / "lora" / f"{os.stat(source / 'adapter_model.safetensors').st_ino}.gguf"  # per pool file
+        if not loras[name].is_file():
+            convert_adapter(source, base, loras[name])
+    return f32, loras
+
+
+def drive_peer(peer, work: list[tuple[list[int], str | None]], max_tokens: int, tally: Tally) -> None:
+    """llama.cpp serves one request at a time (a context's adapter applies to all of its sequences)."""
+    tokens_before, begin = tally.tokens, time.perf_counter()
+    for prompt, expert in work:
+        start = time.perf_counter()
+        tally.tokens += len(peer.generate(prompt, expert, max_tokens))
+        tally.latencies.append(time.perf_counter() - start)
+    wall = time.perf_counter() - begin
+    tally.wall += wall
+    tally.per_round.append((tally.tokens - tokens_before) / wall)
+
+
+def llamacpp_scenarios(experts: list[str], n_timed: int, clients: int) -> dict[str, tuple[int, list[str | None]]]:
+    """{scenario: (our engine's concurrency, expert of each request)} for the three comparisons issue 12 asks."""
+    rng = random.Random(5)
+    return {"base": (1, [None] * n_timed), "one_adapter": (1, [experts[0]] * n_timed),
+            "switch_100": (1, [rng.choice(experts) for _ in range(n_timed)]),
+            f"clients_{clients}_distinct": (clients, [experts[i % clients] for i in range(n_timed * clients)])}
+
+
+def llamacpp_peer(args: argparse.Namespace) -> dict:
+    """Ours vs llama.cpp (F32, and the shipped Q4_1 for reference) on the SmolLM2 shape, interleaved per round."""
+    from transformers import AutoTokenizer
+
+    from upcycle.serving.llamacpp import LlamaCppPeer, require_llama_cpp
+
+    require_llama_cpp()
+    shape = shapes(args.tinyllama_layers)["smollm2-135m"]
+    base, weights = base_dir(args.cache_dir, shape, args.base)
+    experts, _ = expert_dirs(args.cache_dir, shape.name + ("-real" if weights.startswith("real") else ""), base,
+                             args.experts, args.pool_mb)
+    f32, loras = gguf_files(args, base, experts, 100)
+    peers = {"llamacpp_f32": LlamaCppPeer(f32, loras, n_ctx=256)}
+    q4 = _shipped_q4_1(args)
+    if q4 is not None:
+        peers["llamacpp_q4_1"] = LlamaCppPeer(q4, loras, n_ctx=256)
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    run = ShapeRun(base, tokenizer, dict(list(experts.items())[:100]), args)
+    n_timed = args.rounds * args.llamacpp_requests
+    texts = prompts_from(tokenizer, n_timed * args.llamacpp_clients, seed=7)
+    out: dict = {"weights": weights, "gguf_f32": str(f32), "gguf_q4_1": str(q4) if q4 else None,
+                 "threads": "1 torch thread (ours), n_threads=1 (llama.cpp)"}
+    for scenario, (concurrency, picks) in llamacpp_scenarios(list(run.experts), n_timed,
+                                                           args.llamacpp_clients).items():
+        print(f"[serve] llama.cpp peer: {scenario}", file=sys.stderr, flush=True)
+        work = list(zip(texts, picks, strict=False))
+        out[scenario] = _ours_against_peers(run, peers, work, concurrency, args)
+    for peer in peers.values():
+        peer.close()
+    return out
+
+
+def _ours_against_peers(run: ShapeRun, peers: dict, work: list, concurrency: int, args: argparse.Namespace) -> dict:
+    """One scenario: our engine and each llama.cpp peer in interleaved rounds; ours / peer tokens/s."""
+    engine = (run.plain(concurrency) if work[0][1] is None else run.routed(concurrency, len(run.experts)))().start()
+    try:
+        drive(engine, work[:concurrency], concurrency, 2, Tally())  # warm-up
+        for peer in peers.values():
+            drive_peer(peer, work[:1], 2, Tally())
+        tallies = {"ours": Tally(), **{name: Tally() for name in peers}}
+        for r in range(args.rounds):
+            chunk = work[r::args.rounds]
+            for name in (list(tallies)[r % len(tallies):] + list(tallies)[: r % len(tallies)]):
+                if name == "ours":
+                    drive(engine, chunk, concurrency, args.max_tokens, tallies[name])
+                else:
+                    drive_peer(peers[name], chunk, args.max_tokens, tallies[name])
+    finally:
+        engine.close()
+    block = {name: tally.summary() for name, tally in tallies.items()}
+    for name in peers:
+        block[f"ours_over_{name}"] = round(block["ours"]["tokens_per_s"] / block[name]["tokens_per_s"], 3)
+    return block
+
+
+def _shipped_q4_1(args: argparse.Namespace) -> Path | None:
+    from upcycle.errors import UserError
+    from upcycle.models.gguf import locate_gguf
+
+    try:
+        return locate_gguf(args.base) if args.base else None
+    except UserError:
+        return None
+
+
 # -- command line ------------------------------------------------------------------------------------------------------
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -545,6 +654,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--profile", action="store_true", help="only profile decode steps (see --profile-shape)")
     add("--profile-shape", default="smollm2-135m")
     add("--profile-steps", type=int, default=20)
+    add("--llamacpp", action="store_true", help="only the llama.cpp peer comparison (needs the llamacpp extra)")
+    add("--llamacpp-requests", type=int, default=4, help="timed requests per round and scenario (x clients at 16)")
+    add("--llamacpp-clients", type=int, default=16)
     add("--quick", action="store_true", help="smoke test: the tiny shape, small counts")
     add("--out", type=Path, default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
@@ -565,6 +677,8 @@ def main(argv: list[str] | None = None) -> dict:
     began = time.perf_counter()
     if args.profile:
         results: dict = {"profile": profile(args)}
+    elif args.llamacpp:
+        results = {"llamacpp": llamacpp_peer(args)}
     else:
         table = shapes(args.tinyllama_layers)
         names = args.shapes.split(",") if args.shapes else list(table)
