@@ -434,6 +434,8 @@ def bench_shape(shape: Shape, args: argparse.Namespace, scale: bool) -> dict:
     texts = prompts_from(tokenizer, 2 * requests_for(max(args.concurrency), args) * max(1, args.scale_factor))
     out: dict = {"shape": shape.label(), "weights": weights, "expert_files": files,
                  "lora_cost": lora_cost(shape), "generation": {}}
+    if shape.layers != shape.real_layers:
+        out["lora_cost_full_depth"] = lora_cost(shape, layers=shape.real_layers)
     for concurrency in args.concurrency:
         print(f"[serve] {shape.name}: concurrency {concurrency}", file=sys.stderr, flush=True)
         run.experts = dict(list(experts.items())[: args.experts])
@@ -462,7 +464,7 @@ def prompts_from(tokenizer, n: int, seed: int = 0) -> list[list[int]]:
 
 
 # -- the physical bound and the profile -------------------------------------------------------------------------------
-def lora_cost(shape: Shape, rank: int = 8, rows: int = 16) -> dict:
+def lora_cost(shape: Shape, rank: int = 8, rows: int = 16, layers: int | None = None) -> dict:
     """LoRA FLOPs and weight bytes per generated token against the base's (fp32, decode, all seven projections).
 
     FLOPs: 2 per multiply-add. Bytes at `rows` rows: the base's weights are read once per step and shared by all
@@ -474,9 +476,10 @@ def lora_cost(shape: Shape, rank: int = 8, rows: int = 16) -> dict:
              (shape.hidden, shape.ffn), (shape.hidden, shape.ffn), (shape.ffn, shape.hidden)]  # (in, out) per proj
     base_layer = sum(i * o for i, o in pairs)
     lora_layer = sum(rank * (i + o) for i, o in pairs)
-    base_params = shape.real_layers * base_layer + shape.vocab * shape.hidden  # + the head (embedding lookup ~free)
-    lora_params = shape.real_layers * lora_layer
-    return {"layers_counted": shape.real_layers, "base_matmul_params": base_params, "lora_params": lora_params,
+    layers = layers or shape.layers
+    base_params = layers * base_layer + shape.vocab * shape.hidden  # + the head (the embedding lookup is ~free)
+    lora_params = layers * lora_layer
+    return {"layers_counted": layers, "base_matmul_params": base_params, "lora_params": lora_params,
             "flops_lora_over_base": round(lora_params / base_params, 4),
             "adapter_mb_fp32": round(lora_params * 4 / 2**20, 2),
             f"bytes_lora_over_base_{rows}_distinct_rows": round(rows * lora_params / base_params, 4),
