@@ -281,10 +281,18 @@ def measure_interleaved(configs: dict[str, tuple], concurrency: int, max_tokens:
         for r in range(rounds):
             for name in names[r % len(names):] + names[: r % len(names)]:
                 drive(engines[name], configs[name][1][r::rounds], concurrency, max_tokens, tallies[name])
-        return {name: {**tallies[name].summary(), **cache_summary(engine)} for name, engine in engines.items()}
+        return {name: {**tallies[name].summary(), **step_summary(engine), **cache_summary(engine)}
+                for name, engine in engines.items()}
     finally:
         for engine in engines.values():
             engine.close()
+
+
+def step_summary(engine: Engine) -> dict:
+    """Scheduler steps of the timed traffic: how many, their median, and the seconds they add up to."""
+    steps = engine.stats.latency["step"]
+    return {"steps": steps.count, "step_p50_ms": _round(steps.percentile(50) * 1e3 if steps.count else None, 2),
+            "steps_s": round(steps.total, 2)}
 
 
 def cache_summary(engine: Engine) -> dict:
@@ -298,6 +306,7 @@ def cache_summary(engine: Engine) -> dict:
         values = list(stats.swaps[swap].recent)
         if values:
             out[f"{swap}_p50_ms"] = round(percentile(values, 50) * 1e3, 3)
+            out[f"{swap}_total_s"] = round(stats.swaps[swap].total, 3)  # slot fills run in admission, outside `steps_s`
     return out
 
 
@@ -503,7 +512,7 @@ def profile(args: argparse.Namespace) -> dict:
     timings = {}
     for name, make in (("base", run.plain(rows)), ("routed", run.routed(rows, len(experts)))):
         engine = make()  # not started: we step it ourselves
-        params = SamplingParams(max_tokens=100, temperature=0, ignore_eos=True)
+        params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)  # prompts <= 48: fits 128
         for i, prompt in enumerate(prompts_from(tokenizer, rows)):
             engine.submit(prompt, None if name == "base" else f"expert-{i * 37 % len(experts):05d}", params)
         for _ in range(4):  # admit, prefill, settle into pure decode steps
