@@ -261,9 +261,10 @@ def drive(engine: Engine, work: list[tuple[list[int], str | None]], concurrency:
 
 
 def engine_config(concurrency: int, cpu_adapters: int, cpu_bytes: int | None) -> EngineConfig:
-    # Slots: every running row holds one, plus room to keep the hottest adapters active between requests.
+    # Slots: every running row holds one, plus room to keep the hottest adapters active between requests. The merged
+    # weights (a second copy of every wrapped weight) serve steps whose rows all share one adapter: at concurrency 1.
     return EngineConfig(max_batch=concurrency, max_seq_len=128, n_slots=concurrency + 16, max_rank=8,
-                        torch_threads=1, merge_single_adapter=True,
+                        torch_threads=1, merge_single_adapter=concurrency == 1,
                         cache=CacheConfig(cpu_max_adapters=cpu_adapters, cpu_max_bytes=cpu_bytes))
 
 
@@ -701,7 +702,7 @@ def main(argv: list[str] | None = None) -> dict:
     results["setup"] = {
         "adapters": "random r=8, alpha=16, on q/k/v/o/gate/up/down",
         "engine": f"max_batch=concurrency, slots=concurrency+16, CPU tier {args.cpu_adapters} adapters / "
-                  f"{args.cpu_mb} MiB, torch threads 1, merge_single_adapter on",
+                  f"{args.cpu_mb} MiB, torch threads 1, merge_single_adapter at concurrency 1",
         "timing": f"{args.rounds} interleaved rounds per concurrency level after a cache-filling warm-up; "
                   "tokens_per_s is the median over rounds",
         "requests": f"prompts 16-48 tokens, {args.max_tokens} generated (greedy, ignore_eos), zipf s={args.zipf_s}",
