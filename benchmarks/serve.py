@@ -498,9 +498,8 @@ def lora_cost(shape: Shape, rank: int = 8, rows: int = 16, layers: int | None = 
 
 
 def profile(args: argparse.Namespace) -> dict:
-    """torch.profiler over `--profile-steps` engine steps with 16 decoding rows, each on a different adapter."""
-    from torch.profiler import ProfilerActivity
-    from torch.profiler import profile as torch_profile
+    """Decode steps with 16 rows, each on a different adapter, against the base: step times from interleaved rounds
+    (profiler off), then torch.profiler's op table over `--profile-steps` more steps of each."""
     from transformers import AutoTokenizer
 
     shape = shapes(args.tinyllama_layers)[args.profile_shape]
@@ -508,26 +507,55 @@ def profile(args: argparse.Namespace) -> dict:
     experts, _ = expert_dirs(args.cache_dir, shape.name + ("-real" if weights.startswith("real") else ""), base,
                              args.experts, args.pool_mb)
     tokenizer = AutoTokenizer.from_pretrained(base)
-    run = ShapeRun(base, tokenizer, experts, args)
-    rows = 16
-    timings = {}
-    for name, make in (("base", run.plain(rows)), ("routed", run.routed(rows, len(experts)))):
-        engine = make()  # not started: we step it ourselves
-        params = SamplingParams(max_tokens=64, temperature=0, ignore_eos=True)  # prompts <= 48: fits 128
+    run, rows = ShapeRun(base, tokenizer, experts, args), 16
+    engines = {"base": run.plain(rows)(), "routed": run.routed(rows, len(experts))()}  # not started: stepped here
+    params = SamplingParams(max_tokens=80, temperature=0, ignore_eos=True)  # prompts <= 48: fits 128
+    for name, engine in engines.items():
         for i, prompt in enumerate(prompts_from(tokenizer, rows)):
             engine.submit(prompt, None if name == "base" else f"expert-{i * 37 % len(experts):05d}", params)
         for _ in range(4):  # admit, prefill, settle into pure decode steps
             engine.step()
-        start = time.perf_counter()
-        with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
-            for _ in range(args.profile_steps):
-                engine.step()
-        timings[name] = {"step_ms": round((time.perf_counter() - start) / args.profile_steps * 1e3, 2),
-                         "top_ops": _top_ops(prof, 12)}
+    step_s: dict[str, list[float]] = {name: [] for name in engines}
+    for r in range(6):  # 6 rounds x 4 steps, alternating which engine goes first
+        for name in (list(engines) if r % 2 == 0 else list(engines)[::-1]):
+            start = time.perf_counter()
+            for _ in range(4):
+                engines[name].step()
+            step_s[name].append((time.perf_counter() - start) / 4)
+    out: dict = {name: {"step_ms": round(statistics.median(step_s[name]) * 1e3, 2)} for name in engines}
+    out["routed_over_base_step_time"] = round(out["base"]["step_ms"] / out["routed"]["step_ms"], 3)
+    for name, engine in engines.items():
+        out[name]["top_ops"] = _profiled_ops(engine, args.profile_steps)
         engine.close()
-    timings["routed_over_base_step_time"] = round(timings["base"]["step_ms"] / timings["routed"]["step_ms"], 3)
-    return {"shape": shape.label(), "weights": weights, "rows": rows, "steps": args.profile_steps,
-            "note": "profiler on (its own overhead is in both)", **timings, "lora_cost": lora_cost(shape)}
+    lora_ops = sum(op["share"] for op in out["routed"]["top_ops"] if op["op"] in ("aten::bmm", "aten::baddbmm_"))
+    out["routed"]["lora_ops_share"] = round(lora_ops, 3)
+    out["routed"]["regather_ms"] = regather_ms(engines["routed"], rows)
+    return {"shape": shape.label(), "weights": weights, "rows": rows, "profiled_steps": args.profile_steps, **out,
+            "lora_cost": lora_cost(shape)}
+
+
+def _profiled_ops(engine: Engine, steps: int) -> list[dict]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            engine.step()
+    return _top_ops(prof, 12)
+
+
+def regather_ms(engine: Engine, rows: int, reps: int = 5) -> float:
+    """Milliseconds to gather every wrapped layer's per-row A and B^T for `rows` rows on distinct slots: what a step
+    pays whenever the batch's rows change (a request admitted or finished), on top of the decode step above."""
+    from upcycle.ops.batched_lora import gather_lora
+
+    slots = torch.arange(rows)
+    best = float("inf")
+    for _ in range(reps):
+        start = time.perf_counter()
+        for layer in engine.lora.layers.values():
+            gather_lora(layer.lora_a, layer.lora_b, slots)
+        best = min(best, time.perf_counter() - start)
+    return round(best * 1e3, 2)
 
 
 def _top_ops(prof, n: int) -> list[dict]:
