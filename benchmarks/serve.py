@@ -748,4 +748,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    from upcycle.errors import UserError
+
+    try:
+        sys.exit(0 if main() else 1)
+    except UserError as error:  # e.g. --llamacpp without the extra: one line, not a traceback
+        sys.exit(f"error: {error}")
