@@ -38,6 +38,7 @@ from upcycle.data.splits import SPLITS
 from upcycle.errors import UserError
 from upcycle.introvert.config import AddConfig, ExpertConfig
 from upcycle.introvert.data import DOCUMENT_CLUSTERS, RunData, content_hash, generation_splits, merge_splits, run_splits
+from upcycle.introvert.run import SPLIT_EMBEDDINGS as EMBEDDINGS
 from upcycle.introvert.run import Run, expert_id
 from upcycle.io import atomic_directory, read_json, write_json
 
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 
 PENDING = "add-data.pending"  # RUN/add-data.pending/{plan.json, clusters/}: a generation staged, not yet committed
 PLAN_FILE = "plan.json"
-EMBEDDINGS = "embeddings"
 
 
 @dataclass
@@ -170,6 +170,7 @@ def plan_generation(run: Run, generation: Generation, config: AddConfig, out: Pa
     """Assign the new documents, update the centroids, write the complete new clusters/ into `out`, and return the
     plan: the generation's record and the experts to train."""
     from upcycle.introvert.clustering.clusters import Clusters
+    from upcycle.introvert.clustering.corpus import write_labelled_clusters
     from upcycle.introvert.embedding import load_embedder
     from upcycle.introvert.router import calibrate_guard
 
@@ -187,7 +188,7 @@ def plan_generation(run: Run, generation: Generation, config: AddConfig, out: Pa
     for name, matrix in embeddings.items():
         np.save(out / EMBEDDINGS / f"{name}.npy", matrix)
     merged = merge_splits(generation.old, generation.new)
-    write_labels(out, merged, embeddings, grown)
+    write_labelled_clusters(out, merged, embeddings, grown)
     added = np.bincount(labels, minlength=grown.k)[:old.k]  # [K_old] new training documents per old cluster
     grew = [c for c in range(old.k) if added[c] and added[c] > config.grow_fraction * old.sizes[c]]
     train = ([{"cluster": c, "mode": "continue"} for c in grew]
@@ -247,22 +248,6 @@ def new_cluster_count(beyond: int, sizes: np.ndarray, config: AddConfig) -> int:
     if config.new_clusters is not None:
         return min(config.new_clusters, beyond)
     return max(1, round(beyond / max(float(sizes.mean()), 1.0)))
-
-
-def write_labels(out: Path, splits: dict[str, list[Document]], embeddings: dict[str, np.ndarray], grown) -> None:
-    """Save `grown` and every document's own cluster (held-out ones: their nearest centroid) and the summary."""
-    from upcycle.introvert.clustering.summary import write_summary
-    from upcycle.introvert.router import CentroidRouter
-
-    train = splits["train"]
-    grown.save(out, [d.id for d in train])
-    router = CentroidRouter(grown.centroids, grown.metric)
-    labels = {"train": {d.id: int(c) for d, c in zip(train, grown.assignments, strict=True)}}
-    for name in ("validation", "test"):
-        own = router.route(embeddings[name])[0] if splits[name] else []
-        labels[name] = {d.id: int(c) for d, c in zip(splits[name], own, strict=True)}
-    write_json(out / DOCUMENT_CLUSTERS, labels)
-    write_summary(out, [d.text for d in train], [d.id for d in train], grown)
 
 
 def train_changed_expert(run: Run, generation: Generation, plan: dict[str, Any], item: dict[str, Any],

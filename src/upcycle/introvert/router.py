@@ -24,7 +24,7 @@ import numpy as np
 from upcycle.errors import UserError
 from upcycle.introvert.clustering.clusters import Clusters, as_points, check_metric
 from upcycle.introvert.config import RoutingConfig
-from upcycle.introvert.run import Run, expert_id
+from upcycle.introvert.run import SPLIT_EMBEDDINGS, Run, expert_id
 
 # Below this many queries FAISS searches without BLAS, one query per OpenMP thread: extra threads get no work but
 # still join the barrier, and when the cores are busy (training next door) waiting for them costs milliseconds.
@@ -152,10 +152,6 @@ class EmbeddingRouter:
         """The expert id for each text."""
         return [expert_id(int(c)) for c in self.clusters(texts)]
 
-    def mixture(self, texts: list[str], top_k: int = 2, temperature: float = 0.1) -> tuple[np.ndarray, np.ndarray]:
-        """c-BTM mixing: the top-k clusters of each text and weights softmax(-d^2 / T) over them."""
-        return self.centroid_router.mixture(self.embedder.encode(list(texts)), top_k, temperature)
-
     def decide(self, texts: list[str], top_k: int | None = None) -> list[Route]:
         """The route of each text under `self.config`, with `top_k` overriding the config's k.
 
@@ -173,25 +169,25 @@ class EmbeddingRouter:
             nearest = float(row_distances[0])
             inside = self.guard is None or nearest <= self.guard.threshold
             take = k if inside else outside_k
-            weights = _softmax(-row_distances[None, :take].astype(np.float64) / config.temperature)[0] if take else ()
+            weights = mixture_weights(row_distances[None, :take], config.temperature)[0] if take else ()
             routes.append(Route(tuple(int(c) for c in row_ids[:take]), tuple(float(w) for w in weights), nearest,
                                 inside, self.guard.confidence(nearest) if self.guard else None))
         return routes
 
 
-def calibrate_guard(run: Run, config: RoutingConfig) -> Guard | None:
+def calibrate_guard(run: Run, config: RoutingConfig, centroids: CentroidRouter | None = None) -> Guard | None:
     """The guard of `run` under `config`: a fixed threshold, or the `guard_percentile`-th percentile of the
-    validation documents' distances to their nearest centroid (from the embeddings the cluster step saved)."""
+    validation documents' distances to their nearest centroid (from the embeddings the cluster step saved).
+    `centroids`: the run's CentroidRouter when the caller has it already (default: loaded from clusters/)."""
     if config.guard_threshold is None and config.guard_percentile is None:
         return None
-    clusters = Clusters.load(run.clusters_dir)
-    if config.guard_threshold is not None and clusters.metric == "cosine" and not 0 <= config.guard_threshold <= 4:
+    centroids = centroids or CentroidRouter.load(run.clusters_dir)
+    if config.guard_threshold is not None and centroids.metric == "cosine" and not 0 <= config.guard_threshold <= 4:
         raise UserError(f"--routing.guard_threshold {config.guard_threshold}: for the cosine metric squared "
                         "distances lie in [0, 4]; choose a threshold inside that range")
-    saved = run.clusters_dir / "embeddings" / "validation.npy"
-    validation = np.load(saved) if saved.is_file() else np.zeros((0, clusters.dim), np.float32)
-    distances = (np.sort(CentroidRouter(clusters.centroids, clusters.metric).route(validation)[1])
-                 if len(validation) else np.zeros(0, np.float32))
+    saved = run.clusters_dir / SPLIT_EMBEDDINGS / "validation.npy"
+    validation = np.load(saved) if saved.is_file() else np.zeros((0, centroids.dim), np.float32)
+    distances = np.sort(centroids.route(validation)[1]) if len(validation) else np.zeros(0, np.float32)
     if config.guard_threshold is not None:
         return Guard(float(config.guard_threshold), distances)
     if not len(distances):
@@ -205,8 +201,9 @@ def load_sequence_router(run: Run, config: RoutingConfig | None = None) -> Embed
     from upcycle.introvert.embedding import load_embedder
 
     config = config or RoutingConfig(guard_percentile=None)
-    return EmbeddingRouter(load_embedder(run.clusters_dir / "embedder"), CentroidRouter.load(run.clusters_dir),
-                           config, calibrate_guard(run, config))
+    centroids = CentroidRouter.load(run.clusters_dir)
+    return EmbeddingRouter(load_embedder(run.clusters_dir / "embedder"), centroids, config,
+                           calibrate_guard(run, config, centroids))
 
 
 def router_for_run(run_path: str) -> EmbeddingRouter:

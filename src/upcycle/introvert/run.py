@@ -52,6 +52,11 @@ _ATOMIC_NAMES = {".": r"run\.json|clusters|add-data\.pending|report\.md|[\w-]+\.
                  "baselines": r"lora-all|lora-wide|full", "eval": r"[\w-]+\.json"}
 
 
+SPLIT_EMBEDDINGS = "embeddings"
+"""clusters/embeddings/{train,validation,test}.npy: every split's document embeddings, saved by the cluster step (so
+other K can be fitted, and the guard calibrated, without embedding again)."""
+
+
 def expert_id(cluster: int) -> str:
     """The expert id serving cluster `cluster`."""
     return f"expert-{cluster:05d}"

@@ -20,11 +20,11 @@ from upcycle.data.splits import SPLITS
 from upcycle.errors import UserError
 from upcycle.introvert.config import ClusterConfig
 from upcycle.introvert.data import DOCUMENT_CLUSTERS
+from upcycle.introvert.run import SPLIT_EMBEDDINGS as EMBEDDINGS
 from upcycle.introvert.run import Run
 from upcycle.io import atomic_directory, check_writable, ensure_writable_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
-EMBEDDINGS = "embeddings"  # clusters/embeddings/{train,validation,test}.npy
 
 
 def cluster_corpus(out: str | Path, data: str, base: str, config: ClusterConfig, splits: SplitConfig,
@@ -123,20 +123,28 @@ def fit_and_label(directory: Path, docs: dict, embeddings: dict[str, np.ndarray]
                   embedder: str) -> list[int]:
     """Fit k-means on the training embeddings and write centroids, labels and summary into `directory`."""
     from upcycle.introvert.clustering.clusters import fit_kmeans
-    from upcycle.introvert.clustering.summary import write_summary
-    from upcycle.introvert.router import CentroidRouter
 
     fitted = replace(fit_kmeans(embeddings["train"], config.clusters, metric=config.metric,
                                 balanced=config.balanced, seed=config.seed), embedder=embedder)
-    fitted.save(directory, [d.id for d in docs["train"]])
-    router = CentroidRouter(fitted.centroids, config.metric)
-    labels = {"train": {d.id: int(c) for d, c in zip(docs["train"], fitted.assignments)}}
+    write_labelled_clusters(directory, docs, embeddings, fitted)
+    return np.bincount(fitted.assignments, minlength=config.clusters).tolist()
+
+
+def write_labelled_clusters(directory: Path, docs: dict, embeddings: dict[str, np.ndarray], clusters) -> None:
+    """Save `clusters` (fitted on docs["train"]), every document's own cluster (a held-out one: its nearest
+    centroid) and the summary into `directory`."""
+    from upcycle.introvert.clustering.summary import write_summary
+    from upcycle.introvert.router import CentroidRouter
+
+    train = docs["train"]
+    clusters.save(directory, [d.id for d in train])
+    router = CentroidRouter(clusters.centroids, clusters.metric)
+    labels = {"train": {d.id: int(c) for d, c in zip(train, clusters.assignments, strict=True)}}
     for name in ("validation", "test"):
         own = router.route(embeddings[name])[0] if docs[name] else []
-        labels[name] = {d.id: int(c) for d, c in zip(docs[name], own)}
+        labels[name] = {d.id: int(c) for d, c in zip(docs[name], own, strict=True)}
     write_json(directory / DOCUMENT_CLUSTERS, labels)
-    write_summary(directory, [d.text for d in docs["train"]], [d.id for d in docs["train"]], fitted)
-    return np.bincount(fitted.assignments, minlength=config.clusters).tolist()
+    write_summary(directory, [d.text for d in train], [d.id for d in train], clusters)
 
 
 def _show_progress() -> bool:
