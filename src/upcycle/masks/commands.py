@@ -100,12 +100,10 @@ def generate(model: str, prompt: str, max_new_tokens: int = 64) -> None:
 
     from transformers import AutoTokenizer
 
-    from upcycle.masks.experiments.serving import served_compact
     from upcycle.masks.method.export import load_compact
 
-    served = served_compact(model)
-    tokenizer = AutoTokenizer.from_pretrained(served.base)
-    lm = load_compact(served.base)
+    lm = load_compact(model)  # refuses, in one line, a directory that is not an exported mask model
+    tokenizer = AutoTokenizer.from_pretrained(model)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     start = time.perf_counter()
     out = lm.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)

@@ -155,7 +155,8 @@ def compact_export(model: nn.Module, analysis: MaskAnalysis, blocks: torch.Tenso
                    "--recipe.masks.layout partition for a compact model")
         log.warning(message)
         return {"skipped": message, "packed_rows_ratio": ratio}
-    return _write_compact(model, analysis, blocks, tokenizer, out / COMPACT, {"masks_run": str(out), "target": target})
+    return _write_compact(model, analysis, blocks, tokenizer, out / COMPACT, {"masks_run": str(out), "target": target},
+                          ratio, size)
 
 
 def _export_size(model: nn.Module, analysis: MaskAnalysis) -> tuple[float, int]:
@@ -166,8 +167,9 @@ def _export_size(model: nn.Module, analysis: MaskAnalysis) -> tuple[float, int]:
 
 
 def _write_compact(model: nn.Module, analysis: MaskAnalysis, blocks: torch.Tensor, tokenizer, out: Path,
-                   extra: dict) -> dict:
-    ratio, size = _export_size(model, analysis)
+                   extra: dict, ratio: float, size: int) -> dict:
+    """Compact `model` in place, check it on `blocks`, save it to `out`; `ratio` and `size` are `_export_size`'s,
+    which the caller has already used to decide."""
     gap = compact_and_check(model, analysis, blocks)
     save_compact(model, out, tokenizer, extra=extra)
     return {"path": str(out), "max_abs_logit_difference": gap, "packed_rows_ratio": ratio, "bytes": size}
@@ -202,7 +204,7 @@ def export_run(run: str | Path, out: str | Path | None = None, base: str | None 
                         "neurons it shares with others; train with --recipe.masks.layout partition, which stores "
                         "each neuron once")
     entry = _write_compact(model, analysis, blocks["validation"][0][:8], tokenizer, Path(out or run / COMPACT),
-                           {"masks_run": str(run), "target": meta["evaluation"]["target"]})
+                           {"masks_run": str(run), "target": meta["evaluation"]["target"]}, ratio, size)
     write_meta(run, meta | {"compact": entry})
     return entry
 
