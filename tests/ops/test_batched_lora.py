@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 import torch
+from torch import nn
 
 from upcycle.ops.batched_lora import (
     attach_multi_lora,
@@ -97,7 +98,7 @@ def test_mixed_batch_equals_peft_per_row(tiny_llama_dir, peft_adapters):
     names = list(peft_adapters)
     slot_of = {name: slot for slot, name in zip([3, 0, 5, 1], names, strict=True)}
     for name, path in peft_adapters.items():
-        lora.load_slot(slot_of[name], read_adapter(path).modules)
+        lora.load_slot(slot_of[name], lora.pack(read_adapter(path).modules))
 
     rows = ["patterns", None, "all-r8", "qv-r4", "rslora-r2", "all-r8"]
     input_ids = torch.randint(5, model.config.vocab_size, (len(rows), 9), generator=torch.Generator().manual_seed(0))
@@ -126,7 +127,7 @@ def test_single_adapter_batch_uses_gather_free_path(tiny_llama_dir, peft_adapter
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     lora = attach_multi_lora(model, DEFAULT_TARGETS, n_slots=2, max_rank=8)
-    lora.load_slot(1, read_adapter(peft_adapters["all-r8"]).modules)
+    lora.load_slot(1, lora.pack(read_adapter(peft_adapters["all-r8"]).modules))
     ids = torch.randint(5, 100, (3, 4), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), lora.select([1, 1, 1]):
         assert lora.batch.single_slot == 1
@@ -146,9 +147,10 @@ def test_merged_single_slot_path_equals_gathered_and_follows_slot_rewrites(tiny_
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     lora = attach_multi_lora(model, DEFAULT_TARGETS, n_slots=2, max_rank=8, merge_single_slot=True)
+    lora.batch.merge_after = 0  # merge on the first single-slot forward
     ids = torch.randint(5, 100, (2, 5), generator=torch.Generator().manual_seed(2))
     for name in ("all-r8", "patterns", "qv-r4"):  # rewriting slot 1 must invalidate the merged weight
-        lora.load_slot(1, read_adapter(peft_adapters[name]).modules)
+        lora.load_slot(1, lora.pack(read_adapter(peft_adapters[name]).modules))
         with torch.no_grad(), lora.select([1, 1]):
             merged = model(ids).logits
         with torch.no_grad(), lora.select([1, 1, -1]):
@@ -167,8 +169,8 @@ def test_gathered_weights_follow_slot_rewrites_under_the_same_selection(tiny_lla
 
     def forward(model, lora, slot2: str):
         # both adapters target every wrapped layer, so no layer is cleared (which would also invalidate)
-        lora.load_slot(0, read_adapter(peft_adapters["all-r8"]).modules)
-        lora.load_slot(2, read_adapter(peft_adapters[slot2]).modules)
+        lora.load_slot(0, lora.pack(read_adapter(peft_adapters["all-r8"]).modules))
+        lora.load_slot(2, lora.pack(read_adapter(peft_adapters[slot2]).modules))
         with torch.no_grad(), lora.select([2, 0, -1]):
             return model(ids).logits
 
@@ -179,3 +181,94 @@ def test_gathered_weights_follow_slot_rewrites_under_the_same_selection(tiny_lla
     fresh_model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     fresh = attach_multi_lora(fresh_model, DEFAULT_TARGETS, n_slots=3, max_rank=8)
     torch.testing.assert_close(rewritten, forward(fresh_model, fresh, "patterns"), atol=1e-6, rtol=1e-6)
+
+
+def test_merging_waits_for_a_streak_on_one_slot_and_restarts_after_a_rewrite(tiny_llama_dir, peft_adapters):
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.serving.adapters import read_adapter
+    from upcycle.serving.synthetic import DEFAULT_TARGETS
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    lora = attach_multi_lora(model, DEFAULT_TARGETS, n_slots=2, max_rank=8, merge_single_slot=True)
+    lora.batch.merge_after = 3
+    layer = lora.layers["model.layers.0.mlp.down_proj"]
+    lora.load_slot(1, lora.pack(read_adapter(peft_adapters["all-r8"]).modules))
+    ids = torch.randint(5, 100, (1, 4), generator=torch.Generator().manual_seed(4))
+    outputs = []
+    for _ in range(5):
+        with torch.no_grad(), lora.select([1]):
+            outputs.append(model(ids).logits)
+        outputs.append(layer._merged_slot)
+    assert outputs[1::2] == [-1, -1, -1, 1, 1]  # merged on the 4th forward in a row, kept after
+    for logits in outputs[2::2]:
+        torch.testing.assert_close(logits, outputs[0], atol=1e-5, rtol=1e-5)
+    with torch.no_grad(), lora.select([0]):  # another slot breaks the streak
+        model(ids)
+    with torch.no_grad(), lora.select([1]):
+        model(ids)
+    assert lora.batch.single_streak == 1 and layer._merged_slot == 1  # still merged: slot 1 was not rewritten
+    lora.load_slot(1, lora.pack(read_adapter(peft_adapters["patterns"]).modules))
+    assert layer._merged_slot == -1 and lora.batch.single_streak == 0  # a rewrite forgets the merge and the streak
+
+
+def test_layers_of_one_shape_share_a_slot_stack_and_a_slot_fill_writes_each_layer(tiny_llama_dir, peft_adapters):
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.serving.adapters import read_adapter
+    from upcycle.serving.synthetic import DEFAULT_TARGETS
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    lora = attach_multi_lora(model, DEFAULT_TARGETS, n_slots=3, max_rank=8)
+    shapes = {(layer.in_features, layer.out_features) for layer in lora.layers.values()}
+    assert len(lora.stacks) == len(shapes) < len(lora.layers)
+    weights = read_adapter(peft_adapters["patterns"]).modules  # ranks 4 and 6: zero-padded to 8
+    lora.load_slot(2, lora.pack(weights))
+    for name, layer in lora.layers.items():
+        assert layer.lora_a.untyped_storage().data_ptr() == layer._stack.a.untyped_storage().data_ptr()
+        lora_a, lora_b, scaling = weights[name]
+        rank = lora_a.shape[0]
+        torch.testing.assert_close(layer.lora_a[2, :rank], lora_a)
+        torch.testing.assert_close(layer.lora_b[2, :, :rank], lora_b * scaling)
+        assert torch.all(layer.lora_a[2, rank:] == 0) and torch.all(layer.lora_a[:2] == 0)
+    lora.clear_slot(2)
+    assert all(torch.all(stack.a == 0) and torch.all(stack.bt == 0) for stack in lora.stacks)
+
+
+def test_gathered_rows_stay_right_through_joins_departures_and_rewrites():
+    """The gathered-row buffers copy only rows whose slot changed: over a random sequence of batch compositions and
+    slot rewrites, every forward must still equal `batched_lora` gathering all rows from scratch."""
+    from upcycle.ops.batched_lora import batched_lora
+
+    generator = torch.Generator().manual_seed(5)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 12), nn.Linear(12, 10))  # two shapes: two stacks
+    lora = attach_multi_lora(model, ["0", "1", "2"], n_slots=5, max_rank=3, max_rows=8)
+    assert len(lora.stacks) == 2
+
+    def random_adapter() -> dict:
+        return {name: (torch.randn(3, layer.in_features, generator=generator),
+                       torch.randn(layer.out_features, 3, generator=generator), 0.5)
+                for name, layer in lora.layers.items()}
+
+    for slot in range(5):
+        lora.load_slot(slot, lora.pack(random_adapter()))
+    rows = [0, 1, 2]
+    for step in range(40):
+        event = torch.randint(0, 4, (1,), generator=generator).item()
+        if event == 0 and len(rows) < 8:  # a request joins at the end
+            rows.append(torch.randint(-1, 5, (1,), generator=generator).item())
+        elif event == 1 and len(rows) > 2:  # one leaves: the last row moves into its place
+            gone = torch.randint(0, len(rows), (1,), generator=generator).item()
+            rows[gone] = rows[-1]
+            rows.pop()
+        elif event == 2:  # an adapter is swapped into a slot some rows may use
+            lora.load_slot(torch.randint(0, 5, (1,), generator=generator).item(), lora.pack(random_adapter()))
+        x = torch.randn(len(rows), 2, 12, generator=generator)
+        with torch.no_grad(), lora.select(rows):
+            got = model(x)
+        expected = x
+        with torch.no_grad():
+            for layer in model:
+                base = nn.functional.linear(expected, layer.base_layer.weight, layer.base_layer.bias)
+                expected = batched_lora(expected, base, layer.lora_a, layer.lora_b, torch.tensor(rows))
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"step {step}, rows {rows}")

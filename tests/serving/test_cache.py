@@ -24,9 +24,20 @@ class FakeSlots:
         self.held: dict[int, dict] = {}
         self.writes = 0
 
-    def load_slot(self, slot: int, weights: dict) -> None:
-        self.held[slot] = weights
+    def pack(self, weights: dict) -> _Packed:
+        return _Packed(weights)
+
+    def load_slot(self, slot: int, packed: _Packed) -> None:
+        self.held[slot] = packed.weights
         self.writes += 1
+
+
+class _Packed:
+    """The modules as given, with the size the cache accounts."""
+
+    def __init__(self, weights: dict) -> None:
+        self.weights = weights
+        self.nbytes = sum(a.nbytes + b.nbytes for a, b, _ in weights.values())
 
 
 @pytest.fixture

@@ -15,7 +15,10 @@ from upcycle.serving.watch import ExpertDirectoryWatcher
 class _Slots:
     n_slots = 1
 
-    def load_slot(self, slot, weights) -> None:
+    def pack(self, weights):
+        return weights
+
+    def load_slot(self, slot, packed) -> None:
         pass
 
 

@@ -110,18 +110,30 @@ class LoRABatch:
     """Where the slot buffers live."""
     merge_single_slot: bool = False
     """Serve single-slot forwards through a merged weight (one extra copy of every wrapped weight)."""
+    merge_after: int = 16
+    """With `merge_single_slot`: merge only once the same single slot has served this many forwards in a row.
+    Rewriting every wrapped weight costs about as much as that many unmerged steps' two small matmuls per layer,
+    so waiting that long is ski rental: never more than about twice the better of 'always merge' and 'never
+    merge', and a short request on a freshly switched adapter does not pay a whole-model rewrite."""
     _buffer: torch.Tensor = field(init=False, repr=False)
     slots: torch.Tensor | None = field(init=False, default=None)
     """[N] view of the index buffer for the current forward, or None when no row uses an adapter."""
     single_slot: int | None = field(init=False, default=None)
     """The slot every row uses, when they all use the same one (enables the gather-free path)."""
+    single_streak: int = field(init=False, default=0)
+    """Forwards in a row, this one included, that `single_slot` has served alone with unchanged contents."""
     version: int = field(init=False, default=0)
     """Bumped whenever the row -> slot map or a slot's contents change: layers reuse their gathered A/B until then
     (between joins and departures a decode batch keeps its composition for many steps)."""
-    _mapped: tuple[int, ...] = field(init=False, default=(), repr=False)
+    rows: tuple[int, ...] = field(init=False, default=())
+    """The slot of each row of the current (or last) multi-slot forward, zero slot for rows without an adapter."""
+    generations: list[int] = field(init=False, repr=False)
+    """Per slot, how many times its contents were rewritten (a gathered copy of an older generation is stale)."""
+    _last_single: int | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self) -> None:
         self._buffer = torch.full((self.max_rows,), self.zero_slot, dtype=torch.long, device=self.device)
+        self.generations = [0] * (self.zero_slot + 1)
 
     def set(self, idx: Sequence[int]) -> None:
         """Select slot `idx[n]` for row n (-1: no adapter) for the forwards until the next `set` or `clear`."""
@@ -133,11 +145,13 @@ class LoRABatch:
         if distinct <= {self.zero_slot}:
             self.clear()
             return
-        self.single_slot = mapped[0] if len(distinct) == 1 else None
+        single = mapped[0] if len(distinct) == 1 else None
+        self.single_streak = self.single_streak + 1 if single is not None and single == self._last_single else 1
+        self.single_slot = self._last_single = single
         view = self._buffer[:n]
-        if tuple(mapped) != self._mapped:
+        if tuple(mapped) != self.rows:
             view.copy_(torch.tensor(mapped, dtype=torch.long), non_blocking=True)
-            self._mapped = tuple(mapped)
+            self.rows = tuple(mapped)
             self.version += 1
         self.slots = view
 
@@ -145,35 +159,91 @@ class LoRABatch:
         """No adapters: wrapped layers return the base output untouched."""
         self.slots, self.single_slot = None, None
 
+    def rewrote(self, slot: int) -> None:
+        """`slot`'s contents changed: gathered copies are stale, and a streak on it starts again."""
+        self.version += 1
+        self.generations[slot] += 1
+        if slot == self._last_single:
+            self.single_streak = 0
 
-class MultiLoRALinear(nn.Module):
-    """An `nn.Linear` plus S stacked LoRA slots; each row of the input uses the slot its `LoRABatch` names.
 
-    The slot buffers are allocated once at full capacity and filled in place; slot S (the last) stays zero and
-    serves rows without an adapter. B is stored already multiplied by the adapter's scaling (alpha / r), so the hot
-    path skips one multiply, and rank-major in memory (see `gather_lora`). The rows' gathered A and B^T are kept
-    until `LoRABatch.version` changes, so steady decode steps skip the gathers.
+class SlotStack:
+    """The slot buffers of every wrapped layer of one (in, out) shape, stacked: A [G, S+1, R, I] and B^T
+    [G, S+1, R, O] for the G layers of that shape (the four attention and three MLP projections of a Llama make
+    four stacks).
+
+    Stacking is what makes slot traffic cheap: filling a slot is one copy per stack instead of two per layer (420
+    for SmolLM2's 210 wrapped layers, whose fixed cost per copy dominated the 2 ms swap target).
+
+    The rows' gathered A and B^T live in buffers that persist across steps, and a change of the batch copies only
+    the rows whose (slot, generation) differs from what the buffer holds: a request joining or leaving a batch of 16
+    (the engine moves the last row into a freed one) rewrites one or two rows, not all 16 adapters' weights (150 MB
+    at SmolLM2's width, which measured ~12 ms a step when every row was gathered again).
     """
 
-    def __init__(self, base_layer: nn.Linear, n_slots: int, max_rank: int, batch: LoRABatch) -> None:
+    def __init__(self, count: int, n_slots: int, max_rank: int, in_features: int, out_features: int,
+                 like: torch.Tensor) -> None:
+        self.a = like.new_zeros(count, n_slots + 1, max_rank, in_features)  # [G, S+1, R, I]
+        self.bt = like.new_zeros(count, n_slots + 1, max_rank, out_features)  # [G, S+1, R, O], B stored R-major
+        self._rows_a = self.a[:, :0].clone()  # [G, capacity, R, I]: row n's A, grown on demand
+        self._rows_bt = self.bt[:, :0].clone()  # [G, capacity, R, O]
+        self._held: list[tuple[int, int] | None] = []  # per buffer row: (slot, generation) it holds
+        self._version = -1
+
+    def gathered(self, batch: LoRABatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's per-row A [G, N, R, I] and B^T [G, N, R, O] for `batch.rows`; rows already holding their
+        slot's current generation are not copied again."""
+        rows = batch.rows
+        if self._version != batch.version:
+            if len(rows) > len(self._held):
+                self._grow(len(rows), batch.max_rows)
+            changed = [n for n, slot in enumerate(rows) if self._held[n] != (slot, batch.generations[slot])]
+            if changed:
+                where = torch.tensor(changed, device=self.a.device)
+                source = batch.slots.index_select(0, where)
+                self._rows_a.index_copy_(1, where, self.a.index_select(1, source))
+                self._rows_bt.index_copy_(1, where, self.bt.index_select(1, source))
+                for n in changed:
+                    self._held[n] = (rows[n], batch.generations[rows[n]])
+            self._version = batch.version
+        return self._rows_a[:, : len(rows)], self._rows_bt[:, : len(rows)]
+
+    def _grow(self, rows: int, max_rows: int) -> None:
+        """Room for at least `rows` rows (doubling up to `max_rows`, so a growing batch reallocates a few times)."""
+        capacity = max(rows, min(2 * len(self._held), max_rows))
+        grown_a = self.a.new_zeros(self.a.shape[0], capacity, *self.a.shape[2:])
+        grown_bt = self.bt.new_zeros(self.bt.shape[0], capacity, *self.bt.shape[2:])
+        grown_a[:, : len(self._held)] = self._rows_a
+        grown_bt[:, : len(self._held)] = self._rows_bt
+        self._rows_a, self._rows_bt = grown_a, grown_bt
+        self._held += [None] * (capacity - len(self._held))
+
+
+class MultiLoRALinear(nn.Module):
+    """An `nn.Linear` plus S LoRA slots (views of its `SlotStack`); each row of the input uses the slot its
+    `LoRABatch` names.
+
+    Slot S (the last) stays zero and serves rows without an adapter. B is stored already multiplied by the
+    adapter's scaling (alpha / r), so the hot path skips one multiply, and rank-major in memory (see `gather_lora`).
+    The rows' gathered A and B^T are kept until `LoRABatch.version` changes, so steady decode steps skip the gathers.
+    The slot buffers are views into the stack: move the model to its device before `attach_multi_lora`.
+    """
+
+    def __init__(self, base_layer: nn.Linear, stack: SlotStack, position: int, batch: LoRABatch) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.max_rank = max_rank
-        weight = base_layer.weight
+        self.max_rank = stack.a.shape[2]
+        self._stack, self._position = stack, position  # plain attributes: the stack is shared by a layer group
         # non-persistent buffers: the model's state_dict stays the base model's
-        self.register_buffer("lora_a", weight.new_zeros(n_slots + 1, max_rank, base_layer.in_features),
-                             persistent=False)  # [S+1, R, I]
-        # [S+1, O, R] as the op expects, stored R-major (a transposed view of [S+1, R, O]) for the gather's sake
-        self.register_buffer("lora_b", weight.new_zeros(n_slots + 1, max_rank, base_layer.out_features).transpose(1, 2),
-                             persistent=False)
+        self.register_buffer("lora_a", stack.a[position], persistent=False)  # [S+1, R, I]
+        # [S+1, O, R] as the op expects, a transposed view of the stored [S+1, R, O]
+        self.register_buffer("lora_b", stack.bt[position].transpose(1, 2), persistent=False)
         self._batch = batch  # a plain attribute, not a submodule: shared by every wrapped layer
         self._plain_linear = type(base_layer) is nn.Linear  # subclasses may override forward: call those
         # W + B A of one slot, for single-slot forwards (None when that path is off)
-        self.register_buffer("merged_weight", weight.detach().clone() if batch.merge_single_slot else None,
+        self.register_buffer("merged_weight", base_layer.weight.detach().clone() if batch.merge_single_slot else None,
                              persistent=False)  # [O, I]
-        self._merged_slot = -1  # the slot `_merged` holds now (-1: none; stale after that slot is rewritten)
-        self._gathered: tuple[torch.Tensor, torch.Tensor] | None = None  # this layer's A, B^T for the current rows
-        self._gathered_version = -1  # LoRABatch.version they were gathered at
+        self._merged_slot = -1  # the slot `merged_weight` holds now (-1: none; stale after that slot is rewritten)
 
     @property
     def in_features(self) -> int:
@@ -187,14 +257,13 @@ class MultiLoRALinear(nn.Module):
         batch = self._batch
         if batch.slots is None:
             return self._base(x)
-        if batch.single_slot is not None:
-            if self.merged_weight is not None:
-                return nn.functional.linear(x, self._merge(batch.single_slot), self.base_layer.bias)
-            return lora_single_slot(x, self._base(x), self.lora_a, self.lora_b, batch.single_slot)
-        if self._gathered_version != batch.version:
-            self._gathered = gather_lora(self.lora_a, self.lora_b, batch.slots)
-            self._gathered_version = batch.version
-        return apply_gathered_lora(x, self._base(x), *self._gathered)
+        slot = batch.single_slot
+        if slot is not None:
+            if self.merged_weight is not None and (slot == self._merged_slot or batch.single_streak > batch.merge_after):
+                return nn.functional.linear(x, self._merge(slot), self.base_layer.bias)
+            return lora_single_slot(x, self._base(x), self.lora_a, self.lora_b, slot)
+        a, bt = self._stack.gathered(batch)
+        return apply_gathered_lora(x, self._base(x), a[self._position], bt[self._position])
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         # A plain nn.Linear is called functionally: 28 wrapped layers x a Module call each is measurable per step.
@@ -210,40 +279,39 @@ class MultiLoRALinear(nn.Module):
             self._merged_slot = slot
         return self.merged_weight
 
-    @torch.no_grad()
-    def set_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> None:
-        """Copy one adapter's A [r, I] and B [O, r] into `slot` (r <= max_rank; the rest of the slot is zeroed)."""
-        rank = lora_a.shape[0]
-        self._batch.version += 1  # every layer's gathered copies may hold this slot
+    def forget_merge(self, slot: int) -> None:
+        """`slot` was rewritten: a merged weight built from it is stale."""
         if slot == self._merged_slot:
             self._merged_slot = -1
-        if rank > self.max_rank:
-            raise ValueError(f"adapter rank {rank} exceeds the slot capacity max_rank={self.max_rank}")
-        self.lora_a[slot, :rank].copy_(lora_a, non_blocking=True)  # copy_ also converts the dtype
-        if scaling == 1.0:
-            self.lora_b[slot, :, :rank].copy_(lora_b, non_blocking=True)
-        else:  # scale while copying: one op instead of two
-            torch.mul(lora_b.to(self.lora_b.dtype), scaling, out=self.lora_b[slot, :, :rank])
-        if rank < self.max_rank:
-            self.lora_a[slot, rank:].zero_()
-            self.lora_b[slot, :, rank:].zero_()
 
-    @torch.no_grad()
-    def clear_slot(self, slot: int) -> None:
-        """Zero `slot`, so a row pointing at it gets the base output."""
-        self._batch.version += 1
-        if slot == self._merged_slot:
-            self._merged_slot = -1
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
+
+@dataclass
+class PackedAdapter:
+    """One adapter laid out as the slot stacks hold it: per stack, A [G, R, I] and B^T [G, R, O] with B scaled and
+    rank padded with zeros (layers the adapter does not target are zero). Filling a slot from it is one copy per
+    stack; `MultiLoRA.pack` makes it off the serving thread."""
+
+    a: list[torch.Tensor]
+    bt: list[torch.Tensor]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (*self.a, *self.bt))
+
+    def pin_memory(self) -> PackedAdapter:
+        """Page-locked copies, so copies into accelerator slots can run asynchronously."""
+        return PackedAdapter([t.pin_memory() for t in self.a], [t.pin_memory() for t in self.bt])
 
 
 @dataclass
 class MultiLoRA:
-    """Handle on a model after `attach_multi_lora`: its wrapped layers, their shared `LoRABatch`, and slot filling."""
+    """Handle on a model after `attach_multi_lora`: its wrapped layers, their slot stacks, their shared `LoRABatch`,
+    and slot filling."""
 
     layers: dict[str, MultiLoRALinear]
     """Wrapped layers by full module name (e.g. `model.layers.0.self_attn.q_proj`)."""
+    stacks: list[SlotStack]
+    """The layers' slot buffers, one stack per (in, out) shape."""
     batch: LoRABatch
     """The slot selection every wrapped layer reads."""
     n_slots: int
@@ -260,28 +328,53 @@ class MultiLoRA:
         finally:
             self.batch.clear()
 
-    def load_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
-        """Fill `slot` from {module name: (A [r, I], B [O, r], scaling)}; wrapped layers not named are zeroed."""
-        self._check_slot(slot)
+    @torch.no_grad()
+    def pack(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> PackedAdapter:
+        """Lay out {module name: (A [r, I], B [O, r], scaling)} as the stacks hold it, on the CPU, in the slots'
+        dtype (r <= max_rank; wrapped layers not named get zeros)."""
         unknown = set(weights) - set(self.layers)
         if unknown:
             raise KeyError(f"adapter targets modules that are not wrapped: {sorted(unknown)[:3]}")
-        for name, layer in self.layers.items():
-            if name in weights:
-                layer.set_slot(slot, *weights[name])
-            else:
-                layer.clear_slot(slot)
+        packed = PackedAdapter([torch.zeros(s.a[:, 0].shape, dtype=s.a.dtype) for s in self.stacks],
+                               [torch.zeros(s.bt[:, 0].shape, dtype=s.bt.dtype) for s in self.stacks])
+        index = {id(stack): i for i, stack in enumerate(self.stacks)}
+        for name, (lora_a, lora_b, scaling) in weights.items():
+            layer = self.layers[name]
+            rank = lora_a.shape[0]
+            if rank > self.max_rank:
+                raise ValueError(f"adapter rank {rank} exceeds the slot capacity max_rank={self.max_rank}")
+            i, g = index[id(layer._stack)], layer._position
+            packed.a[i][g, :rank].copy_(lora_a)  # copy_ also converts the dtype
+            torch.mul(lora_b.T.to(packed.bt[i].dtype), scaling, out=packed.bt[i][g, :rank])
+        return packed
 
-    def clear_slot(self, slot: int) -> None:
-        """Zero `slot` in every wrapped layer."""
+    @torch.no_grad()
+    def load_slot(self, slot: int, packed: PackedAdapter) -> None:
+        """Fill `slot` from an adapter `pack` laid out: one copy per stack."""
         self._check_slot(slot)
-        for layer in self.layers.values():
-            layer.clear_slot(slot)
+        for stack, a, bt in zip(self.stacks, packed.a, packed.bt, strict=True):
+            stack.a[:, slot].copy_(a, non_blocking=True)
+            stack.bt[:, slot].copy_(bt, non_blocking=True)
+        self._rewrote(slot)
+
+    @torch.no_grad()
+    def clear_slot(self, slot: int) -> None:
+        """Zero `slot` in every wrapped layer, so a row pointing at it gets the base output."""
+        self._check_slot(slot)
+        for stack in self.stacks:
+            stack.a[:, slot].zero_()
+            stack.bt[:, slot].zero_()
+        self._rewrote(slot)
 
     def slot_nbytes(self) -> int:
         """Bytes one slot takes across all wrapped layers."""
-        return sum((layer.lora_a[0].numel() + layer.lora_b[0].numel()) * layer.lora_a.element_size()
-                   for layer in self.layers.values())
+        return sum((s.a[:, 0].numel() + s.bt[:, 0].numel()) * s.a.element_size() for s in self.stacks)
+
+    def _rewrote(self, slot: int) -> None:
+        self.batch.rewrote(slot)
+        if self.batch.merge_single_slot:
+            for layer in self.layers.values():
+                layer.forget_merge(slot)
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.n_slots:
@@ -300,8 +393,17 @@ def attach_multi_lora(model: nn.Module, targets: str | Iterable[str], n_slots: i
     chosen = find_linears(model, targets)
     if not chosen:
         raise ValueError(f"no nn.Linear in the model matches target modules {targets!r}")
-    layers: dict[str, MultiLoRALinear] = {}
+    groups: dict[tuple, list[tuple[str, nn.Linear]]] = {}
     for name, module in chosen:
-        layers[name] = MultiLoRALinear(module, n_slots, max_rank, batch)
-        replace_module(model, name, layers[name])
-    return MultiLoRA(layers=layers, batch=batch, n_slots=n_slots, max_rank=max_rank)
+        key = (module.in_features, module.out_features, module.weight.dtype, module.weight.device)
+        groups.setdefault(key, []).append((name, module))
+    layers: dict[str, MultiLoRALinear] = {}
+    stacks = []
+    for (in_features, out_features, _, _), members in groups.items():
+        stack = SlotStack(len(members), n_slots, max_rank, in_features, out_features, like=members[0][1].weight)
+        stacks.append(stack)
+        for position, (name, module) in enumerate(members):
+            layers[name] = MultiLoRALinear(module, stack, position, batch)
+            replace_module(model, name, layers[name])
+    layers = {name: layers[name] for name, _ in chosen}  # model order, as before
+    return MultiLoRA(layers=layers, stacks=stacks, batch=batch, n_slots=n_slots, max_rank=max_rank)

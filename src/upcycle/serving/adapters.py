@@ -65,12 +65,12 @@ class AdapterWeights:
     """One adapter in CPU memory: the weights file's bytes and where each LoRA matrix sits in them.
 
     Loading makes almost no torch calls (so a background loader hardly competes with the serving thread for the
-    GIL, which each torch call releases and re-takes); tensor views are made when a slot is filled.
+    GIL, which each torch call releases and re-takes); tensor views are made when the adapter is packed for the slots.
     """
 
     spec: AdapterSpec
-    raw: bytearray | torch.Tensor
-    """The file's bytes (a pinned uint8 tensor when loaded for an accelerator)."""
+    raw: bytearray
+    """The file's bytes."""
     layout: dict[str, tuple[_Entry, _Entry, float]]
     """Full module name -> (A entry [r, I], B entry [O, r], scaling)."""
 
@@ -85,7 +85,7 @@ class AdapterWeights:
 
     @property
     def nbytes(self) -> int:
-        return len(self.raw) if isinstance(self.raw, bytearray) else self.raw.numel()
+        return len(self.raw)
 
     @property
     def rank(self) -> int:
@@ -95,13 +95,11 @@ class AdapterWeights:
         return _tensor(self.raw, entry)
 
 
-def _tensor(raw: bytearray | torch.Tensor, entry: _Entry) -> torch.Tensor:
+def _tensor(raw: bytearray, entry: _Entry) -> torch.Tensor:
     """The tensor `entry` describes, as a view of the file bytes `raw` (no copy)."""
     count = math.prod(entry.shape)
     if not count:
         return torch.empty(entry.shape, dtype=entry.dtype)
-    if isinstance(raw, torch.Tensor):
-        return raw[entry.begin: entry.end].view(entry.dtype).view(entry.shape)
     return torch.frombuffer(raw, dtype=entry.dtype, count=count, offset=entry.begin).view(entry.shape)
 
 
@@ -212,14 +210,14 @@ def read_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     return {name: _tensor(buffer, entry) for name, entry in entries.items()}
 
 
-def read_adapter(path: str | Path, pin_memory: bool = False) -> AdapterWeights:
+def read_adapter(path: str | Path) -> AdapterWeights:
     """Load a PEFT LoRA directory into CPU memory, or raise an AdapterError (corrupt or unsupported).
 
     The files may come from anyone who can write to an expert directory, so nothing else may escape: a reader bug
     on a hostile file must fail that adapter, never the thread that asked for it.
     """
     try:
-        return _read_adapter(Path(path), pin_memory)
+        return _read_adapter(Path(path))
     except AdapterError:
         raise
     except Exception as error:
@@ -227,7 +225,7 @@ def read_adapter(path: str | Path, pin_memory: bool = False) -> AdapterWeights:
         raise AdapterError(f"{path} is unreadable: {type(error).__name__}: {error}") from None
 
 
-def _read_adapter(path: Path, pin_memory: bool) -> AdapterWeights:
+def _read_adapter(path: Path) -> AdapterWeights:
     spec = read_spec(path)
     try:
         raw, entries = _read_raw(path / WEIGHTS_NAME)
@@ -254,8 +252,6 @@ def _read_adapter(path: Path, pin_memory: bool) -> AdapterWeights:
             raise AdapterError(f"{path / WEIGHTS_NAME}: {module} has rank 0 (A {a.shape}, B {b.shape})")
         layout[module] = (a, b, spec.scaling(module, a.shape[0]))
     _check_finite(path, raw, list(entries.values()))
-    if pin_memory:  # page-locked, so copies into accelerator slots can run asynchronously
-        raw = torch.frombuffer(raw, dtype=torch.uint8).pin_memory()
     return AdapterWeights(spec=spec, raw=raw, layout=layout)
 
 

@@ -1,9 +1,11 @@
 """Three-tier adapter cache: active slots in the model, an LRU of loaded adapters in CPU memory, and disk.
 
 ```
-disk (registered PEFT dirs)  --read_adapter-->  CPU LRU (AdapterWeights)  --load_slot-->  active slot (model buffers)
-       any number                               max count / max bytes, pinnable             fixed count (n_slots)
+disk (registered PEFT dirs)  --read_adapter + pack-->  CPU LRU (packed adapters)  --load_slot-->  active slot
+       any number                                      max count / max bytes, pinnable     fixed count (n_slots)
 ```
+The CPU tier holds each adapter already laid out as the slots hold it (`SlotWriter.pack`, run on the loading
+thread), so a CPU -> active move is a few large copies and no per-layer work on the serving thread.
 On CUDA the active tier is accelerator memory; on CPU it is the model's slot buffers. A running request holds its
 slot with `acquire` / `release` (a reference count), so a slot is only ever reused when no row points at it; free
 slots are taken before the least recently released one is evicted.
@@ -39,12 +41,23 @@ TIERS = ("active", "cpu", "disk")
 SWAPS = ("disk_to_cpu", "cpu_to_active")
 
 
+class Packed(Protocol):
+    """An adapter as `SlotWriter.pack` lays it out (`upcycle.ops.batched_lora.PackedAdapter`)."""
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def pin_memory(self) -> Packed: ...
+
+
 class SlotWriter(Protocol):
     """What the cache needs from the model: fixed slots it can fill (`upcycle.ops.batched_lora.MultiLoRA`)."""
 
     n_slots: int
 
-    def load_slot(self, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None: ...
+    def pack(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> Packed: ...
+
+    def load_slot(self, slot: int, packed: Packed) -> None: ...
 
 
 @dataclass
@@ -103,10 +116,10 @@ class AdapterCache:
         self._lock = threading.RLock()
         self._registry: dict[str, _Entry] = {}
         self._removed: set[str] = set()
-        self._cpu: OrderedDict[str, tuple[int, AdapterWeights]] = OrderedDict()  # id -> (generation, weights)
+        self._cpu: OrderedDict[str, tuple[int, Packed]] = OrderedDict()  # id -> (generation, weights)
         self._cpu_bytes = 0
         self._cpu_pinned: set[str] = set()
-        self._loading: dict[str, Future[AdapterWeights]] = {}
+        self._loading: dict[str, Future[Packed]] = {}
         self._bad: dict[str, tuple[tuple[int, ...], AdapterError]] = {}
         self._slot_owner: list[tuple[str, int] | None] = [None] * slots.n_slots  # (id, generation) or None
         self._slot_refs = [0] * slots.n_slots
@@ -197,7 +210,7 @@ class AdapterCache:
                 self._slot_of.pop(evicted, None)
                 self.stats.evictions.add("active")
             start = time.perf_counter()
-            self.slots.load_slot(slot, weights.modules)
+            self.slots.load_slot(slot, weights)
             self.stats.swaps["cpu_to_active"].observe(time.perf_counter() - start)
             self._slot_owner[slot] = (expert, entry.generation)
             self._slot_of[expert] = slot
@@ -227,7 +240,7 @@ class AdapterCache:
         return None
 
     # -- CPU tier ---------------------------------------------------------------------------------------------------
-    def prefetch(self, expert: str) -> Future[AdapterWeights] | None:
+    def prefetch(self, expert: str) -> Future[Packed] | None:
         """Start loading `expert` into CPU memory in the background; None if it is resident (or unknown)."""
         with self._lock:
             if expert not in self._registry or expert in self._slot_of or expert in self._cpu:
@@ -261,8 +274,8 @@ class AdapterCache:
         with self._lock:
             self._cpu_pinned.discard(expert)
 
-    def _weights(self, expert: str, count: bool) -> AdapterWeights:
-        """The CPU copy of `expert`, read from disk by this thread or awaited from another's read."""
+    def _weights(self, expert: str, count: bool) -> Packed:
+        """The packed CPU copy of `expert`, read from disk by this thread or awaited from another's read."""
         with self._lock:
             entry = self._entry(expert)
             cached = self._cpu.get(expert)
@@ -281,7 +294,7 @@ class AdapterCache:
             self._load(expert, entry, future)
         return future.result()
 
-    def _load(self, expert: str, entry: _Entry, future: Future[AdapterWeights]) -> None:
+    def _load(self, expert: str, entry: _Entry, future: Future[Packed]) -> None:
         bad = None
         try:
             bad = self._bad.get(expert)
@@ -290,9 +303,12 @@ class AdapterCache:
                 # stored error's would grow by a few frames each time a client asks again)
                 raise bad[1].with_traceback(None)
             start = time.perf_counter()
-            weights = read_adapter(entry.path, pin_memory=self.config.pin_memory)
+            adapter = read_adapter(entry.path)
             if self.check is not None:
-                self.check(expert, weights)
+                self.check(expert, adapter)
+            weights = self.slots.pack(adapter.modules)
+            if self.config.pin_memory:
+                weights = weights.pin_memory()
             self.stats.swaps["disk_to_cpu"].observe(time.perf_counter() - start)
             self.stats.hits.add("disk")
         except Exception as error:  # any failure to read or check one adapter is that adapter's error only
