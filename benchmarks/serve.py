@@ -385,7 +385,9 @@ def scale_row(run: ShapeRun, texts: list[list[int]], args: argparse.Namespace) -
 
 
 def swap_latency(base: Path, tokenizer, experts: dict[str, Path], n: int) -> dict:
-    """Per tier: disk -> CPU (read + check), CPU -> active (slot fill), disk -> active, over `n` distinct experts."""
+    """Per tier: disk -> CPU (read + check + pack), CPU -> active (slot fill), disk -> active, over `n` distinct
+    experts. Wall times from the cache's own stats; `thread_cpu` is this thread's CPU time around each acquire, which
+    leaves out the time slices a shared machine gave other processes (the move's own cost)."""
     from transformers import AutoModelForCausalLM
 
     chosen = dict(list(experts.items())[:n])
@@ -393,17 +395,21 @@ def swap_latency(base: Path, tokenizer, experts: dict[str, Path], n: int) -> dic
                                EngineConfig(max_batch=1, n_slots=1, max_rank=8, torch_threads=1,
                                             cache=CacheConfig(cpu_max_adapters=n + 1)))
     cache = engine.cache
-    disk_to_active = []
+    disk_to_active, cpu = [], {"disk_to_active": [], "cpu_to_active": []}
     for expert in chosen:  # cold: every acquire reads the file, then fills the single slot
-        start = time.perf_counter()
+        start, own = time.perf_counter(), time.thread_time()
         cache.release(cache.acquire(expert))
         disk_to_active.append(time.perf_counter() - start)
+        cpu["disk_to_active"].append(time.thread_time() - own)
     for expert in chosen:  # now all in CPU memory; one slot, so every acquire is a CPU -> active swap
+        own = time.thread_time()
         cache.release(cache.acquire(expert))
+        cpu["cpu_to_active"].append(time.thread_time() - own)
     out = {}
     for swap in ("disk_to_cpu", "cpu_to_active"):
         out[swap] = _latency(list(cache.stats.swaps[swap].recent))
     out["disk_to_active"] = _latency(disk_to_active)
+    out["thread_cpu"] = {name: _latency(seconds) for name, seconds in cpu.items()}
     engine.close()
     return out
 
@@ -456,6 +462,20 @@ def bench_shape(shape: Shape, args: argparse.Namespace, scale: bool) -> dict:
         out["scale"] = scale_row(run, texts, args)
     out["swap"] = swap_latency(base, tokenizer, experts, args.swap_samples)
     out["swap"]["peft_load_adapter"] = peft_load_adapter(base, experts, args.peft_samples)
+    return out
+
+
+def swaps_only(args: argparse.Namespace) -> dict:
+    """The swap latencies of `--scale-shape` alone, with PEFT's `load_adapter` for reference."""
+    from transformers import AutoTokenizer
+
+    shape = shapes(args.tinyllama_layers)[args.scale_shape]
+    base, weights = base_dir(args.cache_dir, shape, args.base)
+    experts, files = expert_dirs(args.cache_dir, shape.name + ("-real" if weights.startswith("real") else ""), base,
+                                 args.swap_samples, args.pool_mb)
+    out = {"shape": shape.label(), "weights": weights, "expert_files": files,
+           **swap_latency(base, AutoTokenizer.from_pretrained(base), experts, args.swap_samples)}
+    out["peft_load_adapter"] = peft_load_adapter(base, experts, args.peft_samples)
     return out
 
 
@@ -546,15 +566,15 @@ def _profiled_ops(engine: Engine, steps: int) -> list[dict]:
 def regather_ms(engine: Engine, rows: int, reps: int = 5) -> float:
     """Milliseconds to gather every wrapped layer's per-row A and B^T for `rows` rows on distinct slots: what a step
     pays whenever the batch's rows change (a request admitted or finished), on top of the decode step above."""
-    from upcycle.ops.batched_lora import gather_lora
-
-    slots = torch.arange(rows)
+    lora = engine.lora
     best = float("inf")
-    for _ in range(reps):
-        start = time.perf_counter()
-        for layer in engine.lora.layers.values():
-            gather_lora(layer.lora_a, layer.lora_b, slots)
-        best = min(best, time.perf_counter() - start)
+    with lora.select(list(range(rows))):
+        for _ in range(reps):
+            lora.batch.version += 1  # as a row joining or leaving does
+            start = time.perf_counter()
+            for stack in lora.stacks:
+                stack.gathered(lora.batch)
+            best = min(best, time.perf_counter() - start)
     return round(best * 1e3, 2)
 
 
@@ -695,6 +715,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--profile", action="store_true", help="only profile decode steps (see --profile-shape)")
     add("--profile-shape", default="smollm2-135m")
     add("--profile-steps", type=int, default=20)
+    add("--swaps", action="store_true", help="only the adapter swap latencies of --scale-shape")
     add("--llamacpp", action="store_true", help="only the llama.cpp peer comparison (needs the llamacpp extra)")
     add("--llamacpp-requests", type=int, default=4, help="timed requests per round and scenario (x clients at 16)")
     add("--llamacpp-clients", type=int, default=16)
@@ -718,6 +739,8 @@ def main(argv: list[str] | None = None) -> dict:
     began = time.perf_counter()
     if args.profile:
         results: dict = {"profile": profile(args)}
+    elif args.swaps:
+        results = {"swaps": swaps_only(args)}
     elif args.llamacpp:
         results = {"llamacpp": llamacpp_peer(args)}
     else:
