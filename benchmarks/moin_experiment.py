@@ -4,7 +4,7 @@ corpus diversity (one domain vs many), with seeds and 95% intervals, and the out
 
     python benchmarks/moin_experiment.py [--data data/system-docs] [--out runs/moin-experiment]
         [--clusters 2 4 8] [--seeds 0 1 2] [--total-tokens 393216] [--heldout DOMAIN] [--one-domain DOMAIN]
-        [--base default] [--dry-run]
+        [--base default] [--corpora many one] [--expert-args FLAGS] [--baseline-args FLAGS] [--eval-args FLAGS] [--dry-run]
 
 --data is a corpus with one folder per domain (`make real` builds data/system-docs). One domain (--heldout, default
 the last) is kept out of every run and scored by the guard; "many" is every other domain, "one" is --one-domain (the
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import subprocess
 import sys
 import time
@@ -42,6 +43,10 @@ def main() -> None:
     parser.add_argument("--one-domain", default=None, help="the single-domain corpus (default: the largest)")
     parser.add_argument("--base", default=None, help="base model (default: the shipped tiny Llama)")
     parser.add_argument("--embedder", default="minilm")
+    parser.add_argument("--corpora", nargs="+", default=["many", "one"], choices=["many", "one"])
+    parser.add_argument("--expert-args", default="", help="more train-experts flags, e.g. '--expert.block_size 256'")
+    parser.add_argument("--baseline-args", default="", help="more train-baselines flags")
+    parser.add_argument("--eval-args", default="", help="more evaluate flags, e.g. '--eval.max_tokens_per_doc 256'")
     parser.add_argument("--dry-run", action="store_true", help="write the corpora, print the plan, run nothing")
     args = parser.parse_args()
     out = Path(args.out)
@@ -49,7 +54,8 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
                         handlers=[logging.FileHandler(out / "experiment.log"), logging.StreamHandler(sys.stderr)])
     corpora, heldout = write_corpora(Path(args.data), out / "corpora", args.heldout, args.one_domain)
-    cells = [(corpus, k, seed) for corpus in corpora for k in args.clusters for seed in args.seeds]
+    # K outermost, in the order given: an interrupted grid has whole (K, corpus) cells over every seed
+    cells = [(corpus, k, seed) for k in args.clusters for corpus in args.corpora for seed in args.seeds]
     for corpus, k, seed in cells:
         run = out / f"{corpus}-k{k}-seed{seed}"
         if (run / "eval" / "results.json").is_file():
@@ -93,13 +99,25 @@ def run_cell(run: Path, corpus: Path, heldout: Path, k: int, seed: int, args: ar
     """One (corpus, K, seed) cell: the pipeline's own commands, each resuming what it finished before."""
     base = ["--base", args.base] if args.base else []
     tokens = str(max(1, args.total_tokens // k))
+    sibling = embedded_sibling(run)
+    if sibling is not None and not (run / "run.json").is_file():
+        # Same corpus, same splits (their seed is not the cell's): refit k-means on the sibling's saved embeddings
+        # instead of embedding every document again, as `introvert ablate` does.
+        from upcycle.introvert.clustering.corpus import refit_clusters
+        from upcycle.introvert.config import ClusterConfig
+        from upcycle.introvert.run import Run
+
+        log.info("%s: clusters refitted on %s's embeddings", run.name, sibling.name)
+        refit_clusters(Run.open(sibling), run, ClusterConfig(clusters=k, embedder=args.embedder, seed=seed))
     steps = [
         ["introvert", "cluster", "--data", str(corpus), *base, "--out", str(run), "--clustering.clusters", str(k),
          "--clustering.embedder", args.embedder, "--clustering.seed", str(seed)],
-        ["introvert", "train-experts", str(run), "--expert.tokens_per_expert", tokens, "--expert.seed", str(seed)],
-        ["introvert", "train-baselines", str(run)],
+        ["introvert", "train-experts", str(run), "--expert.tokens_per_expert", tokens, "--expert.seed", str(seed),
+         *shlex.split(args.expert_args)],
+        ["introvert", "train-baselines", str(run), *shlex.split(args.baseline_args)],
         # top-1/2/4 by default, k capped at K
-        ["introvert", "evaluate", str(run), "--eval.heldout_data", str(heldout), "--eval.seed", str(seed)],
+        ["introvert", "evaluate", str(run), "--eval.heldout_data", str(heldout), "--eval.seed", str(seed),
+         *shlex.split(args.eval_args)],
     ]
     with open(Path(args.out) / "experiment.log", "a") as sink:
         for argv in steps:
@@ -110,6 +128,15 @@ def run_cell(run: Path, corpus: Path, heldout: Path, k: int, seed: int, args: ar
             if code != 0:
                 sys.exit(f"{run}: `upcycle {' '.join(argv)}` failed (exit {code}); see {args.out}/experiment.log")
             log.info("%s: finished in %.0f s", run.name, time.perf_counter() - start)
+
+
+def embedded_sibling(run: Path) -> Path | None:
+    """Another cell of the same corpus whose cluster step finished (its embeddings saved), or None."""
+    prefix = run.name.split("-k")[0] + "-k"
+    for other in sorted(run.parent.glob(f"{prefix}*")):
+        if other != run and (other / "run.json").is_file() and (other / "clusters" / "embeddings").is_dir():
+            return other
+    return None
 
 
 def summarise(out: Path, corpora: dict[str, Path], clusters: list[int], seeds: list[int]) -> dict:
