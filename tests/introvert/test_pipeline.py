@@ -113,6 +113,32 @@ def test_evaluate_scores_every_method_and_writes_the_report(trained_run, capsys)
             assert handle.keys() and not [key for key in handle.keys() if "expert-" in key]
 
 
+def test_a_reference_run_is_scored_on_this_runs_documents_and_must_share_base_and_splits(trained_run, tmp_path,
+                                                                                           capsys):
+    # The same experts under another name: scored through the reference path they must equal 'routed' exactly.
+    twin = tmp_path / "twin"
+    shutil.copytree(trained_run, twin, ignore=shutil.ignore_patterns("eval", "baselines", "report.md", "*.png"))
+    results_path = trained_run / "eval" / "results.json"
+    kept = results_path.read_bytes() if results_path.is_file() else None
+    try:
+        assert main(["introvert", "evaluate", str(trained_run), "--eval.baselines", "false", "--eval.bootstrap", "20",
+                     "--eval.guard_percentile", "null", "--eval.reference_run", str(twin)]) == 0
+        results = json.loads(results_path.read_text())
+    finally:  # other tests read the full evaluation
+        if kept is not None:
+            results_path.write_bytes(kept)
+    methods = results["methods"]
+    assert methods["reference"]["perplexity"] == pytest.approx(methods["routed"]["perplexity"], rel=1e-9)
+    paired = {(p["method"], p["reference"]): p for p in results["paired"]}
+    assert paired[("routed", "reference")]["delta_pct"] == pytest.approx(0.0, abs=1e-7)
+    meta = json.loads((twin / "run.json").read_text())
+    for key, value, needle in (("splits", {**meta["splits"], "test": 0.5}, "splits its documents differently"),
+                               ("base", "gguf:elsewhere.gguf", "compare runs of the same base")):
+        (twin / "run.json").write_text(json.dumps({**meta, key: value}))
+        _fails_with(capsys, ["introvert", "evaluate", str(trained_run), "--eval.baselines", "false",
+                             "--eval.guard_percentile", "null", "--eval.reference_run", str(twin)], needle)
+
+
 def test_train_baselines_skips_finished_baselines(trained_run, capsys):
     assert main(["introvert", "train-baselines", str(trained_run)]) == 0  # trains them, or finds them done
     weights = [p for p in (trained_run / "baselines").rglob("*.safetensors")]

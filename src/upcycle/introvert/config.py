@@ -121,6 +121,10 @@ class EvalConfig:
     heldout_data: str | None = None
     """A corpus from a domain no cluster was built from (a folder, .txt/.jsonl/.parquet file or 'hf:NAME', read like
     --data); its documents of `split` (split as the run's data) are scored with and without the guard."""
+    reference_run: str | None = None
+    """Another run of the same base over the same documents, e.g. the corpus rebuilt from scratch where this run
+    grew with `add-data`: its routed top-1 is scored on this run's documents as 'reference', with a paired interval
+    against 'routed'. Its splits must be this run's, so that none of these documents trained its experts."""
     baseline: BaselineConfig = field(default_factory=BaselineConfig)
     """Baseline training settings: what `upcycle demo` trains the baselines with before it evaluates
     (`upcycle introvert train-baselines` takes them as --baseline.*); evaluation itself trains nothing."""

@@ -141,6 +141,7 @@ def _evaluate(run: Run, config: EvalConfig) -> dict:
     if not docs:
         raise UserError(f"the {config.split} split is empty; use a larger corpus")
     heldout = _heldout_documents(run, config)  # a bad path fails before anything is scored
+    reference = _reference_run(run, config)  # as does a reference run that cannot be compared
     base_model, tok = load_base(run.base)
     ids = _token_ids(tok, docs, config)
     own = np.array([data.own_cluster[config.split][d.id] for d in docs])
@@ -157,6 +158,8 @@ def _evaluate(run: Run, config: EvalConfig) -> dict:
     prompts = PromptRoutes(experts.router, [d.text[:config.route_chars] for d in docs])
     test = _score_split(experts, ids, own, prompts, top_ks, temperatures, guard, config)
     nll |= test.nll
+    if reference is not None:
+        nll["reference"] = _score_reference(reference, docs, ids, config)
     results = {
         "schema": RESULTS_SCHEMA,
         "split": config.split,
@@ -171,6 +174,7 @@ def _evaluate(run: Run, config: EvalConfig) -> dict:
         "training": _training_summary(run, expert_ids, baselines),
         "paired": [paired_delta(nll, test.counts, m, ref, config.bootstrap, config.seed)
                    for m, ref in _paired_comparisons(top_ks) if m in nll and ref in nll],
+        **({"reference_run": config.reference_run} if config.reference_run is not None else {}),
         "cost": measure_cost(experts, max((d.text for d in docs), key=len), config.route_chars),
     }
     if guard is not None:
@@ -297,10 +301,36 @@ def _mixture_name(top_k: int) -> str:
 
 
 def _paired_comparisons(top_ks: list[int]) -> list[tuple[str, str]]:
-    """PAIRED_COMPARISONS and each top-k mixture against the base, the baselines and top-1 routing."""
+    """PAIRED_COMPARISONS, each top-k mixture against the base, the baselines and top-1 routing, and routing against
+    a reference run's routing."""
     mixtures = [_mixture_name(n) for n in top_ks if n > 1]
     return PAIRED_COMPARISONS + [(m, ref) for m in mixtures for ref in ("base", "lora-all", "lora-wide", "full",
-                                                                         "routed")]
+                                                                         "routed")] + [("routed", "reference")]
+
+
+def _reference_run(run: Run, config: EvalConfig) -> Run | None:
+    """--eval.reference_run opened and checked comparable (same base, same splits, experts trained), or None."""
+    if config.reference_run is None:
+        return None
+    other = Run.open(config.reference_run)
+    if other.base != run.base:
+        raise UserError(f"--eval.reference_run {other.path} was built on {other.base}, this run on {run.base}; "
+                        "compare runs of the same base")
+    if other.meta.get("splits") != run.meta.get("splits"):
+        raise UserError(f"--eval.reference_run {other.path} splits its documents differently "
+                        f"({other.meta.get('splits')} against {run.meta.get('splits')}): these test documents may "
+                        "have trained its experts")
+    check_experts_trained(other)
+    return other
+
+
+def _score_reference(other: Run, docs: list[Document], ids: list[np.ndarray], config: EvalConfig) -> np.ndarray:
+    """Per-document NLL of the reference run's own routed top-1 on these documents (its router, its experts)."""
+    base_model, tokenizer = load_base(other.base)
+    experts = IntrovertExperts(other, base_model, tokenizer, load_sequence_router(other), max_loaded=2)
+    members = PromptRoutes(experts.router, [d.text[:config.route_chars] for d in docs]).members(1)
+    scored = experts.token_log_probs(ids, wanted_experts(members), batch_size=config.batch_size)
+    return mix_documents(scored, members)[0]
 
 
 def _trained_baselines(run: Run, k: int, config: EvalConfig) -> list[str]:
