@@ -111,16 +111,13 @@ def summarise(grown: Path, rebuilt: Path) -> dict:
     results = json.loads((grown / "eval" / "results.json").read_text())
     generations = read_meta(grown).get("generations", [])
     added = sum(g.get("tokens", 0) for g in generations[1:])
-    initial = json.loads((grown / "eval" / "results.json").read_text())["training"]["experts"]["tokens"] - added \\
-        if False else None  # noqa: SIM210 - see below: counted from the generation-0 experts instead
     first = [g for g in generations if g.get("generation") == 0]
     paired = next(p for p in results["paired"] if (p["method"], p["reference"]) == ("routed", "reference"))
     rebuild = trained_tokens(rebuilt)
     return {
         "clusters": {"before": first[0].get("clusters") if first else None, "grown": results["k"],
                      "rebuilt": read_meta(rebuilt)["clusters"]["k"]},
-        "tokens": {"add_data": added, "rebuild": rebuild, "add_data_over_rebuild": round(added / rebuild, 3),
-                   "grown_run_in_all": trained_tokens(grown)},
+        "tokens": {"add_data": added, "rebuild": rebuild, "add_data_over_rebuild": round(added / rebuild, 3)},
         "add_data": generations[1:],
         "test_documents": results["documents"],
         "perplexity": {name: results["methods"][name]["perplexity"] for name in ("base", "routed", "reference")},
