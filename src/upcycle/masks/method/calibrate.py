@@ -17,7 +17,7 @@ The offset opens by shifting and closes by cutting:
   its learned value. The same gates close as under a shift by δ, but the kept ones are not scaled down.
 The shift closed the same gates but also turned the kept ones into fractions: harmless when training has separated
 the gates into open and closed, ruinous when it has not. SmolLM2-135M after 48 steps (docs/masks.md, issue 13) had
-moved no gate off open (59.7 % expected active for a 50 % target); the shift that closed the last 10 points left
+closed no gate (59.7 % expected active for a 50 % target); the shift that closed the last 10 points left
 every kept gate of every layer scaling its neuron down to a fraction, and validation perplexity went from 48.3 to
 2.6 million (the first layer's masks alone: 2,356). The cut gives 51.1 on the same masks.
 
