@@ -56,6 +56,19 @@ def test_training_resumes_with_its_multipliers(tmp_path):
     assert all(torch.equal(third.state_dict()[k], v + 1.0) for k, v in saved.items())
 
 
+def test_training_that_ends_off_target_says_so(caplog):
+    model = tiny_decoder()
+    config = tiny_config(steps=3, masks=MaskConfig(experts=4, layout="partition"))
+    with caplog.at_level("WARNING", logger="upcycle.masks.method.train"):
+        result, _ = train_masks(model, random_blocks(), config)
+    assert result.history[-1]["expected_active"] > 0.55  # three steps: the gates have not moved
+    assert "expected active for a 50% target" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="upcycle.masks.method.train"):
+        train_masks(tiny_decoder(), random_blocks(), tiny_config(steps=150))
+    assert "expected active" not in caplog.text
+
+
 @pytest.mark.parametrize(("overrides", "message"), [
     ({"target": 0.0}, "--recipe.target"), ({"target": 1.2}, "--recipe.target"),
     ({"warmup_fraction": 1.5}, "--recipe.warmup_fraction"), ({"block_size": 1}, "--recipe.block_size"),

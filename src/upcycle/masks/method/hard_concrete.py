@@ -38,6 +38,12 @@ def open_log_alpha(gamma: float = GAMMA, zeta: float = ZETA) -> float:
     return math.log(p / (1.0 - p))
 
 
+def closed_log_alpha(gamma: float = GAMMA, zeta: float = ZETA) -> float:
+    """Largest log α whose deterministic gate is exactly 0: sigmoid(log α)·(ζ − γ) + γ = 0."""
+    p = -gamma / (zeta - gamma)
+    return math.log(p / (1.0 - p))
+
+
 def sample_gate(log_alpha: torch.Tensor, u: torch.Tensor, beta: float = BETA, gamma: float = GAMMA,
                 zeta: float = ZETA) -> torch.Tensor:
     """Hard-concrete sample z for uniform noise `u` (same shape as log α or broadcastable to it)."""

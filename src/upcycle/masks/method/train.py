@@ -30,6 +30,11 @@ from upcycle.training.loop import TrainResult, is_main_process, train
 
 log = logging.getLogger(__name__)
 
+OFF_TARGET = 0.05
+"""How far from the target the expected active ratio may end before training warns. Under Adam a gate's log α moves
+by at most about the learning rate per step, so at the default 0.1 a gate that starts open (log α 2.5-4.5) needs
+50-70 steps to close: SmolLM2's 48-step run (docs/masks.md) ended at 59.7 % for a 50 % target, where it started."""
+
 LAGRANGIAN_STATE = "lagrangian.json"
 ROUTERS_STATE = "routers.safetensors"
 """Fixed routers of a resumable run: the loop's checkpoint holds only what trains, and a resumed run must route
@@ -96,6 +101,10 @@ def train_masks(model: nn.Module, train_blocks: tuple[torch.Tensor, torch.Tensor
     last = result.history[-1]
     log.info("masks: expected active %.3f (target %.3f), LM loss %.3f", last["expected_active"], config.target,
              last["lm_loss"])
+    if abs(last["expected_active"] - config.target) > OFF_TARGET:
+        log.warning("masks: training ended at %.1f%% expected active for a %.0f%% target: the gate calibration will "
+                    "close or open the difference by the gates' ranking alone; more steps (--recipe.train.steps) "
+                    "let the gates learn it", 100 * last["expected_active"], 100 * config.target)
     return result, lagrangian
 
 
