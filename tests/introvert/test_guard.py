@@ -89,6 +89,29 @@ def test_the_threshold_is_a_percentile_of_validation_distances(tmp_path):
     assert calibrate_guard(run, RoutingConfig(guard_threshold=0.5)).threshold == 0.5
 
 
+def test_with_an_embedder_the_guard_is_calibrated_on_validation_prompts(tmp_path, monkeypatch):
+    from upcycle.data import Document
+    from upcycle.introvert import data
+
+    run = _run_with_validation(tmp_path, np.linspace(0.0, 0.5, 50))  # whole documents: d² up to 0.5
+    docs = [Document(f"v{i}", f"{i:03d}" + "x" * 20) for i in range(50)]
+    monkeypatch.setattr(data, "load_run_data", lambda _: data.RunData({"validation": docs}, {}))
+    prompt_distances = np.linspace(0.0, 1.5, 50)  # their 5-character prompts lie farther
+    seen = []
+
+    class Prompts:
+        def encode(self, texts):
+            seen.extend(texts)
+            cos = 1.0 - prompt_distances[[int(t[:3]) for t in texts]] / 2.0
+            return np.stack([cos, np.sqrt(1.0 - cos**2), np.zeros_like(cos)], axis=1).astype(np.float32)
+
+    guard = calibrate_guard(run, RoutingConfig(guard_percentile=90.0, guard_prompt_chars=5), embedder=Prompts())
+    assert seen == [d.text[:5] for d in docs]
+    assert guard.threshold == pytest.approx(np.percentile(prompt_distances, 90.0), abs=1e-4)
+    whole = calibrate_guard(run, RoutingConfig(guard_percentile=90.0, guard_prompt_chars=None), embedder=Prompts())
+    assert whole.threshold == pytest.approx(np.percentile(np.linspace(0.0, 0.5, 50), 90.0), abs=1e-4)
+
+
 @pytest.mark.parametrize("threshold", [4.5, 100.0])
 def test_a_cosine_threshold_outside_0_4_is_refused(tmp_path, threshold):
     run = _run_with_validation(tmp_path, np.array([0.1, 0.2]))
@@ -99,6 +122,7 @@ def test_a_cosine_threshold_outside_0_4_is_refused(tmp_path, threshold):
 @pytest.mark.parametrize("field, value, message", [("top_k", 0, "top_k"), ("temperature", 0.0, "temperature"),
                                                    ("guard_percentile", 0.0, "guard_percentile"),
                                                    ("guard_threshold", -1.0, "guard_threshold"),
+                                                   ("guard_prompt_chars", 0, "guard_prompt_chars"),
                                                    ("out_of_domain", "drop", "out_of_domain")])
 def test_bad_routing_settings_are_refused(field, value, message):
     with pytest.raises(UserError, match=message):

@@ -102,13 +102,14 @@ def _evaluate(run, monkeypatch, threshold: float | None, **settings) -> dict:
     from upcycle.introvert.router import Guard
 
     if threshold is not None:
-        monkeypatch.setattr(module, "calibrate_guard", lambda run, config: Guard(threshold, np.zeros(0)))
+        monkeypatch.setattr(module, "calibrate_guard", lambda *_: Guard(threshold, np.zeros(0)))
     return module.evaluate(run, EvalConfig(baselines=False, bootstrap=50, **settings))
 
 
 def test_evaluate_reports_top_k_mixtures_with_a_temperature_chosen_on_validation(run, capsys, tmp_path):
     from upcycle.introvert.config import RoutingConfig
     from upcycle.introvert.data import load_run_data
+    from upcycle.introvert.embedding import load_embedder
     from upcycle.introvert.router import calibrate_guard
     from upcycle.introvert.run import Run
 
@@ -128,7 +129,10 @@ def test_evaluate_reports_top_k_mixtures_with_a_temperature_chosen_on_validation
     paired = {(p["method"], p["reference"]) for p in results["paired"]}
     assert {("routed-top2", "base"), ("routed-top3", "routed")} <= paired
     guard = results["guard"]
-    assert guard["threshold"] == pytest.approx(calibrate_guard(Run.of(run), RoutingConfig()).threshold)
+    embedder = load_embedder(Run.of(run).clusters_dir / "embedder")  # calibrated on the 1,000-char prompts
+    assert guard["threshold"] == pytest.approx(calibrate_guard(Run.of(run), RoutingConfig(), embedder=embedder).threshold)
+    assert guard["threshold"] != pytest.approx(calibrate_guard(Run.of(run), RoutingConfig()).threshold)
+    assert guard["validation_prompts_flagged"] <= 0.01 + 1 / mixture["validation_documents"]
     assert 0 <= guard["test"]["flagged"] <= guard["test"]["documents"] == results["documents"]
     assert set(guard["heldout"]["methods"]) == {"base", "routed", "guarded-base", "guarded-mixture"}
     assert guard["heldout"]["documents"] > 0 and 0 <= guard["heldout"]["flagged_share"] <= 1

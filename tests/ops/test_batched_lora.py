@@ -272,3 +272,31 @@ def test_gathered_rows_stay_right_through_joins_departures_and_rewrites():
                 base = nn.functional.linear(expected, layer.base_layer.weight, layer.base_layer.bias)
                 expected = batched_lora(expected, base, layer.lora_a, layer.lora_b, torch.tensor(rows))
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"step {step}, rows {rows}")
+
+
+@pytest.mark.parametrize("slot_dtype", [torch.float32, torch.bfloat16])
+def test_packing_a_full_rank_adapter_by_stack_equals_packing_it_layer_by_layer(slot_dtype):
+    """`pack` stacks an adapter that fills every layer of a stack at full rank in one go; it must lay it out exactly
+    as the per-layer path (rank padding, untargeted layers, scaling per layer) would."""
+    from upcycle.ops.batched_lora import _pack_full, _pack_padded
+
+    generator = torch.Generator().manual_seed(7)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Linear(10, 12), nn.Linear(12, 10)).to(slot_dtype)
+    lora = attach_multi_lora(model, ["0", "1", "2"], n_slots=2, max_rank=3)
+    weights = {name: (torch.randn(3, layer.in_features, generator=generator),
+                      torch.randn(layer.out_features, 3, generator=generator), 16 / (index + 3) ** 0.5)  # rsLoRA-like
+               for index, (name, layer) in enumerate(lora.layers.items())}
+    packed = lora.pack(weights)
+    for i, stack in enumerate(lora.stacks):
+        chosen = {layer._position: weights[name] for name, layer in lora.layers.items() if layer._stack is stack}
+        slow_a, slow_bt = _pack_padded(stack, chosen)
+        fast_a, fast_bt = _pack_full(stack, chosen)
+        assert fast_a.dtype == slow_a.dtype == slot_dtype and torch.equal(fast_a, slow_a)
+        assert torch.equal(packed.a[i], slow_a) and torch.equal(packed.bt[i], slow_bt)
+        torch.testing.assert_close(fast_bt, slow_bt, atol=0, rtol=0)
+    partial = {name: weights[name] for name in ("0", "1")}  # layer "2" untargeted: its stack takes the padded path
+    for i, stack in enumerate(lora.stacks):
+        chosen = {layer._position: partial[name] for name, layer in lora.layers.items()
+                  if layer._stack is stack and name in partial}
+        expected_a, expected_bt = _pack_padded(stack, chosen)
+        assert torch.equal(lora.pack(partial).a[i], expected_a) and torch.equal(lora.pack(partial).bt[i], expected_bt)

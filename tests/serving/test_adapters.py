@@ -44,6 +44,23 @@ def test_damaged_weights_are_adapter_errors(fake_run_dir, tmp_path, damage):
         read_adapter(expert)
 
 
+@pytest.mark.parametrize("values, accepted", [((float("inf"),), False), ((float("-inf"), float("inf")), False),
+                                              ((3e38, 3e38), True), ((-3e38, -3e38, 3e38), True)])
+def test_the_finite_check_decides_by_element_not_by_sum(fake_run_dir, tmp_path, values, accepted):
+    """The fast check sums the weights; finite weights whose sum overflows must still load, and inf must not."""
+    expert = tmp_path / "expert"
+    shutil.copytree(fake_run_dir / "experts" / "expert-00000", expert)
+    tensors = load_file(expert / WEIGHTS_NAME)
+    first = next(iter(tensors.values())).view(-1)
+    first[: len(values)] = torch.tensor(values)
+    save_file(tensors, expert / WEIGHTS_NAME)
+    if accepted:
+        assert read_adapter(expert).nbytes > 0
+    else:
+        with pytest.raises(AdapterError, match="NaN or inf"):
+            read_adapter(expert)
+
+
 def test_unsupported_configs_are_refused_by_name(fake_run_dir, tmp_path):
     expert = tmp_path / "expert"
     shutil.copytree(fake_run_dir / "experts" / "expert-00000", expert)

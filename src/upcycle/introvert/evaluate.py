@@ -154,7 +154,7 @@ def _evaluate(run: Run, config: EvalConfig) -> dict:
     tuned = sorted(set(top_ks) | ({min(2, k)} if config.guard_percentile is not None else set()))  # k=2: the guard's
     temperatures, mixture = choose_temperatures(experts, _token_ids(tok, data.docs("validation"), config), validation,
                                                 tuned, config.temperatures, config.batch_size)
-    guard = _guard(run, config, validation)
+    guard = _guard(run, config, validation, experts)
     prompts = PromptRoutes(experts.router, [d.text[:config.route_chars] for d in docs])
     test = _score_split(experts, ids, own, prompts, top_ks, temperatures, guard, config)
     nll |= test.nll
@@ -254,8 +254,9 @@ def _guard_split(nll: dict[str, np.ndarray], counts: np.ndarray, distances: np.n
             "paired": [paired_delta(nll, counts, m, ref, config.bootstrap, config.seed) for m, ref in comparisons]}
 
 
-def _guard(run: Run, config: EvalConfig, validation: PromptRoutes) -> Guard | None:
-    """The guard scored (None when --eval.guard_percentile is null), calibrated on the validation split."""
+def _guard(run: Run, config: EvalConfig, validation: PromptRoutes, experts: IntrovertExperts) -> Guard | None:
+    """The guard scored (None when --eval.guard_percentile is null), calibrated on the validation split's prompts
+    (their first `route_chars` characters, as the test documents are routed)."""
     if config.guard_percentile is None:
         if config.heldout_data is not None:
             raise UserError("--eval.heldout_data scores the out-of-domain guard; give --eval.guard_percentile too")
@@ -263,12 +264,14 @@ def _guard(run: Run, config: EvalConfig, validation: PromptRoutes) -> Guard | No
     if not validation.prompts:
         raise UserError(f"{run.path}: the guard is calibrated on the validation split, which is empty in this run; "
                         "give --eval.guard_percentile null")
-    return calibrate_guard(run, RoutingConfig(guard_percentile=config.guard_percentile))
+    return calibrate_guard(run, RoutingConfig(guard_percentile=config.guard_percentile,
+                                              guard_prompt_chars=config.route_chars),
+                           validation.centroid_router, experts.router.embedder)
 
 
 def _flagged_share(prompts: PromptRoutes, guard: Guard) -> float | None:
-    """Share of these prompts beyond the threshold. The threshold comes from the validation documents' full texts,
-    so on the validation prompts this shows what the guard does to in-domain requests that are only a prefix."""
+    """Share of these prompts beyond the threshold (on the validation prompts the guard was calibrated on: about
+    100 - guard_percentile %)."""
     return float((nearest_distances(prompts) > guard.threshold).mean()) if prompts.prompts else None
 
 

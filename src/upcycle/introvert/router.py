@@ -175,9 +175,14 @@ class EmbeddingRouter:
         return routes
 
 
-def calibrate_guard(run: Run, config: RoutingConfig, centroids: CentroidRouter | None = None) -> Guard | None:
+def calibrate_guard(run: Run, config: RoutingConfig, centroids: CentroidRouter | None = None,
+                    embedder=None) -> Guard | None:
     """The guard of `run` under `config`: a fixed threshold, or the `guard_percentile`-th percentile of the
-    validation documents' distances to their nearest centroid (from the embeddings the cluster step saved).
+    validation documents' distances to their nearest centroid.
+
+    The guard is calibrated on what it will judge. Given the run's `embedder`, the validation documents are embedded
+    as requests are, cut to their first `config.guard_prompt_chars` characters; without one (add-data judges whole
+    new documents), the whole documents' embeddings saved by the cluster step are used.
     `centroids`: the run's CentroidRouter when the caller has it already (default: loaded from clusters/)."""
     if config.guard_threshold is None and config.guard_percentile is None:
         return None
@@ -185,8 +190,7 @@ def calibrate_guard(run: Run, config: RoutingConfig, centroids: CentroidRouter |
     if config.guard_threshold is not None and centroids.metric == "cosine" and not 0 <= config.guard_threshold <= 4:
         raise UserError(f"--routing.guard_threshold {config.guard_threshold}: for the cosine metric squared "
                         "distances lie in [0, 4]; choose a threshold inside that range")
-    saved = run.clusters_dir / SPLIT_EMBEDDINGS / "validation.npy"
-    validation = np.load(saved) if saved.is_file() else np.zeros((0, centroids.dim), np.float32)
+    validation = _validation_embeddings(run, centroids.dim, embedder, config.guard_prompt_chars)
     distances = np.sort(centroids.route(validation)[1]) if len(validation) else np.zeros(0, np.float32)
     if config.guard_threshold is not None:
         return Guard(float(config.guard_threshold), distances)
@@ -196,14 +200,25 @@ def calibrate_guard(run: Run, config: RoutingConfig, centroids: CentroidRouter |
     return Guard(float(np.percentile(distances, config.guard_percentile)), distances)
 
 
+def _validation_embeddings(run: Run, dim: int, embedder, prompt_chars: int | None) -> np.ndarray:
+    """[N, D] embeddings of the run's validation documents: of their first `prompt_chars` characters by `embedder`,
+    or (either of them None) of the whole documents, as the cluster step saved them."""
+    if embedder is not None and prompt_chars is not None:
+        from upcycle.introvert.data import load_run_data
+
+        prompts = [d.text[:prompt_chars] for d in load_run_data(run).docs("validation")]
+        return embedder.encode(prompts) if prompts else np.zeros((0, dim), np.float32)
+    saved = run.clusters_dir / SPLIT_EMBEDDINGS / "validation.npy"
+    return np.load(saved) if saved.is_file() else np.zeros((0, dim), np.float32)
+
+
 def load_sequence_router(run: Run, config: RoutingConfig | None = None) -> EmbeddingRouter:
     """The run's embedder and centroids, ready to route under `config` (None: top-1 with no guard)."""
     from upcycle.introvert.embedding import load_embedder
 
     config = config or RoutingConfig(guard_percentile=None)
-    centroids = CentroidRouter.load(run.clusters_dir)
-    return EmbeddingRouter(load_embedder(run.clusters_dir / "embedder"), centroids, config,
-                           calibrate_guard(run, config, centroids))
+    centroids, embedder = CentroidRouter.load(run.clusters_dir), load_embedder(run.clusters_dir / "embedder")
+    return EmbeddingRouter(embedder, centroids, config, calibrate_guard(run, config, centroids, embedder))
 
 
 def router_for_run(run_path: str) -> EmbeddingRouter:

@@ -303,6 +303,32 @@ class PackedAdapter:
         return PackedAdapter([t.pin_memory() for t in self.a], [t.pin_memory() for t in self.bt])
 
 
+def _pack_full(stack: SlotStack, chosen: dict[int, tuple[torch.Tensor, torch.Tensor, float]]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [G, R, I] and scaled B^T [G, R, O] of an adapter that fills every layer of `stack` at full rank: two stacks
+    and one multiply, where the per-layer path issues three small ops per layer (420 for SmolLM2's 210 layers, most
+    of a 9.8 MB adapter's pack time)."""
+    order = [chosen[g] for g in range(len(stack.a))]
+    a = torch.stack([lora_a for lora_a, _, _ in order]).to(stack.a.dtype)
+    bt = torch.stack([lora_b.T for _, lora_b, _ in order]).to(stack.bt.dtype)
+    # the scalings stay float32 (bf16 slots too), as the per-layer path's Python-float multiply keeps them
+    scalings = torch.tensor([scaling for _, _, scaling in order], dtype=torch.promote_types(bt.dtype, torch.float32))
+    return a, bt.mul_(scalings.view(-1, 1, 1))
+
+
+def _pack_padded(stack: SlotStack, chosen: dict[int, tuple[torch.Tensor, torch.Tensor, float]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A [G, R, I] and scaled B^T [G, R, O], layer by layer: ranks below max_rank padded with zeros, layers the
+    adapter does not target left zero."""
+    a = torch.zeros(stack.a[:, 0].shape, dtype=stack.a.dtype)
+    bt = torch.zeros(stack.bt[:, 0].shape, dtype=stack.bt.dtype)
+    for g, (lora_a, lora_b, scaling) in chosen.items():
+        rank = lora_a.shape[0]
+        a[g, :rank].copy_(lora_a)  # copy_ also converts the dtype
+        torch.mul(lora_b.T.to(bt.dtype), scaling, out=bt[g, :rank])
+    return a, bt
+
+
 @dataclass
 class MultiLoRA:
     """Handle on a model after `attach_multi_lora`: its wrapped layers, their slot stacks, their shared `LoRABatch`,
@@ -335,17 +361,19 @@ class MultiLoRA:
         unknown = set(weights) - set(self.layers)
         if unknown:
             raise KeyError(f"adapter targets modules that are not wrapped: {sorted(unknown)[:3]}")
-        packed = PackedAdapter([torch.zeros(s.a[:, 0].shape, dtype=s.a.dtype) for s in self.stacks],
-                               [torch.zeros(s.bt[:, 0].shape, dtype=s.bt.dtype) for s in self.stacks])
+        members: list[dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = [{} for _ in self.stacks]
         index = {id(stack): i for i, stack in enumerate(self.stacks)}
         for name, (lora_a, lora_b, scaling) in weights.items():
+            if lora_a.shape[0] > self.max_rank:
+                raise ValueError(f"adapter rank {lora_a.shape[0]} exceeds the slot capacity max_rank={self.max_rank}")
             layer = self.layers[name]
-            rank = lora_a.shape[0]
-            if rank > self.max_rank:
-                raise ValueError(f"adapter rank {rank} exceeds the slot capacity max_rank={self.max_rank}")
-            i, g = index[id(layer._stack)], layer._position
-            packed.a[i][g, :rank].copy_(lora_a)  # copy_ also converts the dtype
-            torch.mul(lora_b.T.to(packed.bt[i].dtype), scaling, out=packed.bt[i][g, :rank])
+            members[index[id(layer._stack)]][layer._position] = (lora_a, lora_b, scaling)
+        packed = PackedAdapter([], [])
+        for stack, chosen in zip(self.stacks, members, strict=True):
+            full = len(chosen) == len(stack.a) and all(a.shape[0] == self.max_rank for a, _, _ in chosen.values())
+            a, bt = (_pack_full if full else _pack_padded)(stack, chosen)
+            packed.a.append(a)
+            packed.bt.append(bt)
         return packed
 
     @torch.no_grad()

@@ -154,6 +154,11 @@ class RoutingConfig:
     (calibrated on validation, never on test). None turns the guard off."""
     guard_threshold: float | None = None
     """A fixed threshold on the squared distance instead of the calibrated one (cosine: within [0, 4])."""
+    guard_prompt_chars: int | None = 1000
+    """The calibration embeds the first this-many characters of each validation document, because requests are
+    prompts and a prefix can lie farther from its centroid than its whole document (on the tiny tf-idf run of
+    docs/moin.md, a 99th-percentile guard calibrated on whole documents flagged 7 % of validation prompts). Set it
+    near your prompts' length; None: the whole documents' embeddings saved by the cluster step."""
     out_of_domain: str = "base"
     """Where a request beyond the threshold goes: 'base' (the model without adapters) or 'mixture' (top-k mixture,
     with k = max(top_k, 2))."""
@@ -167,5 +172,7 @@ class RoutingConfig:
             raise UserError(f"--routing.guard_percentile must be in (0, 100], got {self.guard_percentile}")
         if self.guard_threshold is not None and not self.guard_threshold >= 0:
             raise UserError(f"--routing.guard_threshold must be >= 0, got {self.guard_threshold}")
+        if self.guard_prompt_chars is not None and self.guard_prompt_chars < 1:
+            raise UserError(f"--routing.guard_prompt_chars must be >= 1 or null, got {self.guard_prompt_chars}")
         if self.out_of_domain not in OUT_OF_DOMAIN:
             raise UserError(f"--routing.out_of_domain {self.out_of_domain}: choose one of {', '.join(OUT_OF_DOMAIN)}")
