@@ -4,7 +4,8 @@ corpus diversity (one domain vs many), with seeds and 95% intervals, and the out
 
     python benchmarks/moin_experiment.py [--data data/system-docs] [--out runs/moin-experiment]
         [--clusters 2 4 8] [--seeds 0 1 2] [--total-tokens 393216] [--heldout DOMAIN] [--one-domain DOMAIN]
-        [--base default] [--corpora many one] [--expert-args FLAGS] [--baseline-args FLAGS] [--eval-args FLAGS] [--dry-run]
+        [--base default] [--corpora many one] [--expert-args FLAGS] [--baseline-args FLAGS] [--eval-args FLAGS]
+        [--no-baselines] [--dry-run]
 
 --data is a corpus with one folder per domain (`make real` builds data/system-docs). One domain (--heldout, default
 the last) is kept out of every run and scored by the guard; "many" is every other domain, "one" is --one-domain (the
@@ -47,6 +48,8 @@ def main() -> None:
     parser.add_argument("--expert-args", default="", help="more train-experts flags, e.g. '--expert.block_size 256'")
     parser.add_argument("--baseline-args", default="", help="more train-baselines flags")
     parser.add_argument("--eval-args", default="", help="more evaluate flags, e.g. '--eval.max_tokens_per_doc 256'")
+    parser.add_argument("--no-baselines", action="store_true",
+                        help="train and score no baselines (experts, mixtures and the guard only)")
     parser.add_argument("--dry-run", action="store_true", help="write the corpora, print the plan, run nothing")
     args = parser.parse_args()
     out = Path(args.out)
@@ -117,8 +120,10 @@ def run_cell(run: Path, corpus: Path, heldout: Path, k: int, seed: int, args: ar
         ["introvert", "train-baselines", str(run), *shlex.split(args.baseline_args)],
         # top-1/2/4 by default, k capped at K
         ["introvert", "evaluate", str(run), "--eval.heldout_data", str(heldout), "--eval.seed", str(seed),
-         *shlex.split(args.eval_args)],
+         *(["--eval.baselines", "false"] if args.no_baselines else []), *shlex.split(args.eval_args)],
     ]
+    if args.no_baselines:
+        del steps[2]
     with open(Path(args.out) / "experiment.log", "a") as sink:
         for argv in steps:
             start = time.perf_counter()
