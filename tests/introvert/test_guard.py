@@ -127,3 +127,16 @@ def test_a_cosine_threshold_outside_0_4_is_refused(tmp_path, threshold):
 def test_bad_routing_settings_are_refused(field, value, message):
     with pytest.raises(UserError, match=message):
         RoutingConfig(**{field: value})
+
+
+def test_a_percentile_of_too_few_validation_documents_warns(tmp_path, caplog):
+    few = _run_with_validation(tmp_path / "few", np.linspace(0.0, 0.5, 10))
+    with caplog.at_level("WARNING", logger="upcycle.introvert.router"):
+        calibrate_guard(few, RoutingConfig(guard_percentile=99.0))
+    assert "from 10 validation documents, so expect about 9 % of in-domain requests" in caplog.text
+    caplog.clear()
+    many = _run_with_validation(tmp_path / "many", np.linspace(0.0, 0.5, 400))
+    with caplog.at_level("WARNING", logger="upcycle.introvert.router"):
+        calibrate_guard(many, RoutingConfig(guard_percentile=99.0))
+        calibrate_guard(few, RoutingConfig(guard_percentile=80.0))  # 1/11 against 20 %: meaningful
+    assert caplog.text == ""
