@@ -717,6 +717,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--profile-steps", type=int, default=20)
     add("--swaps", action="store_true", help="only the adapter swap latencies of --scale-shape")
     add("--llamacpp", action="store_true", help="only the llama.cpp peer comparison (needs the llamacpp extra)")
+    add("--with-llamacpp", action="store_true", help="the shapes, then the llama.cpp peer, in this one run")
     add("--llamacpp-requests", type=int, default=4, help="timed requests per round and scenario (x clients at 16)")
     add("--llamacpp-clients", type=int, default=16)
     add("--quick", action="store_true", help="smoke test: the tiny shape, small counts")
@@ -744,12 +745,18 @@ def main(argv: list[str] | None = None) -> dict:
     elif args.llamacpp:
         results = {"llamacpp": llamacpp_peer(args)}
     else:
+        if args.with_llamacpp:  # fail now, not after the shapes
+            from upcycle.serving.llamacpp import require_llama_cpp
+
+            require_llama_cpp()
         table = shapes(args.tinyllama_layers)
         names = args.shapes.split(",") if args.shapes else list(table)
         results = {"shapes": {}}
         for name in names:
             results["shapes"][name] = bench_shape(table[name], args, scale=args.scale_experts > 0
                                                   and name == args.scale_shape)
+        if args.with_llamacpp:
+            results["llamacpp"] = llamacpp_peer(args)
     results["setup"] = {
         "adapters": "random r=8, alpha=16, on q/k/v/o/gate/up/down",
         "engine": f"max_batch=concurrency, slots=concurrency+16, CPU tier {args.cpu_adapters} adapters / "
