@@ -130,7 +130,8 @@ def test_evaluate_reports_top_k_mixtures_with_a_temperature_chosen_on_validation
     assert {("routed-top2", "base"), ("routed-top3", "routed")} <= paired
     guard = results["guard"]
     embedder = load_embedder(Run.of(run).clusters_dir / "embedder")  # calibrated on the 1,000-char prompts
-    assert guard["threshold"] == pytest.approx(calibrate_guard(Run.of(run), RoutingConfig(), embedder=embedder).threshold)
+    on_prompts = calibrate_guard(Run.of(run), RoutingConfig(), embedder=embedder)
+    assert guard["threshold"] == pytest.approx(on_prompts.threshold)
     assert guard["threshold"] != pytest.approx(calibrate_guard(Run.of(run), RoutingConfig()).threshold)
     assert guard["validation_prompts_flagged"] <= 0.01 + 1 / mixture["validation_documents"]
     assert 0 <= guard["test"]["flagged"] <= guard["test"]["documents"] == results["documents"]

@@ -150,6 +150,11 @@ class MaskTrainConfig:
     """Also fine-tune the masked layers' FFN weights, at this learning rate, on the same tokens (the FFN adapts to
     the neurons it keeps, as in pruning + fine-tune; masks.safetensors then holds the FFN weights too). None: the
     FFN stays frozen and the masks alone learn."""
+    distill: float = 0.0
+    """Weight of distillation from the dense base: the loss is (1 − distill)·LM loss + distill·KL(dense ‖ masked)
+    over the next-token distributions, the recovery loss of Sheared-LLaMA and Minitron (the dense model's whole
+    distribution teaches more per token than the label). 0: the LM loss alone; above 0 a frozen copy of the base is
+    kept in memory and run once per step."""
     train: TrainConfig = field(default_factory=_default_train)
     """Optimisation settings of the shared loop; `train.lr` is the masks' and routers' learning rate."""
 
@@ -163,6 +168,8 @@ class MaskTrainConfig:
                             "(--recipe.train_routers true)")
         if self.ffn_lr is not None and not self.ffn_lr > 0:
             raise UserError(f"--recipe.ffn_lr must be > 0 (or null), got {self.ffn_lr}")
+        if not 0.0 <= self.distill <= 1.0:
+            raise UserError(f"--recipe.distill is a loss weight in [0, 1], got {self.distill}")
         if self.cluster_tokens < 1:
             raise UserError(f"--recipe.cluster_tokens must be >= 1, got {self.cluster_tokens}")
         self.lagrangian()  # validates target, lambda_lr and initial_lambda2

@@ -259,7 +259,8 @@ class MultiLoRALinear(nn.Module):
             return self._base(x)
         slot = batch.single_slot
         if slot is not None:
-            if self.merged_weight is not None and (slot == self._merged_slot or batch.single_streak > batch.merge_after):
+            merged = self.merged_weight is not None
+            if merged and (slot == self._merged_slot or batch.single_streak > batch.merge_after):
                 return nn.functional.linear(x, self._merge(slot), self.base_layer.bias)
             return lora_single_slot(x, self._base(x), self.lora_a, self.lora_b, slot)
         a, bt = self._stack.gathered(batch)

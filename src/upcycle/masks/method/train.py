@@ -1,9 +1,9 @@
 """Mask training: learn the experts' hard-concrete gates and the token routers on a frozen base, through the shared
 training loop, with the Lagrangian steering the expected active ratio to the target.
 
-The loss is the LM loss plus the Lagrangian penalty (both returned as metrics every step); the multipliers ascend
-in the loop's `after_step` hook. Only the gates' log α train (and the routers when asked); the FFN and everything
-else stay frozen.
+The loss is the LM loss (or, with `distill`, its mix with the KL divergence to the dense base) plus the Lagrangian
+penalty, each returned as a metric every step; the multipliers ascend in the loop's `after_step` hook. Only the
+gates' log α train (and the routers, and the FFN weights, when asked); everything else stays frozen.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from upcycle.masks.method.surgery import (
     mask_state_dict,
     masked_ffns,
 )
+from upcycle.training.distill import frozen_teacher, kl_to_teacher
 from upcycle.training.loop import TrainResult, is_main_process, train
 
 log = logging.getLogger(__name__)
@@ -74,8 +75,14 @@ def train_masks(model: nn.Module, train_blocks: tuple[torch.Tensor, torch.Tensor
     """Train masks and routers on `model` (masked here if it is not yet) with the LM loss + Lagrangian penalty.
 
     Resumable: with `checkpoint_dir`, the loop's checkpoint and the multipliers (`lagrangian.json`) are saved every
-    `train.checkpoint_every` steps and picked up again by the same call.
+    `train.checkpoint_every` steps and picked up again by the same call. With `config.distill` the model must come
+    unmasked: its dense copy is the teacher.
     """
+    teacher = None
+    if config.distill:
+        if masked_ffns(model):
+            raise ValueError("distillation needs the dense base as its teacher: pass the model before masks are added")
+        teacher = frozen_teacher(model)
     params = prepare_masked_model(model, config, train_blocks[0])
     if checkpoint_dir is not None and not config.train_routers:
         _keep_routers(model, Path(checkpoint_dir) / ROUTERS_STATE)
@@ -86,9 +93,18 @@ def train_masks(model: nn.Module, train_blocks: tuple[torch.Tensor, torch.Tensor
 
     def loss_fn(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
         with collect_expected_active(model) as collected:
-            lm_loss = model(input_ids=inputs, labels=labels).loss
-        penalty, metrics = lagrangian.penalty(collected.ratio())
-        return lm_loss + penalty, {"lm_loss": float(lm_loss.detach()), **metrics}
+            output = model(input_ids=inputs, labels=labels)
+        loss, metrics = output.loss, {"lm_loss": float(output.loss.detach())}
+        if teacher is not None:
+            if next(teacher.parameters()).device != inputs.device:  # the loop may have moved the student
+                teacher.to(inputs.device)
+            with torch.no_grad():
+                teacher_logits = teacher(input_ids=inputs).logits
+            kl = kl_to_teacher(output.logits, teacher_logits, labels)
+            loss = (1.0 - config.distill) * loss + config.distill * kl
+            metrics["kl_to_dense"] = float(kl.detach())
+        penalty, lagrangian_metrics = lagrangian.penalty(collected.ratio())
+        return loss + penalty, {**metrics, **lagrangian_metrics}
 
     def after_step(step: int, record: dict[str, float]) -> None:
         lagrangian.ascend(record["expected_active"])
