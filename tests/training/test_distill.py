@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.masks.mask_helpers import tiny_decoder
-from upcycle.training.distill import IGNORE_INDEX, frozen_teacher, kl_to_teacher
+from upcycle.data.packing import IGNORE_INDEX
+from upcycle.training.distill import frozen_teacher, kl_to_teacher
 
 
 def loop_kl(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor) -> float:

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-IGNORE_INDEX = -100
-"""Hugging Face's label for positions without a target (padding)."""
+from upcycle.data.packing import IGNORE_INDEX
 
 
 def frozen_teacher(model: nn.Module) -> nn.Module:
