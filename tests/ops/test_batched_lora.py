@@ -212,6 +212,35 @@ def test_merging_waits_for_a_streak_on_one_slot_and_restarts_after_a_rewrite(tin
     assert layer._merged_slot == -1 and lora.batch.single_streak == 0  # a rewrite forgets the merge and the streak
 
 
+def test_a_known_run_length_merges_at_once_when_it_reaches_break_even_and_never_when_short(tiny_llama_dir,
+                                                                                          peft_adapters):
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.serving.adapters import read_adapter
+    from upcycle.serving.synthetic import DEFAULT_TARGETS
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    lora = attach_multi_lora(model, DEFAULT_TARGETS, n_slots=2, max_rank=8, merge_single_slot=True)
+    lora.batch.merge_after = 4
+    layer = lora.layers["model.layers.0.mlp.down_proj"]
+    lora.load_slot(0, lora.pack(read_adapter(peft_adapters["all-r8"]).modules))
+    lora.load_slot(1, lora.pack(read_adapter(peft_adapters["patterns"]).modules))
+    ids = torch.randint(5, 100, (1, 4), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), lora.select([0]):
+        unmerged = model(ids).logits
+    merged_at = []
+    for ahead in (2, 1, 0):  # a 3-forward run on slot 1, below break-even: never merges, even past merge_after
+        with torch.no_grad(), lora.select([1], ahead=ahead):
+            model(ids)
+        merged_at.append(layer._merged_slot)
+    for ahead in (3, 2, 1, 0):  # a 4-forward run on slot 0: merges on its first forward
+        with torch.no_grad(), lora.select([0], ahead=ahead):
+            logits = model(ids).logits
+        merged_at.append(layer._merged_slot)
+        torch.testing.assert_close(logits, unmerged, atol=1e-5, rtol=1e-5)
+    assert merged_at == [-1, -1, -1, 0, 0, 0, 0]
+
+
 def test_layers_of_one_shape_share_a_slot_stack_and_a_slot_fill_writes_each_layer(tiny_llama_dir, peft_adapters):
     from transformers import AutoModelForCausalLM
 

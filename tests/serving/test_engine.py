@@ -248,3 +248,22 @@ def test_a_failing_step_fails_what_is_in_flight_and_three_in_a_row_stop_the_engi
             engine.submit([5], None, _greedy(2))
     finally:
         engine.close()
+
+
+def test_a_lone_request_knows_its_forwards_and_merges_its_adapter_at_once(fake_run_dir):
+    config = EngineConfig(max_batch=8, prefill_chunk=4, max_seq_len=64, merge_single_adapter=True)
+    merging = engine_for_run(fake_run_dir, config)
+    plain = engine_for_run(fake_run_dir, EngineConfig(max_batch=8, prefill_chunk=4, max_seq_len=64))
+    merging.lora.batch.merge_after = 12
+    layer = next(iter(merging.lora.layers.values()))
+    for max_tokens, merges in ((12, True), (8, False)):  # runs at least 12 forwards long, and fewer (short prompt)
+        _, request = _collect(merging, PROMPTS[4], "expert-00002", _greedy(max_tokens))
+        expected = request.forwards_left(config.prefill_chunk)
+        merging.step()
+        assert (layer._merged_slot >= 0) is merges  # decided on the first forward, not after a streak
+        assert 1 + merging.run_until_idle() == expected == -(-len(merging.encode(PROMPTS[4])) // 4) + max_tokens - 1
+        assert request.generated == _alone(plain, PROMPTS[4], "expert-00002", _greedy(max_tokens))
+        for each in merging.lora.layers.values():
+            each.forget_merge(each._merged_slot)
+    merging.close()
+    plain.close()

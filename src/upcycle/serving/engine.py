@@ -135,6 +135,14 @@ class Request:
         self.cancelled = True
         self._wake()
 
+    def forwards_left(self, chunk: int) -> int:
+        """Forwards this request still needs if it runs to max_tokens, the coming one included: the prompt chunks
+        left (the last of which samples the first token), then one per further token."""
+        prompt_left = len(self.prompt_ids) - self.prefilled
+        if prompt_left > 0:
+            return -(-prompt_left // chunk) + self.params.max_tokens - 1
+        return self.params.max_tokens - len(self.generated)
+
     def next_input(self, chunk: int) -> list[int]:
         """Tokens this request feeds in the next forward: a prompt chunk while prefilling, else its last token."""
         if self.prefilled < len(self.prompt_ids):
@@ -403,7 +411,10 @@ class Engine:
         device = self.kv.keys[0].device
         first = self._first_row(requests[0])  # rows are contiguous: all requests, or one request's group
         position_ids, mask = self.kv.plan(counts, first=first)
-        with torch.inference_mode(), self._select([slot for _, slot in members]):
+        # How long this selection will last, for the merged-weight decision; only a lone request can tell (a batch
+        # changes whenever another request arrives or finishes).
+        ahead = self.running[requests[0]].forwards_left(self.config.prefill_chunk) - 1 if len(members) == 1 else None
+        with torch.inference_mode(), self._select([slot for _, slot in members], ahead):
             hidden = self.decoder(input_ids=ids.to(device), attention_mask=mask, position_ids=position_ids,
                                   use_cache=True, **{self._cache_kwarg: self.kv}).last_hidden_state  # [n, T, D]
             last = hidden[torch.arange(len(members), device=device), torch.tensor(counts, device=device) - 1]  # [n, D]
@@ -439,11 +450,11 @@ class Engine:
         return None
 
     @contextlib.contextmanager
-    def _select(self, slots: list[int]) -> Iterator[None]:
+    def _select(self, slots: list[int], ahead: int | None) -> Iterator[None]:
         if self.lora is None:
             yield
             return
-        with self.lora.select(slots):
+        with self.lora.select(slots, ahead):
             yield
 
     # -- admission and retirement -----------------------------------------------------------------------------------
