@@ -387,29 +387,42 @@ def scale_row(run: ShapeRun, texts: list[list[int]], args: argparse.Namespace) -
 def swap_latency(base: Path, tokenizer, experts: dict[str, Path], n: int) -> dict:
     """Per tier: disk -> CPU (read + check + pack), CPU -> active (slot fill), disk -> active, over `n` distinct
     experts. Wall times from the cache's own stats; `thread_cpu` is this thread's CPU time around each acquire, which
-    leaves out the time slices a shared machine gave other processes (the move's own cost)."""
+    leaves out the time slices a shared machine gave other processes (the move's own cost).
+
+    Disk -> active is timed twice: while the CPU tier still grows (`_first_fill`: every copy takes fresh memory,
+    whose first touch a VM charges dearly), then with the tier full (each load reuses the memory of the copy it
+    evicts), which is where a server that has run for a while spends its life; the target applies to the latter."""
     from transformers import AutoModelForCausalLM
 
-    chosen = dict(list(experts.items())[:n])
-    engine = Engine.from_model(AutoModelForCausalLM.from_pretrained(base), tokenizer, chosen,
+    names = list(experts)[: 2 * n]
+    if len(names) < 2 * n:
+        raise ValueError(f"swap timing needs {2 * n} expert files, {len(names)} exist")
+    engine = Engine.from_model(AutoModelForCausalLM.from_pretrained(base), tokenizer,
+                               {name: experts[name] for name in names},
                                EngineConfig(max_batch=1, n_slots=1, max_rank=8, torch_threads=1,
-                                            cache=CacheConfig(cpu_max_adapters=n + 1)))
+                                            cache=CacheConfig(cpu_max_adapters=n)))
     cache = engine.cache
-    disk_to_active, cpu = [], {"disk_to_active": [], "cpu_to_active": []}
-    for expert in chosen:  # cold: every acquire reads the file, then fills the single slot
-        start, own = time.perf_counter(), time.thread_time()
-        cache.release(cache.acquire(expert))
-        disk_to_active.append(time.perf_counter() - start)
-        cpu["disk_to_active"].append(time.thread_time() - own)
-    for expert in chosen:  # now all in CPU memory; one slot, so every acquire is a CPU -> active swap
-        own = time.thread_time()
-        cache.release(cache.acquire(expert))
-        cpu["cpu_to_active"].append(time.thread_time() - own)
-    out = {}
-    for swap in ("disk_to_cpu", "cpu_to_active"):
-        out[swap] = _latency(list(cache.stats.swaps[swap].recent))
-    out["disk_to_active"] = _latency(disk_to_active)
-    out["thread_cpu"] = {name: _latency(seconds) for name, seconds in cpu.items()}
+
+    def timed(chosen: list[str]) -> tuple[list[float], list[float]]:
+        wall, own = [], []
+        for expert in chosen:
+            start, start_cpu = time.perf_counter(), time.thread_time()
+            cache.release(cache.acquire(expert))
+            wall.append(time.perf_counter() - start)
+            own.append(time.thread_time() - start_cpu)
+        return wall, own
+
+    first_fill, first_fill_cpu = timed(names[:n])  # cold: read, pack into fresh memory, fill the single slot
+    _, cpu_to_active_cpu = timed(names[:n])  # all in CPU memory now; one slot, so each is a CPU -> active swap
+    disk_to_cpu_first = list(cache.stats.swaps["disk_to_cpu"].recent)
+    steady, steady_cpu = timed(names[n:])  # the tier is full: each load evicts one and packs into its memory
+    out = {"disk_to_cpu": _latency(list(cache.stats.swaps["disk_to_cpu"].recent)[len(disk_to_cpu_first):]),
+           "cpu_to_active": _latency(list(cache.stats.swaps["cpu_to_active"].recent)),
+           "disk_to_active": _latency(steady), "disk_to_cpu_first_fill": _latency(disk_to_cpu_first),
+           "disk_to_active_first_fill": _latency(first_fill),
+           "thread_cpu": {"disk_to_active": _latency(steady_cpu), "disk_to_active_first_fill": _latency(first_fill_cpu),
+                          "cpu_to_active": _latency(cpu_to_active_cpu)},
+           "cpu_evictions": cache.stats.evictions.get("cpu")}
     engine.close()
     return out
 
@@ -442,7 +455,7 @@ def bench_shape(shape: Shape, args: argparse.Namespace, scale: bool) -> dict:
     from transformers import AutoTokenizer
 
     base, weights = base_dir(args.cache_dir, shape, args.base)
-    n_max = max(args.experts, args.scale_experts if scale else 0)
+    n_max = max(args.experts, args.scale_experts if scale else 0, 2 * args.swap_samples)
     experts, files = expert_dirs(args.cache_dir, shape.name + ("-real" if weights.startswith("real") else ""), base,
                                  n_max, args.pool_mb)
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -472,7 +485,7 @@ def swaps_only(args: argparse.Namespace) -> dict:
     shape = shapes(args.tinyllama_layers)[args.scale_shape]
     base, weights = base_dir(args.cache_dir, shape, args.base)
     experts, files = expert_dirs(args.cache_dir, shape.name + ("-real" if weights.startswith("real") else ""), base,
-                                 args.swap_samples, args.pool_mb)
+                                 2 * args.swap_samples, args.pool_mb)
     out = {"shape": shape.label(), "weights": weights, "expert_files": files,
            **swap_latency(base, AutoTokenizer.from_pretrained(base), experts, args.swap_samples)}
     out["peft_load_adapter"] = peft_load_adapter(base, experts, args.peft_samples)

@@ -303,10 +303,18 @@ def test_gathered_rows_stay_right_through_joins_departures_and_rewrites():
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, msg=f"step {step}, rows {rows}")
 
 
+def _packed_by(pack_fn, stack, chosen) -> tuple[torch.Tensor, torch.Tensor]:
+    """A stack's layout written by `pack_fn` into buffers full of NaN (so a value it fails to write shows)."""
+    a = torch.full(stack.a[:, 0].shape, float("nan"), dtype=stack.a.dtype)
+    bt = torch.full(stack.bt[:, 0].shape, float("nan"), dtype=stack.bt.dtype)
+    pack_fn(chosen, a, bt)
+    return a, bt
+
+
 @pytest.mark.parametrize("slot_dtype", [torch.float32, torch.bfloat16])
 def test_packing_a_full_rank_adapter_by_stack_equals_packing_it_layer_by_layer(slot_dtype):
     """`pack` stacks an adapter that fills every layer of a stack at full rank in one go; it must lay it out exactly
-    as the per-layer path (rank padding, untargeted layers, scaling per layer) would."""
+    as the per-layer path (rank padding, untargeted layers, scaling per layer) would, also into a reused buffer."""
     from upcycle.ops.batched_lora import _pack_full, _pack_padded
 
     generator = torch.Generator().manual_seed(7)
@@ -318,14 +326,20 @@ def test_packing_a_full_rank_adapter_by_stack_equals_packing_it_layer_by_layer(s
     packed = lora.pack(weights)
     for i, stack in enumerate(lora.stacks):
         chosen = {layer._position: weights[name] for name, layer in lora.layers.items() if layer._stack is stack}
-        slow_a, slow_bt = _pack_padded(stack, chosen)
-        fast_a, fast_bt = _pack_full(stack, chosen)
+        slow_a, slow_bt = _packed_by(_pack_padded, stack, chosen)
+        fast_a, fast_bt = _packed_by(_pack_full, stack, chosen)
         assert fast_a.dtype == slow_a.dtype == slot_dtype and torch.equal(fast_a, slow_a)
         assert torch.equal(packed.a[i], slow_a) and torch.equal(packed.bt[i], slow_bt)
         torch.testing.assert_close(fast_bt, slow_bt, atol=0, rtol=0)
     partial = {name: weights[name] for name in ("0", "1")}  # layer "2" untargeted: its stack takes the padded path
+    reused = lora.pack(partial, into=packed)  # the full adapter's memory must not leak into the partial one
+    assert reused is packed
     for i, stack in enumerate(lora.stacks):
         chosen = {layer._position: partial[name] for name, layer in lora.layers.items()
                   if layer._stack is stack and name in partial}
-        expected_a, expected_bt = _pack_padded(stack, chosen)
+        expected_a, expected_bt = _packed_by(_pack_padded, stack, chosen)
         assert torch.equal(lora.pack(partial).a[i], expected_a) and torch.equal(lora.pack(partial).bt[i], expected_bt)
+        assert torch.equal(reused.a[i], expected_a) and torch.equal(reused.bt[i], expected_bt)
+    other = attach_multi_lora(nn.Sequential(nn.Linear(12, 10)).to(slot_dtype), ["0"], n_slots=2, max_rank=4)
+    with pytest.raises(ValueError, match="packed for another model"):
+        other.pack({"0": weights["0"]}, into=packed)

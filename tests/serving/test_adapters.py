@@ -85,6 +85,23 @@ def test_adapter_views_are_the_file_tensors_with_peft_scaling(fake_run_dir):
         assert torch.equal(b, reference[f"base_model.model.{name}.lora_B.weight"])
 
 
+@pytest.mark.parametrize("pad", [0, 1, 2, 3])
+def test_adapter_views_are_right_when_the_data_starts_unaligned(fake_run_dir, tmp_path, pad):
+    """The views slice one flat view of the file when offsets are aligned; a foreign writer that does not pad its
+    header to the element size must still read right (through per-matrix views)."""
+    import struct
+
+    source = fake_run_dir / "experts" / "expert-00002"
+    shutil.copytree(source, tmp_path / "x")
+    raw = (source / WEIGHTS_NAME).read_bytes()
+    length = struct.unpack("<Q", raw[:8])[0]
+    header = raw[8: 8 + length] + b" " * pad  # JSON allows trailing spaces; the data moves by `pad` bytes
+    (tmp_path / "x" / WEIGHTS_NAME).write_bytes(struct.pack("<Q", len(header)) + header + raw[8 + length:])
+    reference = read_adapter(source).modules
+    for name, (a, b, _) in read_adapter(tmp_path / "x").modules.items():
+        assert torch.equal(a, reference[name][0]) and torch.equal(b, reference[name][1]) and a.is_contiguous()
+
+
 @pytest.mark.parametrize("kind", CORRUPTIONS)
 def test_hostile_files_are_adapter_errors_not_crashes(fake_run_dir, tmp_path, kind):
     """Each of these once escaped as AttributeError / ZeroDivisionError / RecursionError and killed the engine."""

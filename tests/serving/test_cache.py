@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from upcycle.introvert.run import Run
-from upcycle.serving.adapters import WEIGHTS_NAME
+from upcycle.serving.adapters import WEIGHTS_NAME, read_adapter
 from upcycle.serving.cache import AdapterCache
 from upcycle.serving.config import CacheConfig
 from upcycle.serving.errors import AdapterError, ExpertRemoved, Overloaded, UnknownModel
@@ -24,7 +24,10 @@ class FakeSlots:
         self.held: dict[int, dict] = {}
         self.writes = 0
 
-    def pack(self, weights: dict) -> _Packed:
+    def pack(self, weights: dict, into: _Packed | None = None) -> _Packed:
+        if into is not None:  # what the real pack does: the evicted copy's memory now holds these weights
+            into.weights = weights
+            return into
         return _Packed(weights)
 
     def load_slot(self, slot: int, packed: _Packed) -> None:
@@ -184,4 +187,55 @@ def test_cache_fills_real_model_slots(run_copy, tiny_llama_dir):
     slot = cache.acquire("expert-00003")
     layer = lora.layers["model.layers.0.self_attn.q_proj"]
     assert layer.lora_a[slot, :4].abs().sum() > 0 and torch.all(layer.lora_a[slot, 4:] == 0)
+    cache.close()
+
+
+def test_a_full_cpu_tier_packs_each_new_adapter_into_the_evicted_ones_memory(run_copy):
+    cache, slots = _cache(run_copy, n_slots=1, cpu_max_adapters=1)
+    experts = ["expert-00000", "expert-00001", "expert-00002"]
+    copies = []
+    for expert in experts:
+        cache.release(cache.acquire(expert))
+        copies.append(cache._cpu[expert][1])
+        expected = read_adapter(run_copy.expert_dir(expert)).modules
+        assert slots.held[0].keys() == expected.keys()  # the slot got this expert's weights, not the evicted one's
+        assert all(torch.equal(slots.held[0][name][0], a) for name, (a, _, _) in expected.items())
+    # the second load evicts the first copy after packing; from then on each load reuses the last eviction's memory
+    assert copies[1] is not copies[0] and copies[2] is copies[0]
+    cache.close()
+
+
+def test_an_adapter_evicted_while_it_loads_is_read_again_not_taken_from_reused_memory(run_copy):
+    cache, slots = _cache(run_copy, n_slots=1, cpu_max_adapters=1)
+    weights = cache._weights
+    raced = []
+
+    def evicted_after_reading(expert: str, count: bool):
+        packed = weights(expert, count)
+        if not raced:  # another thread's load pushes it out (and may write into its memory) before the slot fill
+            raced.append(weights("expert-00003", False))
+        return packed
+
+    cache._weights = evicted_after_reading
+    cache.acquire("expert-00001")
+    assert raced[0] is not None and cache.tier_of("expert-00003") == "disk"  # evicted in turn by the second read
+    expected = read_adapter(run_copy.expert_dir("expert-00001")).modules
+    assert all(torch.equal(slots.held[0][name][0], a) for name, (a, _, _) in expected.items())
+    assert cache.stats.hits.get("disk") == 3  # expert-00001, expert-00003, expert-00001 again
+    cache.close()
+
+
+def test_an_adapter_evicted_on_every_read_is_an_overload_with_what_to_raise(run_copy):
+    cache, _ = _cache(run_copy, n_slots=1, cpu_max_adapters=1)
+    weights = cache._weights
+
+    def always_evicted(expert: str, count: bool):
+        packed = weights(expert, count)
+        with cache._lock:
+            cache._cpu.pop(expert)
+        return packed
+
+    cache._weights = always_evicted
+    with pytest.raises(Overloaded, match="raise --engine.cache.cpu_max_adapters"):
+        cache.acquire("expert-00001")
     cache.close()

@@ -5,7 +5,9 @@ disk (registered PEFT dirs)  --read_adapter + pack-->  CPU LRU (packed adapters)
        any number                                      max count / max bytes, pinnable     fixed count (n_slots)
 ```
 The CPU tier holds each adapter already laid out as the slots hold it (`SlotWriter.pack`, run on the loading
-thread), so a CPU -> active move is a few large copies and no per-layer work on the serving thread.
+thread), so a CPU -> active move is a few large copies and no per-layer work on the serving thread. A full tier packs
+each new adapter into the memory of the one it evicted: fresh pages cost their first touch (5x the copy itself on a
+VM), which a server that has been running no longer needs to pay.
 On CUDA the active tier is accelerator memory; on CPU it is the model's slot buffers. A running request holds its
 slot with `acquire` / `release` (a reference count), so a slot is only ever reused when no row points at it; free
 slots are taken before the least recently released one is evicted.
@@ -38,6 +40,7 @@ from upcycle.serving.stats import Counters, LatencyStats
 log = logging.getLogger(__name__)
 
 TIERS = ("active", "cpu", "disk")
+_CURRENT_COPY_ATTEMPTS = 3  # reads of one adapter that other loads may evict before `acquire` gives up
 SWAPS = ("disk_to_cpu", "cpu_to_active")
 
 
@@ -55,7 +58,8 @@ class SlotWriter(Protocol):
 
     n_slots: int
 
-    def pack(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> Packed: ...
+    def pack(self, weights: dict[str, tuple[torch.Tensor, torch.Tensor, float]], into: Packed | None = None
+             ) -> Packed: ...
 
     def load_slot(self, slot: int, packed: Packed) -> None: ...
 
@@ -120,6 +124,7 @@ class AdapterCache:
         self._cpu_bytes = 0
         self._cpu_pinned: set[str] = set()
         self._loading: dict[str, Future[Packed]] = {}
+        self._spare: list[Packed] = []  # evicted CPU copies whose memory the next load may overwrite
         self._bad: dict[str, tuple[tuple[int, ...], AdapterError]] = {}
         self._slot_owner: list[tuple[str, int] | None] = [None] * slots.n_slots  # (id, generation) or None
         self._slot_refs = [0] * slots.n_slots
@@ -197,27 +202,38 @@ class AdapterCache:
                 self._slot_lru.pop(slot, None)
                 return slot
             self.stats.misses.add("active")
-        weights = self._weights(expert, count=True)
-        evicted: str | None = None
-        with self._lock:
-            if self._registry.get(expert) is not entry:
-                raise ExpertRemoved(f"expert '{expert}' was removed or replaced while its adapter loaded")
-            slot = self._free_slot()
-            if slot is None:
-                raise Overloaded(f"all {self.slots.n_slots} adapter slots are in use; retry shortly")
-            if self._slot_owner[slot] is not None:
-                evicted = self._slot_owner[slot][0]
-                self._slot_of.pop(evicted, None)
-                self.stats.evictions.add("active")
-            start = time.perf_counter()
-            self.slots.load_slot(slot, weights)
-            self.stats.swaps["cpu_to_active"].observe(time.perf_counter() - start)
-            self._slot_owner[slot] = (expert, entry.generation)
-            self._slot_of[expert] = slot
-            self._slot_refs[slot] = 1
-        if evicted is not None:
-            self._fire_eviction("active", evicted)
-        return slot
+        for attempt in range(_CURRENT_COPY_ATTEMPTS):
+            weights = self._weights(expert, count=attempt == 0)
+            with self._lock:
+                if self._registry.get(expert) is not entry:
+                    raise ExpertRemoved(f"expert '{expert}' was removed or replaced while its adapter loaded")
+                if self._cpu.get(expert, (None, None))[1] is not weights:
+                    continue  # other loads evicted it meanwhile, so its memory may be reused (`_spare`): read again
+                slot, evicted = self._fill_slot(expert, entry, weights)
+            if evicted is not None:
+                self._fire_eviction("active", evicted)
+            return slot
+        raise Overloaded(f"expert '{expert}' was pushed out of the CPU tier {_CURRENT_COPY_ATTEMPTS} times while it "
+                         f"loaded; raise --engine.cache.cpu_max_adapters (now {self.config.cpu_max_adapters})")
+
+    def _fill_slot(self, expert: str, entry: _Entry, weights: Packed) -> tuple[int, str | None]:
+        """Write `weights` into a free or least recently released slot (lock held); returns it and the expert it
+        evicted, if any."""
+        slot = self._free_slot()
+        if slot is None:
+            raise Overloaded(f"all {self.slots.n_slots} adapter slots are in use; retry shortly")
+        evicted = None
+        if self._slot_owner[slot] is not None:
+            evicted = self._slot_owner[slot][0]
+            self._slot_of.pop(evicted, None)
+            self.stats.evictions.add("active")
+        start = time.perf_counter()
+        self.slots.load_slot(slot, weights)
+        self.stats.swaps["cpu_to_active"].observe(time.perf_counter() - start)
+        self._slot_owner[slot] = (expert, entry.generation)
+        self._slot_of[expert] = slot
+        self._slot_refs[slot] = 1
+        return slot, evicted
 
     def release(self, slot: int) -> None:
         """A row stopped using `slot`; it stays loaded (most recently used) until evicted."""
@@ -306,8 +322,10 @@ class AdapterCache:
             adapter = read_adapter(entry.path)
             if self.check is not None:
                 self.check(expert, adapter)
-            weights = self.slots.pack(adapter.modules)
-            if self.config.pin_memory:
+            with self._lock:
+                spare = self._spare.pop() if self._spare else None
+            weights = self.slots.pack(adapter.modules, into=spare)
+            if self.config.pin_memory and spare is None:  # a spare is pinned already
                 weights = weights.pin_memory()
             self.stats.swaps["disk_to_cpu"].observe(time.perf_counter() - start)
             self.stats.hits.add("disk")
@@ -349,7 +367,10 @@ class AdapterCache:
                 break
             if name == keep or name in self._cpu_pinned:
                 continue
-            self._cpu_bytes -= self._cpu.pop(name)[1].nbytes
+            weights = self._cpu.pop(name)[1]
+            self._cpu_bytes -= weights.nbytes
+            if len(self._spare) < self.config.prefetch_workers + 1:  # one per thread that may be loading
+                self._spare.append(weights)
             self.stats.evictions.add("cpu")
             evicted.append(name)
         return evicted
