@@ -345,8 +345,10 @@ class ShapeRun:
 
 
 def requests_for(concurrency: int, args: argparse.Namespace) -> int:
-    """Timed requests of one configuration: `--requests-per-client` per client and round, at least one per round."""
-    return args.rounds * max(1, concurrency * args.requests_per_client)
+    """Timed requests of one configuration: `--requests-per-client` per client and round, at least
+    `--min-requests-per-round` per round (one request a round leaves concurrency 1 at the mercy of a single adapter
+    switch)."""
+    return args.rounds * max(args.min_requests_per_round, concurrency * args.requests_per_client)
 
 
 def generation(run: ShapeRun, texts: list[list[int]], concurrency: int, n: int, args: argparse.Namespace) -> dict:
@@ -712,6 +714,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--concurrency", default="1,16,64", help="comma-separated concurrency levels")
     add("--rounds", type=int, default=4, help="interleaved timing rounds")
     add("--requests-per-client", type=int, default=2, help="timed requests per client and round")
+    add("--min-requests-per-round", type=int, default=1, help="timed requests per round at low concurrency")
     add("--warm-requests", type=int, default=64, help="cache-filling requests (2 tokens each) before timing")
     add("--max-tokens", type=int, default=32, help="tokens generated per request (greedy, ignore_eos)")
     add("--cpu-adapters", type=int, default=512, help="CPU tier capacity in adapters")

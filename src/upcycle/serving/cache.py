@@ -40,8 +40,8 @@ from upcycle.serving.stats import Counters, LatencyStats
 log = logging.getLogger(__name__)
 
 TIERS = ("active", "cpu", "disk")
-_CURRENT_COPY_ATTEMPTS = 3  # reads of one adapter that other loads may evict before `acquire` gives up
 SWAPS = ("disk_to_cpu", "cpu_to_active")
+_CURRENT_COPY_ATTEMPTS = 3  # reads of one adapter that other loads may evict before `acquire` gives up
 
 
 class Packed(Protocol):
