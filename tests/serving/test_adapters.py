@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from upcycle.serving.adapters import CONFIG_NAME, WEIGHTS_NAME, read_adapter, read_safetensors, read_spec
+from upcycle.serving.adapters import CONFIG_NAME, WEIGHTS_NAME, read_adapter, read_buffer, read_safetensors, read_spec
 from upcycle.serving.errors import AdapterError
 from upcycle.serving.synthetic import CORRUPTIONS, write_corrupt_adapter
 
@@ -136,3 +136,37 @@ def test_bad_config_values_are_refused(fake_run_dir, tmp_path, field, value):
     (expert / CONFIG_NAME).write_text(json.dumps({**config, field: value}))
     with pytest.raises(AdapterError):
         read_spec(expert)
+
+
+def test_files_sharing_a_header_keep_their_own_weights_and_errors(fake_run_dir, tmp_path):
+    """Header parsing is cached by the header's bytes: files with the same header must still read their own data,
+    and a NaN in one of them must still be found (the finite check is per file, not per header)."""
+    source = fake_run_dir / "experts" / "expert-00000"
+    reference = load_file(source / WEIGHTS_NAME)
+    twins = {}
+    for name, shift in [("same", 0.0), ("shifted", 1.5), ("nan", float("nan"))]:
+        twins[name] = tmp_path / name
+        shutil.copytree(source, twins[name])
+        tensors = {key: tensor + shift if key.endswith("lora_A.weight") else tensor.clone()
+                   for key, tensor in reference.items()}
+        save_file(tensors, twins[name] / WEIGHTS_NAME)
+    headers = {(path / WEIGHTS_NAME).read_bytes()[:200] for path in twins.values()}
+    assert len(headers) == 1  # same header bytes, so the parse is shared
+    for name in ("same", "shifted", "same"):
+        for module, (a, _, _) in read_adapter(twins[name]).modules.items():
+            shift = 1.5 if name == "shifted" else 0.0
+            assert torch.equal(a, reference[f"base_model.model.{module}.lora_A.weight"] + shift)
+    with pytest.raises(AdapterError, match="NaN"):
+        read_adapter(twins["nan"])
+
+
+def test_reading_into_a_given_buffer_gives_the_same_weights(fake_run_dir):
+    buffer = read_buffer(1)  # too small: a fresh one is used and the given one is left alone
+    first = fake_run_dir / "experts" / "expert-00000"
+    assert read_adapter(first, into=buffer).raw is not buffer and buffer[:1] == b"\x00"
+    buffer = read_buffer(read_adapter(first).nbytes + 100)  # room to spare: read into it, the tail not counted
+    for expert in ("expert-00000", "expert-00001"):
+        into, fresh = read_adapter(fake_run_dir / "experts" / expert, into=buffer), read_adapter(first.parent / expert)
+        assert into.nbytes == fresh.nbytes and into.raw.obj is buffer
+        for (a, b, scaling), (a2, b2, scaling2) in zip(into.modules.values(), fresh.modules.values(), strict=True):
+            assert torch.equal(a, a2) and torch.equal(b, b2) and scaling == scaling2

@@ -25,6 +25,8 @@ class FakeSlots:
         self.writes = 0
 
     def pack(self, weights: dict, into: _Packed | None = None) -> _Packed:
+        # a copy, as the real pack makes: `weights` view the cache's read buffer, which the next load overwrites
+        weights = {name: (a.clone(), b.clone(), scaling) for name, (a, b, scaling) in weights.items()}
         if into is not None:  # what the real pack does: the evicted copy's memory now holds these weights
             into.weights = weights
             return into
@@ -187,6 +189,27 @@ def test_cache_fills_real_model_slots(run_copy, tiny_llama_dir):
     slot = cache.acquire("expert-00003")
     layer = lora.layers["model.layers.0.self_attn.q_proj"]
     assert layer.lora_a[slot, :4].abs().sum() > 0 and torch.all(layer.lora_a[slot, 4:] == 0)
+    cache.close()
+
+
+def test_loads_reuse_one_read_buffer_and_every_cpu_copy_stays_its_own(run_copy, tiny_llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.ops.batched_lora import attach_multi_lora
+    from upcycle.serving.synthetic import DEFAULT_TARGETS
+
+    lora = attach_multi_lora(AutoModelForCausalLM.from_pretrained(tiny_llama_dir), DEFAULT_TARGETS, n_slots=1,
+                             max_rank=8)
+    cache = AdapterCache(lora, CacheConfig(prefetch_workers=1))
+    experts = run_copy.expert_ids()[:4]
+    for expert in experts:
+        cache.register(expert, run_copy.expert_dir(expert))
+        cache.release(cache.acquire(expert))
+    assert len(cache._read_buffers) == 1  # made after the first load, reused by the others
+    for expert in experts:  # later reads into the same buffer left the earlier packed copies alone
+        expected = lora.pack(read_adapter(run_copy.expert_dir(expert)).modules)
+        held = cache._cpu[expert][1]
+        assert all(torch.equal(x, y) for x, y in zip(held.a + held.bt, expected.a + expected.bt, strict=True))
     cache.close()
 
 

@@ -32,7 +32,7 @@ from typing import Protocol
 
 import torch
 
-from upcycle.serving.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterWeights, read_adapter
+from upcycle.serving.adapters import CONFIG_NAME, WEIGHTS_NAME, AdapterWeights, Buffer, read_adapter, read_buffer
 from upcycle.serving.config import CacheConfig
 from upcycle.serving.errors import AdapterError, ExpertRemoved, Overloaded, UnknownModel
 from upcycle.serving.stats import Counters, LatencyStats
@@ -125,6 +125,7 @@ class AdapterCache:
         self._cpu_pinned: set[str] = set()
         self._loading: dict[str, Future[Packed]] = {}
         self._spare: list[Packed] = []  # evicted CPU copies whose memory the next load may overwrite
+        self._read_buffers: list[Buffer] = []  # what loads read files into, reused (see `read_buffer`)
         self._bad: dict[str, tuple[tuple[int, ...], AdapterError]] = {}
         self._slot_owner: list[tuple[str, int] | None] = [None] * slots.n_slots  # (id, generation) or None
         self._slot_refs = [0] * slots.n_slots
@@ -319,7 +320,9 @@ class AdapterCache:
                 # stored error's would grow by a few frames each time a client asks again)
                 raise bad[1].with_traceback(None)
             start = time.perf_counter()
-            adapter = read_adapter(entry.path)
+            with self._lock:
+                scratch = self._read_buffers.pop() if self._read_buffers else None
+            adapter = read_adapter(entry.path, into=scratch)
             if self.check is not None:
                 self.check(expert, adapter)
             with self._lock:
@@ -327,6 +330,12 @@ class AdapterCache:
             weights = self.slots.pack(adapter.modules, into=spare)
             if self.config.pin_memory and spare is None:  # a spare is pinned already
                 weights = weights.pin_memory()
+            if scratch is None or len(scratch) < adapter.nbytes:  # it was not used: keep one that fits next time
+                scratch = read_buffer(adapter.nbytes)
+            del adapter  # packed: nothing views `scratch` any more, so the next load may overwrite it
+            with self._lock:
+                if len(self._read_buffers) < self.config.prefetch_workers + 1:  # one per thread that may be loading
+                    self._read_buffers.append(scratch)
             self.stats.swaps["disk_to_cpu"].observe(time.perf_counter() - start)
             self.stats.hits.add("disk")
         except Exception as error:  # any failure to read or check one adapter is that adapter's error only
