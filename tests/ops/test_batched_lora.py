@@ -343,3 +343,30 @@ def test_packing_a_full_rank_adapter_by_stack_equals_packing_it_layer_by_layer(s
     other = attach_multi_lora(nn.Sequential(nn.Linear(12, 10)).to(slot_dtype), ["0"], n_slots=2, max_rank=4)
     with pytest.raises(ValueError, match="packed for another model"):
         other.pack({"0": weights["0"]}, into=packed)
+
+
+def _llama_like(hidden: int, ffn: int, layers: int) -> nn.Module:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=64)
+    return LlamaForCausalLM(config)
+
+
+def test_merge_break_even_follows_the_ratio_of_weight_to_adapter_size():
+    """A merge rewrites the wrapped weights; an unmerged forward reads the adapter: the break-even run length is
+    their size ratio times the measured constant, so a wider model waits longer before merging."""
+    from upcycle.ops.batched_lora import MERGE_STEPS_PER_SIZE_RATIO
+    from upcycle.serving.synthetic import DEFAULT_TARGETS
+
+    found = []
+    for hidden, ffn in [(64, 192), (256, 768)]:
+        model = _llama_like(hidden, ffn, layers=2)
+        linears = [m for name, m in model.named_modules() if isinstance(m, nn.Linear) and name.split(".")[-1]
+                   in DEFAULT_TARGETS]
+        weights = sum(m.in_features * m.out_features for m in linears)
+        slot = sum(8 * (m.in_features + m.out_features) for m in linears)  # r = 8: A [8, in] and B [out, 8]
+        lora = attach_multi_lora(model, DEFAULT_TARGETS, n_slots=2, max_rank=8, merge_single_slot=True)
+        assert lora.batch.merge_after == max(1, round(MERGE_STEPS_PER_SIZE_RATIO * weights / slot))
+        found.append(lora.batch.merge_after)
+    assert found[1] > found[0]

@@ -112,11 +112,11 @@ class LoRABatch:
     """Serve single-slot forwards through a merged weight (one extra copy of every wrapped weight)."""
     merge_after: int = 16
     """With `merge_single_slot`: the break-even run length, in forwards. Rewriting every wrapped weight costs about
-    as much as this many unmerged forwards' two small matmuls per layer (measured ~13 at SmolLM2-135M's width, one
-    thread: a 105 ms merge against 8 ms of unmerged overhead a step). When the caller says how many forwards the
-    selection will keep serving (`set(..., ahead=)`), a slot merges at once if that run reaches this length and
-    never otherwise; when it does not, the slot merges once it has served this many forwards in a row (ski
-    rental: never more than about twice the better of 'always merge' and 'never merge')."""
+    as much as this many unmerged forwards' two small matmuls per layer; `attach_multi_lora` sets it from the
+    model's shapes (`merge_break_even`). When the caller says how many forwards the selection will keep serving
+    (`set(..., ahead=)`), a slot merges at once if that run reaches this length and never otherwise; when it does
+    not, the slot merges once it has served this many forwards in a row (ski rental: never more than about twice
+    the better of 'always merge' and 'never merge')."""
     _buffer: torch.Tensor = field(init=False, repr=False)
     slots: torch.Tensor | None = field(init=False, default=None)
     """[N] view of the index buffer for the current forward, or None when no row uses an adapter."""
@@ -437,6 +437,24 @@ class MultiLoRA:
             raise IndexError(f"slot {slot} out of range [0, {self.n_slots})")
 
 
+MERGE_STEPS_PER_SIZE_RATIO = 0.3
+"""Break-even forwards per unit of (wrapped weight elements / one slot's elements). Measured at SmolLM2-135M's width
+(one thread): a merge took ~105 ms and an unmerged forward ~8 ms more than a merged one, so ~13 forwards at a size
+ratio of 43.5 (106 M wrapped weight elements, 2.44 M per r = 8 slot)."""
+
+
+def merge_break_even(weight_numel: int, slot_numel: int) -> int:
+    """Forwards after which merging one adapter into the weights pays for itself.
+
+    A merge rewrites every wrapped weight (memory traffic in proportion to `weight_numel`); an unmerged forward
+    reads the adapter in two small matmuls per layer (in proportion to `slot_numel`). So the break-even scales with
+    their ratio: ~13 forwards at SmolLM2-135M (a size ratio of 43.5), ~46 at TinyLlama-1.1B's width (2048 x 5632,
+    a ratio of 154), and 3 on the shipped tiny base. With the old fixed 16, 32-token requests at TinyLlama's width
+    (4 layers) ran at 0.80x the base at concurrency 1 while their decode steps matched the base's (p50 103 against
+    102 ms): each merge rewrote 704 MB of weights, more than the unmerged steps it saved."""
+    return max(1, round(MERGE_STEPS_PER_SIZE_RATIO * weight_numel / max(slot_numel, 1)))
+
+
 def attach_multi_lora(model: nn.Module, targets: str | Iterable[str], n_slots: int, max_rank: int,
                       max_rows: int = 256, merge_single_slot: bool = False) -> MultiLoRA:
     """Swap every `nn.Linear` of `model` whose name matches `targets` (PEFT's `target_modules` rule) for a
@@ -462,4 +480,7 @@ def attach_multi_lora(model: nn.Module, targets: str | Iterable[str], n_slots: i
             layers[name] = MultiLoRALinear(module, stack, position, batch)
             replace_module(model, name, layers[name])
     layers = {name: layers[name] for name, _ in chosen}  # model order, as before
-    return MultiLoRA(layers=layers, stacks=stacks, batch=batch, n_slots=n_slots, max_rank=max_rank)
+    handle = MultiLoRA(layers=layers, stacks=stacks, batch=batch, n_slots=n_slots, max_rank=max_rank)
+    batch.merge_after = merge_break_even(sum(module.weight.numel() for _, module in chosen),
+                                         sum(stack.a[:, 0].numel() + stack.bt[:, 0].numel() for stack in stacks))
+    return handle
