@@ -579,13 +579,15 @@ def _profiled_ops(engine: Engine, steps: int) -> list[dict]:
 
 
 def regather_ms(engine: Engine, rows: int, reps: int = 5) -> float:
-    """Milliseconds to gather every wrapped layer's per-row A and B^T for `rows` rows on distinct slots: what a step
-    pays whenever the batch's rows change (a request admitted or finished), on top of the decode step above."""
+    """Milliseconds to gather every wrapped layer's per-row A and B^T for `rows` rows on distinct slots, all of them
+    new: what a step pays when a whole batch is admitted at once (a single row joining copies only its own)."""
     lora = engine.lora
     best = float("inf")
-    with lora.select(list(range(rows))):
+    with lora.select(list(range(rows))), torch.inference_mode():  # the engine made the row buffers in it
         for _ in range(reps):
-            lora.batch.version += 1  # as a row joining or leaving does
+            for stack in lora.stacks:
+                stack.forget_rows()  # as when every row is new: a batch of 16 admitted together
+            lora.batch.version += 1
             start = time.perf_counter()
             for stack in lora.stacks:
                 stack.gathered(lora.batch)
