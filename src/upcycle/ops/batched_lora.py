@@ -465,11 +465,12 @@ def attach_multi_lora(model: nn.Module, targets: str | Iterable[str], n_slots: i
 
     `merge_single_slot` enables the merged-weight path for forwards where all rows share one slot."""
     weight = next(model.parameters())
-    batch = LoRABatch(max_rows=max_rows, zero_slot=n_slots, device=weight.device,
-                      merge_single_slot=merge_single_slot)
     chosen = find_linears(model, targets)
     if not chosen:
         raise ValueError(f"no nn.Linear in the model matches target modules {targets!r}")
+    slot_numel = sum(max_rank * (module.in_features + module.out_features) for _, module in chosen)  # A + B^T
+    batch = LoRABatch(max_rows=max_rows, zero_slot=n_slots, device=weight.device, merge_single_slot=merge_single_slot,
+                      merge_after=merge_break_even(sum(module.weight.numel() for _, module in chosen), slot_numel))
     groups: dict[tuple, list[tuple[str, nn.Linear]]] = {}
     for name, module in chosen:
         key = (module.in_features, module.out_features, module.weight.dtype, module.weight.device)
@@ -483,7 +484,4 @@ def attach_multi_lora(model: nn.Module, targets: str | Iterable[str], n_slots: i
             layers[name] = MultiLoRALinear(module, stack, position, batch)
             replace_module(model, name, layers[name])
     layers = {name: layers[name] for name, _ in chosen}  # model order, as before
-    handle = MultiLoRA(layers=layers, stacks=stacks, batch=batch, n_slots=n_slots, max_rank=max_rank)
-    batch.merge_after = merge_break_even(sum(module.weight.numel() for _, module in chosen),
-                                         sum(stack.a[:, 0].numel() + stack.bt[:, 0].numel() for stack in stacks))
-    return handle
+    return MultiLoRA(layers=layers, stacks=stacks, batch=batch, n_slots=n_slots, max_rank=max_rank)

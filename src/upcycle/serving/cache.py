@@ -334,7 +334,7 @@ class AdapterCache:
                 scratch = read_buffer(adapter.nbytes)
             del adapter  # packed: nothing views `scratch` any more, so the next load may overwrite it
             with self._lock:
-                if len(self._read_buffers) < self.config.prefetch_workers + 1:  # one per thread that may be loading
+                if len(self._read_buffers) < self._loading_threads:
                     self._read_buffers.append(scratch)
             self.stats.swaps["disk_to_cpu"].observe(time.perf_counter() - start)
             self.stats.hits.add("disk")
@@ -378,13 +378,19 @@ class AdapterCache:
                 continue
             weights = self._cpu.pop(name)[1]
             self._cpu_bytes -= weights.nbytes
-            if len(self._spare) < self.config.prefetch_workers + 1:  # one per thread that may be loading
+            if len(self._spare) < self._loading_threads:
                 self._spare.append(weights)
             self.stats.evictions.add("cpu")
             evicted.append(name)
         return evicted
 
     # -- helpers ----------------------------------------------------------------------------------------------------
+    @property
+    def _loading_threads(self) -> int:
+        """Threads that may load at once (the prefetch pool and a caller of `acquire`): how many spare CPU copies and
+        read buffers are worth keeping."""
+        return self.config.prefetch_workers + 1
+
     def _entry(self, expert: str) -> _Entry:
         entry = self._registry.get(expert)
         if entry is None:
