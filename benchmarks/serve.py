@@ -260,11 +260,11 @@ def drive(engine: Engine, work: list[tuple[list[int], str | None]], concurrency:
     tally.per_round.append((tally.tokens - tokens_before) / wall)
 
 
-def engine_config(concurrency: int, cpu_adapters: int, cpu_bytes: int | None) -> EngineConfig:
+def engine_config(concurrency: int, cpu_adapters: int, cpu_bytes: int | None, max_padding: int) -> EngineConfig:
     # Slots: every running row holds one, plus room to keep the hottest adapters active between requests. The merged
     # weights (a second copy of every wrapped weight) serve steps whose rows all share one adapter: at concurrency 1.
     return EngineConfig(max_batch=concurrency, max_seq_len=128, n_slots=concurrency + 16, max_rank=8,
-                        torch_threads=1, merge_single_adapter=concurrency == 1,
+                        torch_threads=1, merge_single_adapter=concurrency == 1, mixed_step_max_padding=max_padding,
                         cache=CacheConfig(cpu_max_adapters=cpu_adapters, cpu_max_bytes=cpu_bytes))
 
 
@@ -329,14 +329,16 @@ class ShapeRun:
         from transformers import AutoModelForCausalLM
 
         return lambda: Engine(AutoModelForCausalLM.from_pretrained(self.base), self.tokenizer,
-                              engine_config(concurrency, self.args.cpu_adapters, self.cpu_bytes()))
+                              engine_config(concurrency, self.args.cpu_adapters, self.cpu_bytes(),
+                                                self.args.mixed_step_max_padding))
 
     def routed(self, concurrency: int, n: int, cpu_adapters: int | None = None):
         from transformers import AutoModelForCausalLM
 
         def make() -> Engine:
             chosen = dict(list(self.experts.items())[:n])
-            config = engine_config(concurrency, cpu_adapters or self.args.cpu_adapters, self.cpu_bytes())
+            config = engine_config(concurrency, cpu_adapters or self.args.cpu_adapters, self.cpu_bytes(),
+                                   self.args.mixed_step_max_padding)
             return Engine.from_model(AutoModelForCausalLM.from_pretrained(self.base), self.tokenizer, chosen, config)
         return make
 
@@ -722,6 +724,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--cpu-adapters", type=int, default=512, help="CPU tier capacity in adapters")
     add("--cpu-mb", type=float, default=1024, help="CPU tier capacity in MiB (whichever binds first); 0: none")
     add("--zipf-s", type=float, default=1.1)
+    add("--mixed-step-max-padding", type=int, default=EngineConfig.mixed_step_max_padding,
+        help="the engine's limit on decoding rows' padding before prefill runs apart (a huge value: never apart)")
     add("--scale-experts", type=int, default=10_000, help="issue 15's row; 0 skips it")
     add("--scale-shape", default="smollm2-135m", help="the shape of issue 15's row")
     add("--scale-cpu-adapters", type=int, default=64, help="CPU tier of the scale row (below its working set)")

@@ -370,3 +370,35 @@ def test_merge_break_even_follows_the_ratio_of_weight_to_adapter_size():
         assert lora.batch.merge_after == max(1, round(MERGE_STEPS_PER_SIZE_RATIO * weights / slot))
         found.append(lora.batch.merge_after)
     assert found[1] > found[0]
+
+
+def test_a_forward_over_part_of_the_batch_keeps_each_rows_gathered_adapter_in_place(tiny_llama_dir, peft_adapters):
+    """The engine runs prefilling rows apart from decoding ones (`select(..., first=)`): every part must equal the
+    whole batch's rows, and a part must not overwrite the gathered A and B^T of rows outside it."""
+    from transformers import AutoModelForCausalLM
+
+    from upcycle.serving.adapters import read_adapter
+    from upcycle.serving.synthetic import DEFAULT_TARGETS
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    lora = attach_multi_lora(model, DEFAULT_TARGETS, n_slots=4, max_rank=8, max_rows=6)
+    for slot, name in enumerate(["all-r8", "patterns", "qv-r4", "rslora-r2"]):
+        lora.load_slot(slot, lora.pack(read_adapter(peft_adapters[name]).modules))
+    slots = [0, 1, 2, 3, -1, 2]
+    ids = torch.randint(5, 100, (len(slots), 4), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad(), lora.select(slots):
+        whole = model(ids).logits
+    stack = lora.stacks[0]
+    held, before = list(stack._held), stack._rows_a[:, : len(slots)].clone()
+    with torch.no_grad(), lora.select(slots[3:], first=3):
+        tail = model(ids[3:]).logits
+    torch.testing.assert_close(tail, whole[3:], atol=1e-5, rtol=1e-5)
+    # the part's rows sat in their own places already: nothing was gathered again, nothing outside it overwritten
+    assert stack._held == held and torch.equal(stack._rows_a[:, : len(slots)], before)
+    with torch.no_grad(), lora.select(slots[:2], first=1):  # rows 1-2 now hold slots 0 and 1
+        model(ids[1:3])
+    assert stack._held[0] == held[0] and stack._held[3:] == held[3:]
+    with torch.no_grad(), lora.select(slots):  # rows 1-2 gathered back
+        torch.testing.assert_close(model(ids).logits, whole, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="max_rows"):
+        lora.select([0, 1], first=5).__enter__()

@@ -11,7 +11,7 @@ import torch
 from upcycle.introvert.serving import engine_for_run
 from upcycle.serving.adapters import WEIGHTS_NAME
 from upcycle.serving.config import EngineConfig
-from upcycle.serving.engine import Delta, Engine, Failed, Finished
+from upcycle.serving.engine import Delta, Engine, Failed, Finished, forward_groups
 from upcycle.serving.errors import (
     AdapterError,
     ExpertRemoved,
@@ -71,6 +71,39 @@ def test_request_joining_mid_run_equals_alone(engine):
     engine.run_until_idle()
     assert first.generated == _alone(engine, PROMPTS[0], "expert-00001", _greedy(12))
     assert late.generated == _alone(engine, PROMPTS[4], "expert-00002", _greedy(12))
+
+
+def test_forward_groups_split_prefill_from_decode_only_when_padding_costs_more():
+    assert forward_groups([1, 1, 1], [1, 1, 1], 0) == [[0, 1, 2]]  # all decoding: one forward, no padding
+    assert forward_groups([1, 1, 9, 4], [1, 1, 1, 1], 16) == [[0, 1, 2, 3]]  # 2 x 8 positions: within 16
+    assert forward_groups([1, 1, 9, 4], [1, 1, 1, 1], 15) == [[0, 1], [2, 3]]
+    assert forward_groups([1, 9], [3, 1], 23) == [[0], [1]]  # a mixture of 3 decodes 3 rows: 24 positions
+    assert forward_groups([9, 1, 1, 4, 1], [1] * 5, 0) == [[0], [1, 2], [3], [4]]  # contiguous runs only
+    assert forward_groups([], [], 0) == []
+
+
+def test_steps_that_split_prefill_from_decode_equal_each_request_alone(fake_run_dir):
+    split = engine_for_run(fake_run_dir, EngineConfig(max_batch=8, prefill_chunk=4, max_seq_len=64,
+                                                      mixed_step_max_padding=0))
+    forwards = []
+    real_forward = split._forward
+    split._forward = lambda inputs, idx: (forwards.append(list(idx)), real_forward(inputs, idx))[1]
+    _, first = _collect(split, PROMPTS[0], "expert-00001", _greedy(12))
+    _, second = _collect(split, PROMPTS[5], "expert-00003", _greedy(12))
+    for _ in range(5):
+        split.step()
+    forwards.clear()
+    loading = split.cache.prefetch("expert-00002")
+    if loading is not None:  # resident before it is asked for, so the next step admits it
+        loading.result(timeout=20)
+    _, late = _collect(split, PROMPTS[4], "expert-00002", _greedy(12))  # its prompt chunks meet two decoding rows
+    split.step()
+    assert forwards == [[0, 1], [2]]
+    split.run_until_idle()
+    for request, prompt, expert in ((first, PROMPTS[0], "expert-00001"), (second, PROMPTS[5], "expert-00003"),
+                                    (late, PROMPTS[4], "expert-00002")):
+        assert request.generated == _alone(split, prompt, expert, _greedy(12)), expert
+    split.close()
 
 
 def test_engine_matches_peft_generate(engine, fake_run_dir):

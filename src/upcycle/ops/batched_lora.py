@@ -131,6 +131,9 @@ class LoRABatch:
     (between joins and departures a decode batch keeps its composition for many steps)."""
     rows: tuple[int, ...] = field(init=False, default=())
     """The slot of each row of the current (or last) multi-slot forward, zero slot for rows without an adapter."""
+    first: int = field(init=False, default=0)
+    """Batch row where `rows` begin: a forward may run a contiguous part of the batch (the engine runs prefilling
+    rows apart from decoding ones), and each batch row keeps its gathered A and B^T in its own place."""
     generations: list[int] = field(init=False, repr=False)
     """Per slot, how many times its contents were rewritten (a gathered copy of an older generation is stale)."""
     _last_single: int | None = field(init=False, default=None, repr=False)
@@ -139,14 +142,15 @@ class LoRABatch:
         self._buffer = torch.full((self.max_rows,), self.zero_slot, dtype=torch.long, device=self.device)
         self.generations = [0] * (self.zero_slot + 1)
 
-    def set(self, idx: Sequence[int], ahead: int | None = None) -> None:
-        """Select slot `idx[n]` for row n (-1: no adapter) for the forwards until the next `set` or `clear`.
+    def set(self, idx: Sequence[int], ahead: int | None = None, first: int = 0) -> None:
+        """Select slot `idx[n]` for batch row first + n (-1: no adapter) for the forwards until the next `set` or
+        `clear`.
 
         `ahead`: how many forwards after this one the caller expects to make with the same selection (e.g. a lone
         request's remaining tokens), or None when it cannot tell; it decides when a single slot merges."""
         n = len(idx)
-        if n > self.max_rows:
-            raise ValueError(f"batch of {n} rows exceeds LoRABatch.max_rows={self.max_rows}")
+        if first < 0 or first + n > self.max_rows:
+            raise ValueError(f"batch rows {first}..{first + n - 1} exceed LoRABatch.max_rows={self.max_rows}")
         mapped = [i if i >= 0 else self.zero_slot for i in idx]
         distinct = set(mapped)
         if distinct <= {self.zero_slot}:
@@ -161,10 +165,10 @@ class LoRABatch:
             self.merge_due = self.single_streak > self.merge_after
         else:  # the run's length is known: a merge pays for itself if the forwards left reach break-even
             self.merge_due = ahead + 1 >= self.merge_after
-        view = self._buffer[:n]
-        if tuple(mapped) != self.rows:
+        view = self._buffer[first: first + n]
+        if tuple(mapped) != self.rows or first != self.first:
             view.copy_(torch.tensor(mapped, dtype=torch.long), non_blocking=True)
-            self.rows = tuple(mapped)
+            self.rows, self.first = tuple(mapped), first
             self.version += 1
         self.slots = view
 
@@ -204,13 +208,13 @@ class SlotStack:
         self._version = -1
 
     def gathered(self, batch: LoRABatch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Every layer's per-row A [G, N, R, I] and B^T [G, N, R, O] for `batch.rows`; rows already holding their
-        slot's current generation are not copied again."""
-        rows = batch.rows
+        """Every layer's per-row A [G, N, R, I] and B^T [G, N, R, O] for `batch.rows` (batch rows `batch.first`
+        on); rows already holding their slot's current generation are not copied again."""
+        rows, first = batch.rows, batch.first
         if self._version != batch.version:
-            if len(rows) > len(self._held):
-                self._grow(len(rows), batch.max_rows)
-            for n, slot in enumerate(rows):
+            if first + len(rows) > len(self._held):
+                self._grow(first + len(rows), batch.max_rows)
+            for n, slot in enumerate(rows, start=first):
                 if self._held[n] != (slot, batch.generations[slot]):
                     # one copy per row, straight from the slot: an index_select + index_copy_ pair went through a
                     # temporary as large as the rows (150 MB for 16 SmolLM2 adapters), 4x slower for a full batch
@@ -218,7 +222,7 @@ class SlotStack:
                     self._rows_bt[:, n].copy_(self.bt[:, slot])
                     self._held[n] = (slot, batch.generations[slot])
             self._version = batch.version
-        return self._rows_a[:, : len(rows)], self._rows_bt[:, : len(rows)]
+        return self._rows_a[:, first: first + len(rows)], self._rows_bt[:, first: first + len(rows)]
 
     def forget_rows(self) -> None:
         """Treat every gathered row as stale, so the next `gathered` copies them all (for timing a full gather)."""
@@ -367,10 +371,10 @@ class MultiLoRA:
     """Largest adapter rank a slot holds."""
 
     @contextlib.contextmanager
-    def select(self, idx: Sequence[int], ahead: int | None = None) -> Iterator[None]:
-        """Run the forwards inside the block with row n using slot `idx[n]` (-1: base model only); `ahead` as in
-        `LoRABatch.set`."""
-        self.batch.set(idx, ahead)
+    def select(self, idx: Sequence[int], ahead: int | None = None, first: int = 0) -> Iterator[None]:
+        """Run the forwards inside the block with batch row first + n using slot `idx[n]` (-1: base model only);
+        `ahead` as in `LoRABatch.set`."""
+        self.batch.set(idx, ahead, first)
         try:
             yield
         finally:

@@ -57,6 +57,10 @@ class EngineConfig:
     """Prompt plus generated tokens per request; None: the model's max positions, at most 2048."""
     prefill_chunk: int = 256
     """Most prompt tokens a row feeds per step, so a long prompt cannot stall everyone's decoding."""
+    mixed_step_max_padding: int = 32
+    """Most padding positions a step may add to its decoding rows by batching them with prefilling rows; above it,
+    prefilling and decoding rows run as separate forwards (`engine.forward_groups`). 32 is a few batch-1 forwards'
+    worth of token compute on a CPU: on SmolLM2-135M a batch-1 decode step costs what ~6 prefill tokens cost."""
     n_slots: int | None = None
     """Active adapter slots in the model; None: 2 x max_batch. Must be >= max_batch so a free row always finds one."""
     max_rank: int | None = None
@@ -81,7 +85,8 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         for name, low in (("max_batch", 1), ("max_waiting", 0), ("max_seq_len", 2), ("prefill_chunk", 1),
-                          ("n_slots", 1), ("max_rank", 1), ("default_max_tokens", 1), ("torch_threads", 1)):
+                          ("mixed_step_max_padding", 0), ("n_slots", 1), ("max_rank", 1), ("default_max_tokens", 1),
+                          ("torch_threads", 1)):
             _at_least(f"--engine.{name}", getattr(self, name), low)
         _positive_seconds("--engine.request_timeout_s", self.request_timeout_s)
         if self.n_slots is not None and self.n_slots < self.max_batch:

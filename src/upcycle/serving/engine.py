@@ -371,7 +371,12 @@ class Engine:
         """
         rows = self.running
         inputs = [r.next_input(self.config.prefill_chunk) for r in rows]
-        logits, failed = _per_row(list(range(len(rows))), lambda idx: self._forward(inputs, idx))
+        logits, failed = {}, {}
+        for group in forward_groups([len(i) for i in inputs], [r.width for r in rows],
+                                    self.config.mixed_step_max_padding):
+            done, lost = _per_row(group, lambda idx: self._forward(inputs, idx))
+            logits |= done
+            failed |= lost
         for row, request in enumerate(rows):
             if row in logits and request.prefilled < len(request.prompt_ids):
                 request.prefilled += len(inputs[row])
@@ -414,7 +419,7 @@ class Engine:
         # How long this selection will last, for the merged-weight decision; only a lone request can tell (a batch
         # changes whenever another request arrives or finishes).
         ahead = self.running[requests[0]].forwards_left(self.config.prefill_chunk) - 1 if len(members) == 1 else None
-        with torch.inference_mode(), self._select([slot for _, slot in members], ahead):
+        with torch.inference_mode(), self._select([slot for _, slot in members], ahead, first):
             hidden = self.decoder(input_ids=ids.to(device), attention_mask=mask, position_ids=position_ids,
                                   use_cache=True, **{self._cache_kwarg: self.kv}).last_hidden_state  # [n, T, D]
             last = hidden[torch.arange(len(members), device=device), torch.tensor(counts, device=device) - 1]  # [n, D]
@@ -450,11 +455,11 @@ class Engine:
         return None
 
     @contextlib.contextmanager
-    def _select(self, slots: list[int], ahead: int | None) -> Iterator[None]:
+    def _select(self, slots: list[int], ahead: int | None, first: int) -> Iterator[None]:
         if self.lora is None:
             yield
             return
-        with self.lora.select(slots, ahead):
+        with self.lora.select(slots, ahead, first):
             yield
 
     # -- admission and retirement -----------------------------------------------------------------------------------
@@ -706,6 +711,28 @@ MAX_FAILED_STEPS = 3
 """Scheduler steps in a row that may raise before the engine gives up (one is a glitch, three are a broken state)."""
 
 T = TypeVar("T")
+
+
+def forward_groups(tokens: list[int], widths: list[int], max_padding: int) -> list[list[int]]:
+    """The forwards of one step, as lists of running-request indices: all requests in one forward, unless that would
+    pad the decoding requests' rows (1 token each) by more than `max_padding` positions in all; then each
+    contiguous run of decoding or of prefilling requests is a forward of its own.
+
+    One forward pads every row to the longest input, so a decoding row batched with a 48-token prompt computes 48
+    positions. On SmolLM2-135M on one CPU core, 16 rows padded to 48 tokens took 5.8 s, against 0.25 s for 15
+    decoding rows plus 0.53 s for the prompt alone. A separate forward costs one more read of the weights, which
+    `max_padding` prices."""
+    longest = max(tokens, default=0)
+    padding = sum(width * (longest - 1) for count, width in zip(tokens, widths, strict=True) if count == 1)
+    if padding <= max_padding:
+        return [list(range(len(tokens)))] if tokens else []
+    groups: list[list[int]] = []
+    for index, count in enumerate(tokens):
+        if groups and (tokens[groups[-1][-1]] == 1) == (count == 1):
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
 
 
 def _per_row(rows: list[int], batched: Callable[[list[int]], list[T]]) -> tuple[dict[int, T], dict[int, Exception]]:
