@@ -49,7 +49,8 @@ class SlotKVCache:
 
     def plan(self, new_tokens: Sequence[int], first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """Prepare a step where row first + r adds `new_tokens[r]` tokens; returns (position_ids [n, T], mask
-        [n, 1, T, K]). `first` > 0 runs a single row on its own (the engine isolating a failing request).
+        [n, 1, T, K]). `first` > 0 runs rows first to first + n − 1 only, a contiguous part of the batch (prefilling
+        rows apart from decoding ones, or a failing request isolated).
 
         Must be followed by the forward (which calls `update` once per layer) and then `commit`. A forward that
         fails before `commit` leaves the cache as it was: the next plan writes the same positions again.
