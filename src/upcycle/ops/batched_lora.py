@@ -264,6 +264,10 @@ class MultiLoRALinear(nn.Module):
         self.register_buffer("merged_weight", base_layer.weight.detach().clone() if batch.merge_single_slot else None,
                              persistent=False)  # [O, I]
         self._merged_slot = -1  # the slot `merged_weight` holds now (-1: none; stale after that slot is rewritten)
+        # this layer's views of the rows' gathered A^T [N, I, R] and B^T [N, R, O], valid while the batch's version
+        # holds: slicing them anew costs a few view ops per layer and step (routed minus base, 16-row SmolLM2 decode
+        # step: 23.2 ms with these cached against 25.3 ms without, one run each)
+        self._rows_version, self._rows_a_t, self._rows_bt = -1, None, None
 
     @property
     def in_features(self) -> int:
@@ -283,8 +287,14 @@ class MultiLoRALinear(nn.Module):
             if merged and (slot == self._merged_slot or batch.merge_due):
                 return nn.functional.linear(x, self._merge(slot), self.base_layer.bias)
             return lora_single_slot(x, self._base(x), self.lora_a, self.lora_b, slot)
-        a, bt = self._stack.gathered(batch)
-        return apply_gathered_lora(x, self._base(x), a[self._position], bt[self._position])
+        if self._rows_version != batch.version:
+            a, bt = self._stack.gathered(batch)
+            self._rows_a_t, self._rows_bt = a[self._position].transpose(1, 2), bt[self._position]
+            self._rows_version = batch.version
+        out = self._base(x)
+        if x.dim() == 3 and x.dtype == self._rows_a_t.dtype == out.dtype:  # the hot path: no conversions, no reshapes
+            return out.baddbmm_(torch.bmm(x, self._rows_a_t), self._rows_bt)
+        return apply_gathered_lora(x, out, self._rows_a_t.transpose(1, 2), self._rows_bt)
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
         # A plain nn.Linear is called functionally: 28 wrapped layers x a Module call each is measurable per step.
