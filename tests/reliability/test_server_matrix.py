@@ -416,6 +416,7 @@ def test_the_server_serves_after_the_fuzz(server):
     (["--server.request_timeout_s", "0"], "--server.request_timeout_s"),
     (["--engine.device", "tpu"], "--engine.device"), (["--engine.max_seq_len", "1"], "--engine.max_seq_len"),
     (["--engine.torch_threads", "0"], "--engine.torch_threads"),
+    (["--engine.mixed_step_max_padding", "-1"], "--engine.mixed_step_max_padding"),
     (["--log_level", "loud"], "--log_level"), (["--server.max_body_bytes", "0"], "--server.max_body_bytes"),
     (["--server.api_key", "same", "--server.admin_key", "same"], "--server.admin_key"),
 ])
