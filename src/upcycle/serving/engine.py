@@ -726,13 +726,8 @@ def forward_groups(tokens: list[int], widths: list[int], max_padding: int) -> li
     padding = sum(width * (longest - 1) for count, width in zip(tokens, widths, strict=True) if count == 1)
     if padding <= max_padding:
         return [list(range(len(tokens)))] if tokens else []
-    groups: list[list[int]] = []
-    for index, count in enumerate(tokens):
-        if groups and (tokens[groups[-1][-1]] == 1) == (count == 1):
-            groups[-1].append(index)
-        else:
-            groups.append([index])
-    return groups
+    runs = itertools.groupby(range(len(tokens)), key=lambda index: tokens[index] == 1)
+    return [list(run) for _, run in runs]
 
 
 def _per_row(rows: list[int], batched: Callable[[list[int]], list[T]]) -> tuple[dict[int, T], dict[int, Exception]]:
