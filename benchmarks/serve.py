@@ -14,7 +14,9 @@ Per shape: N = 1,000 random r = 8 LoRA experts on all seven projections (q/k/v/o
 popularity, at concurrency 1, 16 and 64 (closed loop: each client sends its next request when the previous one
 finishes), through the batching engine in-process (no HTTP). routed / base is measured in the same run: all
 configurations of one concurrency level are built, warmed, then timed in interleaved rounds (the order rotating each
-round), so load from other processes falls on all alike. "base" is an engine over the plain model (no LoRA wrappers).
+round), so load from other processes falls on all alike. A ratio is the median over rounds of the two
+configurations' tokens/s in the same round; `--rounds-at 16=8` gives one level more rounds than `--rounds`. "base" is
+an engine over the plain model (no LoRA wrappers).
 
 Issue 15's scale row: 10,000 experts, Zipf traffic, concurrency 1, with the CPU tier (`--scale-cpu-adapters`)
 smaller than the traffic's working set, so that the disk tier does real work; its disk loads and swap latencies
@@ -219,6 +221,7 @@ class Tally:
     def summary(self) -> dict:
         return {"requests": len(self.latencies), "errors": self.errors, "generated_tokens": self.tokens,
                 "tokens_per_s": round(statistics.median(self.per_round), 2) if self.per_round else None,
+                "tokens_per_s_per_round": [round(x, 2) for x in self.per_round],
                 "tokens_per_s_mean": round(self.tokens / self.wall, 2) if self.wall else None,
                 "latency_p50_ms": round(percentile(self.latencies, 50) * 1e3, 1),
                 "latency_p99_ms": round(percentile(self.latencies, 99) * 1e3, 1), "wall_s": round(self.wall, 2)}
@@ -289,6 +292,17 @@ def measure_interleaved(configs: dict[str, tuple], concurrency: int, max_tokens:
             engine.close()
 
 
+def paired_ratio(block: dict, name: str, reference: str) -> float:
+    """Median over rounds of name's tokens/s over reference's in the same round.
+
+    Each round times every configuration back to back, so a round's ratio compares them under the same host load;
+    a median of those ratios is not moved by one slow round. (The ratio of the two medians can pair one
+    configuration's quiet round with the other's noisy one: run 7 of issue 12 gave Zipf 0.706 beside uniform 0.945
+    at concurrency 16, both against the same base.)"""
+    mine, theirs = block[name]["tokens_per_s_per_round"], block[reference]["tokens_per_s_per_round"]
+    return round(statistics.median(m / t for m, t in zip(mine, theirs, strict=True)), 3)
+
+
 def step_summary(engine: Engine) -> dict:
     """Scheduler steps of the timed traffic: how many, their median, and the seconds they add up to."""
     steps = engine.stats.latency["step"]
@@ -350,7 +364,12 @@ def requests_for(concurrency: int, args: argparse.Namespace) -> int:
     """Timed requests of one configuration: `--requests-per-client` per client and round, at least
     `--min-requests-per-round` per round (one request a round leaves concurrency 1 at the mercy of a single adapter
     switch)."""
-    return args.rounds * max(args.min_requests_per_round, concurrency * args.requests_per_client)
+    return rounds_at(concurrency, args) * max(args.min_requests_per_round, concurrency * args.requests_per_client)
+
+
+def rounds_at(concurrency: int, args: argparse.Namespace) -> int:
+    """Interleaved rounds at one concurrency level: `--rounds`, unless `--rounds-at` names the level."""
+    return args.rounds_at.get(concurrency, args.rounds)
 
 
 def generation(run: ShapeRun, texts: list[list[int]], concurrency: int, n: int, args: argparse.Namespace) -> dict:
@@ -364,10 +383,8 @@ def generation(run: ShapeRun, texts: list[list[int]], concurrency: int, n: int, 
         warm_work = [(warm[i % len(warm)], e) for i, e in enumerate(warm_experts)]
         work = list(zip(timed, popularity(n, n_timed, kind, args.zipf_s, 2), strict=True))
         configs[f"routed_{n}_{kind}"] = (run.routed(concurrency, n), work, warm_work)
-    block = measure_interleaved(configs, concurrency, args.max_tokens, args.rounds)
-    base = block["base"]["tokens_per_s"]
-    block["routed_over_base"] = {name: round(v["tokens_per_s"] / base, 3) for name, v in block.items()
-                                 if name != "base"}
+    block = measure_interleaved(configs, concurrency, args.max_tokens, rounds_at(concurrency, args))
+    block["routed_over_base"] = {name: paired_ratio(block, name, "base") for name in configs if name != "base"}
     return block
 
 
@@ -380,9 +397,9 @@ def scale_row(run: ShapeRun, texts: list[list[int]], args: argparse.Namespace) -
                                                                           4))]
     configs = {"base": (run.plain(1), [(p, None) for p in timed], [(p, None) for p in texts[:1]]),
                f"routed_{n}_zipf": (run.routed(1, n, cpu_adapters=args.scale_cpu_adapters), work, warm)}
-    block = measure_interleaved(configs, 1, args.max_tokens, args.rounds)
+    block = measure_interleaved(configs, 1, args.max_tokens, rounds_at(1, args))
     distinct = len({e for _, e in work})
-    block["routed_over_base"] = round(block[f"routed_{n}_zipf"]["tokens_per_s"] / block["base"]["tokens_per_s"], 3)
+    block["routed_over_base"] = paired_ratio(block, f"routed_{n}_zipf", "base")
     block["working_set"] = {"distinct_experts_in_timed_traffic": distinct,
                             "cpu_tier_adapters": args.scale_cpu_adapters, "cpu_tier_mb": args.cpu_mb}
     return block
@@ -693,7 +710,7 @@ def _ours_against_peers(run: ShapeRun, peers: dict, work: list, concurrency: int
         engine.close()
     block = {name: tally.summary() for name, tally in tallies.items()}
     for name in peers:
-        block[f"ours_over_{name}"] = round(block["ours"]["tokens_per_s"] / block[name]["tokens_per_s"], 3)
+        block[f"ours_over_{name}"] = paired_ratio(block, "ours", name)
     return block
 
 
@@ -717,6 +734,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     add("--experts", type=int, default=1000)
     add("--concurrency", default="1,16,64", help="comma-separated concurrency levels")
     add("--rounds", type=int, default=4, help="interleaved timing rounds")
+    add("--rounds-at", default="", help="rounds at chosen concurrency levels, e.g. '1=6,16=8' (others: --rounds)")
     add("--requests-per-client", type=int, default=2, help="timed requests per client and round")
     add("--min-requests-per-round", type=int, default=1, help="timed requests per round at low concurrency")
     add("--warm-requests", type=int, default=64, help="cache-filling requests (2 tokens each) before timing")
@@ -751,9 +769,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         args.scale_experts, args.scale_shape, args.scale_cpu_adapters, args.scale_factor = 1000, "tiny", 16, 2
         args.swap_samples, args.peft_samples, args.profile_steps, args.profile_shape = 10, 3, 3, "tiny"
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
+    args.rounds_at = _rounds_at(parser, args.rounds_at)
     args.base = None if args.base == "none" else args.base
     args.cache_dir = args.cache_dir or default_cache_dir()
     return args
+
+
+def _rounds_at(parser: argparse.ArgumentParser, text: str) -> dict[int, int]:
+    """'1=6,16=8' -> {1: 6, 16: 8}; a malformed entry is a one-line usage error."""
+    out = {}
+    for entry in filter(None, text.split(",")):
+        level, _, rounds = entry.partition("=")
+        if not (level.strip().isdigit() and rounds.strip().isdigit() and int(rounds) > 0):
+            parser.error(f"--rounds-at: {entry!r} is not CONCURRENCY=ROUNDS with ROUNDS >= 1, e.g. '16=8'")
+        out[int(level)] = int(rounds)
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -783,8 +813,9 @@ def main(argv: list[str] | None = None) -> dict:
         "adapters": "random r=8, alpha=16, on q/k/v/o/gate/up/down",
         "engine": f"max_batch=concurrency, slots=concurrency+16, CPU tier {args.cpu_adapters} adapters / "
                   f"{args.cpu_mb} MiB, torch threads 1, merge_single_adapter at concurrency 1",
-        "timing": f"{args.rounds} interleaved rounds per concurrency level after a cache-filling warm-up; "
-                  "tokens_per_s is the median over rounds",
+        "timing": f"{args.rounds} interleaved rounds per concurrency level ({args.rounds_at or 'no overrides'}) "
+                  "after a cache-filling warm-up; tokens_per_s is the median over rounds, and a ratio is the "
+                  "median over rounds of the two configurations' tokens/s in the same round",
         "requests": f"prompts 16-48 tokens, {args.max_tokens} generated (greedy, ignore_eos), zipf s={args.zipf_s}",
         "command": " ".join(sys.argv), "machine": f"{platform.processor() or platform.machine()}, "
                                                   f"{os.cpu_count()} cores, load {os.getloadavg()[0]:.2f}",
