@@ -30,12 +30,12 @@ def _block(mine: list[float], theirs: list[float]) -> dict:
     return {"routed": {"tokens_per_s_per_round": mine}, "base": {"tokens_per_s_per_round": theirs}}
 
 
-rounds = st.lists(st.floats(1.0, 1000.0), min_size=1, max_size=9)
+tokens_per_s = st.floats(1.0, 1000.0)
 
 
-@given(base=rounds, data=st.data())
+@given(base=st.lists(tokens_per_s, min_size=1, max_size=9), data=st.data())
 def test_paired_ratio_is_the_median_of_same_round_ratios(serve, base, data):
-    routed = data.draw(st.lists(st.floats(1.0, 1000.0), min_size=len(base), max_size=len(base)))
+    routed = data.draw(st.lists(tokens_per_s, min_size=len(base), max_size=len(base)))
     expected = statistics.median([m / t for m, t in zip(routed, base, strict=True)])
     assert serve.paired_ratio(_block(routed, base), "routed", "base") == pytest.approx(expected, abs=5e-4)
 
